@@ -1,0 +1,212 @@
+"""All settings of the function, read once from the environment mapping that func-python hands to `start(cfg)`.
+
+This module is the only reader of environment keys: every other module receives a `Config`. Each field documents
+its env var; `ENV_VARS` lists them all (the README's table and the manifest tests are checked against it).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Mapping
+
+
+class ConfigError(ValueError):
+    """A setting has a value the function cannot run with; the message names the variable and the fix."""
+
+
+def _default_cache_dir() -> str:
+    return os.path.join(os.path.expanduser("~"), ".cache", "autoglm")
+
+
+def _bool(name: str, raw: str) -> bool:
+    v = raw.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"{name}={raw!r}: expected true or false")
+
+
+def _ints(name: str, raw: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(x) for x in raw.replace(" ", "").split(",") if x)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: expected a comma-separated list of integers") from None
+    if any(v <= 0 for v in vals):
+        raise ConfigError(f"{name}={raw!r}: every value must be positive")
+    return vals
+
+
+def env(name: str, help: str, **kw):
+    """A dataclass field bound to environment variable `name`."""
+    md = {"env": name, "help": help}
+    if "default_factory" in kw:
+        return field(default_factory=kw["default_factory"], metadata=md)
+    return field(default=kw["default"], metadata=md)
+
+
+@dataclass(frozen=True)
+class Config:
+    # --- model
+    model_path: str = env("MODEL_PATH", "Local checkpoint directory (the real AutoGLM-Phone-9B or any GLM-4.1V "
+                          "checkpoint). Empty: the embedded tiny random-weight model, built once into MODEL_CACHE_DIR.",
+                          default="")
+    served_model_name: str = env("SERVED_MODEL_NAME", "Model name clients send and /v1/models lists.",
+                                 default="autoglm-phone-9b")
+    model_cache_dir: str = env("MODEL_CACHE_DIR", "Model cache volume: pre-quantized checkpoints, the tiny model, "
+                               "compile caches.", default_factory=_default_cache_dir)
+    quantization: str = env("QUANTIZATION", "auto | nf4 | int8 | none. auto: nf4 on CUDA, none on CPU.",
+                            default="auto")
+    quantize_vision: bool = env("QUANTIZE_VISION", "Quantize the vision tower too (default keeps it in bf16).",
+                                default=False)
+    prequantized_cache: bool = env("PREQUANTIZED_CACHE", "Write a pre-quantized checkpoint to MODEL_CACHE_DIR on the "
+                                   "first quantizing start and load it on later starts.", default=True)
+    attn_implementation: str = env("ATTN_IMPLEMENTATION", "auto | flash_attention_2 | sdpa | eager. auto: "
+                                   "flash_attention_2 when flash-attn imports and CUDA is present, else sdpa.",
+                                   default="auto")
+    device: str = env("DEVICE", "auto | cuda | cuda:N | cpu.", default="auto")
+    dtype: str = env("DTYPE", "auto | bfloat16 | float16 | float32. auto: bfloat16 on CUDA, float32 on CPU.",
+                     default="auto")
+    require_gpu: bool = env("REQUIRE_GPU", "Refuse to serve on CPU (readiness says why).", default=False)
+
+    # --- engine
+    max_model_len: int = env("MAX_MODEL_LEN", "Longest prompt + completion in tokens (0: min(model limit, 16384)).",
+                             default=0)
+    max_num_seqs: int = env("MAX_NUM_SEQS", "Sequences decoded together (continuous-batching slots).", default=32)
+    max_prefill_tokens: int = env("MAX_PREFILL_TOKENS", "Prompt tokens prefilled together in one step.",
+                                  default=16384)
+    gpu_memory_utilization: float = env("GPU_MEMORY_UTILIZATION", "Fraction of GPU memory the engine may use "
+                                        "(weights + KV cache + activations).", default=0.90)
+    cuda_graphs: bool = env("CUDA_GRAPHS", "Capture decode steps as CUDA graphs (CUDA only).", default=True)
+    cuda_graph_batch_sizes: tuple[int, ...] = env("CUDA_GRAPH_BATCH_SIZES", "Decode batch buckets captured as graphs "
+                                                  "(empty: 1,2,4,8,16,24,32,48,64 up to MAX_NUM_SEQS).",
+                                                  default=())
+    prefix_caching: bool = env("PREFIX_CACHING", "Reuse the KV of a shared prompt prefix.", default=True)
+    warmup: bool = env("WARMUP", "Run text and image requests through every batch bucket before ready.",
+                       default=True)
+    max_queue_size: int = env("MAX_QUEUE_SIZE", "Requests waiting for a batch slot before 429 (0: 4 x MAX_NUM_SEQS).",
+                              default=0)
+    request_timeout_s: float = env("REQUEST_TIMEOUT_S", "Per-request deadline in seconds.", default=600.0)
+    default_max_tokens: int = env("DEFAULT_MAX_TOKENS", "max_tokens when the request gives none (0: up to the "
+                                  "context).", default=0)
+
+    # --- images
+    image_max_pixels: int = env("IMAGE_MAX_PIXELS", "Resize bound given to the processor (pixels after resize; "
+                                "0: the checkpoint's own setting).", default=0)
+    max_image_bytes: int = env("MAX_IMAGE_BYTES", "Largest encoded image accepted.", default=20 * 1024 * 1024)
+    max_image_source_pixels: int = env("MAX_IMAGE_SOURCE_PIXELS", "Largest decoded image (width x height) accepted; "
+                                       "guards against decompression bombs.", default=40_000_000)
+    max_images_per_request: int = env("MAX_IMAGES_PER_REQUEST", "Images in one request.", default=8)
+    allowed_local_media_path: str = env("ALLOWED_LOCAL_MEDIA_PATH", "Directory that file:// image URLs may read "
+                                        "(empty: file:// refused).", default="")
+    allow_remote_images: bool = env("ALLOW_REMOTE_IMAGES", "Fetch http(s) image URLs.", default=False)
+    remote_image_timeout_s: float = env("REMOTE_IMAGE_TIMEOUT_S", "Timeout for fetching an image URL.", default=10.0)
+
+    # --- response cache
+    response_cache: str = env("RESPONSE_CACHE", "memory | off. The in-process response cache.", default="memory")
+    response_cache_url: str = env("RESPONSE_CACHE_URL", "redis://... : a shared Redis/Valkey response cache.",
+                                  default="")
+    response_cache_ttl_s: float = env("RESPONSE_CACHE_TTL_S", "Time a cached response lives.", default=3600.0)
+    response_cache_max_entries: int = env("RESPONSE_CACHE_MAX_ENTRIES", "In-process cache entries.", default=1024)
+    response_cache_max_bytes: int = env("RESPONSE_CACHE_MAX_BYTES", "In-process cache bytes.", default=64 * 2**20)
+    response_cache_all: bool = env("RESPONSE_CACHE_ALL", "Also cache sampled (temperature>0, unseeded) requests.",
+                                   default=False)
+    role: str = env("ROLE", "model | cache-front. cache-front serves cache hits and proxies misses to MODEL_URL.",
+                    default="model")
+    model_url: str = env("MODEL_URL", "Base URL of the model service (cache-front role).", default="")
+
+    # --- CloudEvents
+    ce_request_type: str = env("CE_REQUEST_TYPE", "CloudEvent type of chat requests.",
+                               default="com.autoglm.chat.completion.request")
+    ce_response_type: str = env("CE_RESPONSE_TYPE", "CloudEvent type of replies.",
+                                default="com.autoglm.chat.completion.response")
+    ce_source: str = env("CE_SOURCE", "CloudEvent source of replies (empty: derived from K_SERVICE/K_REVISION).",
+                         default="")
+
+    # --- serving
+    log_level: str = env("LOG_LEVEL", "Python log level.", default="INFO")
+    k_service: str = env("K_SERVICE", "Set by Knative: the service name.", default="")
+    k_revision: str = env("K_REVISION", "Set by Knative: the revision name.", default="")
+
+    @classmethod
+    def from_env(cls, cfg: Mapping[str, str] | None = None) -> "Config":
+        """Build from an environment mapping (func-python's `cfg`); unknown keys are ignored."""
+        cfg = os.environ if cfg is None else cfg
+        kwargs = {}
+        for f in fields(cls):
+            name = f.metadata["env"]
+            if name not in cfg:
+                continue
+            raw = cfg[name]
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            try:
+                if isinstance(default, bool):
+                    kwargs[f.name] = _bool(name, raw)
+                elif isinstance(default, int):
+                    kwargs[f.name] = int(raw)
+                elif isinstance(default, float):
+                    kwargs[f.name] = float(raw)
+                elif isinstance(default, tuple):
+                    kwargs[f.name] = _ints(name, raw)
+                else:
+                    kwargs[f.name] = raw.strip()
+            except ValueError as e:
+                if isinstance(e, ConfigError):
+                    raise
+                raise ConfigError(f"{name}={raw!r}: expected a {type(default).__name__}") from None
+        c = cls(**kwargs)
+        c.validate()
+        return c
+
+    def validate(self) -> None:
+        def bad(name, msg):
+            raise ConfigError(f"{name}: {msg}")
+
+        if self.quantization not in ("auto", "nf4", "int8", "none", "bf16"):
+            bad("QUANTIZATION", f"{self.quantization!r} is not one of auto, nf4, int8, none")
+        if self.attn_implementation not in ("auto", "flash_attention_2", "sdpa", "eager"):
+            bad("ATTN_IMPLEMENTATION", f"{self.attn_implementation!r} is not one of auto, flash_attention_2, sdpa, "
+                "eager")
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+            bad("DTYPE", f"{self.dtype!r} is not one of auto, bfloat16, float16, float32")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            bad("DEVICE", f"{self.device!r} is not one of auto, cpu, cuda, cuda:N")
+        if self.max_num_seqs < 1:
+            bad("MAX_NUM_SEQS", "must be at least 1")
+        if self.max_model_len < 0:
+            bad("MAX_MODEL_LEN", "must be 0 (auto) or positive")
+        if not 0.05 <= self.gpu_memory_utilization <= 0.99:
+            bad("GPU_MEMORY_UTILIZATION", "must be between 0.05 and 0.99")
+        if self.response_cache not in ("memory", "off"):
+            bad("RESPONSE_CACHE", "must be memory or off")
+        if self.response_cache_url and not self.response_cache_url.startswith(("redis://", "rediss://", "unix://")):
+            bad("RESPONSE_CACHE_URL", "must be a redis://, rediss:// or unix:// URL")
+        if self.role not in ("model", "cache-front"):
+            bad("ROLE", "must be model or cache-front")
+        if self.role == "cache-front" and not self.model_url:
+            bad("MODEL_URL", "the cache-front role needs the model service's URL")
+        if self.request_timeout_s <= 0:
+            bad("REQUEST_TIMEOUT_S", "must be positive")
+        if self.max_images_per_request < 0:
+            bad("MAX_IMAGES_PER_REQUEST", "must be 0 or more")
+
+    # --- derived values
+    @property
+    def queue_limit(self) -> int:
+        return self.max_queue_size or 4 * self.max_num_seqs
+
+    @property
+    def tiny_model_dir(self) -> Path:
+        return Path(self.model_cache_dir) / "tiny-glm4v"
+
+    @property
+    def ce_reply_source(self) -> str:
+        if self.ce_source:
+            return self.ce_source
+        svc = self.k_service or "autoglm-phone-9b"
+        return f"/knative/{svc}/{self.k_revision}" if self.k_revision else f"/knative/{svc}"
+
+
+ENV_VARS: dict[str, str] = {f.metadata["env"]: f.metadata["help"] for f in fields(Config)}
