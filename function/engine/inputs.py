@@ -1,0 +1,90 @@
+"""Turning a chat into model inputs with the checkpoint's own processor and chat template: token ids, image
+patches per image, 3-D M-RoPE positions (the model's own `get_rope_index`) and prefix-reuse keys.
+
+Runs on CPU in a worker thread, never on the event loop or the GPU thread.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .protocol import ChatInput, InvalidInput, SamplingParams
+
+
+@dataclass
+class PreparedPrompt:
+    token_ids: list[int]
+    position_ids: torch.Tensor                 # [3, L] long (CPU)
+    rope_delta: int                            # decode position = cache position + rope_delta
+    keys: np.ndarray                           # [L] int64: token ids, image tokens replaced by a per-image key
+    images: list[tuple[int, int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    # (start, end) token span of each image, its pixel patches [N, C*T*P*P] and grid_thw [3]
+
+    @property
+    def length(self) -> int:
+        return len(self.token_ids)
+
+
+class InputPreparer:
+    def __init__(self, processor, model, max_model_len: int):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.image_token_id = int(model.config.image_token_id)
+        self._rope_index = model.model.get_rope_index
+        self.max_model_len = max_model_len
+
+    def prepare(self, chat: ChatInput, params: SamplingParams) -> PreparedPrompt:
+        try:
+            enc = self.processor.apply_chat_template(
+                chat.messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+                **chat.chat_template_kwargs)
+        except InvalidInput:
+            raise
+        except Exception as e:  # template or processor rejected the input (e.g. an image too small to patch)
+            raise InvalidInput(f"could not build the prompt: {e}", param="messages") from None
+        ids = enc["input_ids"][0]
+        L = ids.shape[0]
+        want = params.max_tokens or 1
+        if L + want > self.max_model_len:
+            raise InvalidInput(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{L + want} tokens ({L} in the messages, {want} in the completion). Please reduce the length of "
+                "the messages or completion.", param="messages" if L >= self.max_model_len else "max_tokens")
+        grid = enc.get("image_grid_thw")
+        tt = enc.get("mm_token_type_ids")
+        if tt is None:
+            tt = (enc["input_ids"] == self.image_token_id).int()
+        with torch.no_grad():
+            pos, delta = self._rope_index(enc["input_ids"], mm_token_type_ids=tt, image_grid_thw=grid,
+                                          attention_mask=enc.get("attention_mask"))
+        keys = ids.numpy().astype(np.int64).copy()
+        images = []
+        if grid is not None:
+            is_img = (ids == self.image_token_id).numpy()
+            starts = np.flatnonzero(is_img & ~np.concatenate([[False], is_img[:-1]]))
+            merge = self.processor.image_processor.merge_size
+            pv = enc["pixel_values"]
+            offset = 0
+            if len(starts) != grid.shape[0]:
+                raise InvalidInput("image placeholders do not match the images", param="messages")
+            for i, (s, g) in enumerate(zip(starts.tolist(), grid)):
+                n_patches = int(g.prod())
+                n_tokens = n_patches // (merge * merge)
+                digest = chat.image_digests[i] if i < len(chat.image_digests) else \
+                    hashlib.sha256(pv[offset:offset + n_patches].numpy().tobytes()).hexdigest()
+                keys[s:s + n_tokens] = -(int(digest[:15], 16) + 1)
+                images.append((s, s + n_tokens, pv[offset:offset + n_patches], g.clone()))
+                offset += n_patches
+        return PreparedPrompt(token_ids=ids.tolist(), position_ids=pos[:, 0], rope_delta=int(delta.view(-1)[0]),
+                              keys=keys, images=images)
+
+
+def longest_common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    m = min(len(a), len(b))
+    if m == 0:
+        return 0
+    neq = np.flatnonzero(a[:m] != b[:m])
+    return int(neq[0]) if len(neq) else m

@@ -1,0 +1,100 @@
+"""A preallocated KV cache with one contiguous slot per running sequence, each with its own length, plugged into
+transformers' attention through its Cache `update()` hook and an attention function registered with
+`AttentionInterface`.
+
+Why our own: transformers' StaticCache writes every row at one shared position, so it cannot hold sequences of
+different lengths, and its sdpa path copies the cache from kv-heads to all heads (`repeat_kv`) every step. Here
+every write position and the mask are tensors, so a decode step has no host-side state and can be captured as a
+CUDA graph; attention is SDPA with `enable_gqa`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ATTN_NAME = "autoglm_slots"
+_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
+def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """query [B,H,q,D]; key/value [B,Hkv,L,D] straight from the slot cache; attention_mask bool [B,1,q,L]."""
+    if _GQA:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling,
+                                             enable_gqa=key.shape[1] != query.shape[1])
+    else:  # torch < 2.5
+        rep = query.shape[1] // key.shape[1]
+        out = F.scaled_dot_product_attention(query, key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1),
+                                             attn_mask=attention_mask, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_NAME, slot_attention)
+
+
+class SlotKVCache:
+    """K/V buffers per layer, shaped [slots, kv_heads, max_len, head_dim]. Before each forward the runner sets
+    either decode mode (row b of the batch is slot b, writing at `positions[b]`) or prefill mode (rows are the
+    slots in `slot_ids`, writing a block of positions each). The last position of every slot is scratch space
+    where idle rows of a decode bucket write, so they never touch a kept prefix."""
+
+    is_compileable = False
+
+    def __init__(self, num_layers: int, num_slots: int, kv_heads: int, max_len: int, head_dim: int, dtype,
+                 device):
+        shape = (num_slots, kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.num_slots, self.max_len = num_slots, max_len
+        self._mode = "decode"
+        self._rows = torch.arange(num_slots, device=device)
+        self._batch = 0
+        self._read_len = 0
+        self._positions: torch.Tensor | None = None   # decode: [B]
+        self._slot_ids: torch.Tensor | None = None    # prefill: [n]
+        self._w_slots: torch.Tensor | None = None     # prefill: [n, q]
+        self._w_pos: torch.Tensor | None = None       # prefill: [n, q]
+
+    @staticmethod
+    def bytes_per_token(num_layers, kv_heads, head_dim, dtype) -> int:
+        return 2 * num_layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+    def set_decode(self, batch: int, read_len: int, positions: torch.Tensor) -> None:
+        self._mode, self._batch, self._read_len, self._positions = "decode", batch, read_len, positions
+
+    def set_prefill(self, slot_ids: torch.Tensor, write_pos: torch.Tensor, read_len: int) -> None:
+        n, q = write_pos.shape
+        self._mode, self._read_len = "prefill", read_len
+        self._slot_ids = slot_ids
+        self._w_slots = slot_ids.view(n, 1).expand(n, q)
+        self._w_pos = write_pos
+
+    # the transformers Cache hook; the second signature form covers transformers versions that pass cache_kwargs
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        K, V = self.k[layer_idx], self.v[layer_idx]
+        if self._mode == "decode":
+            b, pos = self._batch, self._positions
+            K[self._rows[:b], :, pos] = key_states[:, :, 0]
+            V[self._rows[:b], :, pos] = value_states[:, :, 0]
+            return K[:b, :, : self._read_len], V[:b, :, : self._read_len]
+        K[self._w_slots, :, self._w_pos] = key_states.transpose(1, 2)
+        V[self._w_slots, :, self._w_pos] = value_states.transpose(1, 2)
+        return K[self._slot_ids, :, : self._read_len], V[self._slot_ids, :, : self._read_len]
+
+    def copy_prefix(self, src: int, dst: int, length: int) -> None:
+        """Share a prefix between slots by copying its KV (prefix reuse from a slot that is still running)."""
+        for K, V in zip(self.k, self.v):
+            K[dst, :, :length].copy_(K[src, :, :length])
+            V[dst, :, :length].copy_(V[src, :, :length])
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        self.copy_prefix(src, dst, length)
+
+    # transformers may ask these of any cache
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+    def get_mask_sizes(self, *args, **kwargs):
+        return self._read_len, 0

@@ -1,0 +1,187 @@
+"""Runs the model: batched prefill (vision tower + text decoder) into cache slots, and batched decode steps,
+captured as CUDA graphs per (batch bucket, length bucket) on CUDA and run eagerly on CPU.
+
+Only the engine thread calls this. It uses transformers' modules for all the math (embeddings, vision tower,
+decoder layers, lm_head) and owns the cache, the positions and the masks.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .kv_cache import ATTN_NAME, SlotKVCache, register_attention
+
+log = logging.getLogger(__name__)
+
+
+def _buckets(limit: int, base: tuple[int, ...]) -> list[int]:
+    out = sorted({b for b in base if b <= limit} | {limit})
+    return out
+
+
+@dataclass
+class PrefillItem:
+    slot: int
+    token_ids: list[int]          # the whole prompt
+    start: int                    # tokens already in the slot's cache (reused prefix)
+    position_ids: torch.Tensor    # [3, L] for the whole prompt
+    images: list                  # images whose span lies at or after `start`: (s, e, pixels, grid)
+
+
+class ModelRunner:
+    def __init__(self, model, *, num_slots: int, max_len: int, use_graphs: bool,
+                 graph_batch_sizes: tuple[int, ...] = (), pad_token_id: int = 0):
+        self.model = model
+        self.lm = model.model.language_model
+        self.visual = model.model.visual
+        self.lm_head = model.lm_head
+        tcfg = model.config.text_config
+        self.device = next(model.lm_head.parameters()).device
+        self.dtype = self.lm.embed_tokens.weight.dtype
+        self.image_token_id = int(model.config.image_token_id)
+        self.vocab = int(tcfg.vocab_size)
+        self.pad_token_id = pad_token_id
+        register_attention()
+        tcfg._attn_implementation = ATTN_NAME   # the text decoder only; the vision tower keeps its own
+        self._cache_kw = "cache" if "cache" in inspect.signature(self.lm.forward).parameters else "past_key_values"
+        head_dim = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // tcfg.num_attention_heads
+        self.max_len = max_len
+        self.num_slots = num_slots
+        self.cache = SlotKVCache(tcfg.num_hidden_layers, num_slots, tcfg.num_key_value_heads, max_len + 1,
+                                 head_dim, self.dtype, self.device)
+        self.scratch_pos = max_len     # the extra last position of every slot
+        S = num_slots
+        dev = self.device
+        self.in_ids = torch.zeros(S, 1, dtype=torch.long, device=dev)
+        self.in_pos = torch.full((S,), self.scratch_pos, dtype=torch.long, device=dev)
+        self.in_delta = torch.zeros(S, dtype=torch.long, device=dev)
+        self.use_graphs = use_graphs and self.device.type == "cuda"
+        self.batch_buckets = _buckets(S, graph_batch_sizes or (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128))
+        self.len_buckets = _buckets(max_len + 1, tuple(2 ** i for i in range(10, 20)))
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = None
+        self.capture_seconds = 0.0
+
+    # ------------------------------------------------------------------ prefill
+    @torch.inference_mode()
+    def prefill(self, items: list[PrefillItem]) -> torch.Tensor:
+        """Fill the slots of `items` and return the last-position logits [n, V]."""
+        dev = self.device
+        n = len(items)
+        qlens = [len(it.token_ids) - it.start for it in items]
+        q = max(qlens)
+        ids = torch.full((n, q), self.pad_token_id, dtype=torch.long)
+        pos = torch.zeros(3, n, q, dtype=torch.long)
+        for i, it in enumerate(items):
+            L = len(it.token_ids)
+            ids[i, : L - it.start] = torch.tensor(it.token_ids[it.start:])
+            p = it.position_ids[:, it.start:L]
+            pos[:, i, : L - it.start] = p
+            if L - it.start < q:  # padding continues the positions; its outputs are discarded
+                pos[:, i, L - it.start:] = p[:, -1:] + torch.arange(1, q - (L - it.start) + 1)
+        ids, pos = ids.to(dev), pos.to(dev)
+        embeds = self.lm.embed_tokens(ids)
+        pixels = [img[2] for it in items for img in it.images]
+        if pixels:
+            grids = torch.stack([img[3] for it in items for img in it.images]).to(dev)
+            feats = self.model.model.get_image_features(torch.cat(pixels).to(dev), grids, return_dict=True)
+            feats = torch.cat(feats.pooler_output, dim=0).to(embeds.dtype)
+            mask = (ids == self.image_token_id).unsqueeze(-1)
+            embeds = embeds.masked_scatter(mask, feats)
+        starts = torch.tensor([it.start for it in items], device=dev)
+        write_pos = starts.unsqueeze(1) + torch.arange(q, device=dev).unsqueeze(0)       # [n, q]
+        read_len = int(max(it.start for it in items)) + q
+        keys = torch.arange(read_len, device=dev)
+        attn = (keys.view(1, 1, read_len) <= write_pos.unsqueeze(-1)).unsqueeze(1)     # [n,1,q,read_len]
+        slots = torch.tensor([it.slot for it in items], device=dev)
+        self.cache.set_prefill(slots, write_pos, read_len)
+        out = self.lm(inputs_embeds=embeds, position_ids=pos, attention_mask=attn, use_cache=True,
+                      **{self._cache_kw: self.cache})
+        last = torch.tensor([ql - 1 for ql in qlens], device=dev)
+        h = out.last_hidden_state[torch.arange(n, device=dev), last]
+        return self.lm_head(h)
+
+    # ------------------------------------------------------------------ decode
+    def _decode_forward(self, batch: int, read_len: int) -> torch.Tensor:
+        pos = self.in_pos[:batch]
+        self.cache.set_decode(batch, read_len, pos)
+        keys = torch.arange(read_len, device=self.device)
+        attn = (keys.view(1, read_len) <= pos.view(batch, 1)).view(batch, 1, 1, read_len)
+        mpos = (pos + self.in_delta[:batch]).view(1, batch, 1).expand(3, batch, 1)
+        out = self.lm(input_ids=self.in_ids[:batch], position_ids=mpos, attention_mask=attn, use_cache=True,
+                      **{self._cache_kw: self.cache})
+        return self.lm_head(out.last_hidden_state[:, -1])
+
+    def bucket(self, active_max_slot: int, max_pos: int) -> tuple[int, int]:
+        b = next(x for x in self.batch_buckets if x > active_max_slot)
+        need = max_pos + 1
+        ln = next((x for x in self.len_buckets if x >= need), self.max_len + 1)
+        return b, ln
+
+    @torch.inference_mode()
+    def decode(self, tokens: dict[int, int], positions: dict[int, int], deltas: dict[int, int]) -> torch.Tensor:
+        """One step for the slots in `tokens` (slot -> last token), each writing at `positions[slot]`.
+        Returns logits [B, V] for rows 0..B-1 (= slots); rows of idle slots are garbage."""
+        B, Ln = self.bucket(max(tokens), max(positions.values()))
+        ids = torch.zeros(B, dtype=torch.long)
+        pos = torch.full((B,), self.scratch_pos, dtype=torch.long)
+        dl = torch.zeros(B, dtype=torch.long)
+        for s, t in tokens.items():
+            ids[s], pos[s], dl[s] = t, positions[s], deltas[s]
+        self.in_ids[:B, 0].copy_(ids, non_blocking=True)
+        self.in_pos[:B].copy_(pos, non_blocking=True)
+        self.in_delta[:B].copy_(dl, non_blocking=True)
+        if not self.use_graphs:
+            return self._decode_forward(B, Ln)
+        g = self.graphs.get((B, Ln))
+        if g is None:
+            g = self._capture(B, Ln)
+        g[0].replay()
+        return g[1]
+
+    def _capture(self, B: int, Ln: int):
+        t = time.perf_counter()
+        # idle inputs: every row writes to its scratch position
+        saved = (self.in_ids.clone(), self.in_pos.clone(), self.in_delta.clone())
+        self.in_pos[:B].fill_(self.scratch_pos)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            self._decode_forward(B, Ln)   # warm-up: kernels' lazy init and workspaces outside the graph
+        torch.cuda.current_stream().wait_stream(s)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self._pool):
+            logits = self._decode_forward(B, Ln)
+        self.in_ids.copy_(saved[0])
+        self.in_pos.copy_(saved[1])
+        self.in_delta.copy_(saved[2])
+        self.graphs[(B, Ln)] = (g, logits)
+        dt = time.perf_counter() - t
+        self.capture_seconds += dt
+        log.debug("captured decode graph B=%d L=%d in %.3fs", B, Ln, dt)
+        return self.graphs[(B, Ln)]
+
+    @torch.inference_mode()
+    def capture_all(self, max_len_bucket: int | None = None) -> int:
+        """Capture graphs for every batch bucket and length bucket up to `max_len_bucket` (warm-up)."""
+        if not self.use_graphs:
+            return 0
+        n = 0
+        for ln in self.len_buckets:
+            if max_len_bucket and ln > max_len_bucket:
+                break
+            for b in self.batch_buckets:
+                if (b, ln) not in self.graphs:
+                    self._capture(b, ln)
+                    n += 1
+        torch.cuda.synchronize()
+        return n
+
+    def copy_prefix(self, src: int, dst: int, length: int) -> None:
+        self.cache.copy_prefix(src, dst, length)

@@ -1,0 +1,150 @@
+"""Every Prometheus metric of the function, in one registry that `GET /metrics` renders.
+
+One module-level registry (not prometheus-client's global default) so nothing a library registers leaks into our
+endpoint and tests can read values back. Callers never touch metric objects: they call the functions below, which
+keeps names and labels in one place. No framework imports: the HTTP layer and the engine both call in.
+
+Names follow Prometheus conventions: HTTP metrics use the common `http_*` names so KEDA / HPA queries such as
+`sum(rate(http_requests_total{route="/v1/chat/completions"}[1m]))` work unchanged; model-serving metrics carry the
+`autoglm_` prefix.
+"""
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+_TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5, 5)
+
+# --- HTTP (written by the API layer)
+HTTP_REQUESTS = Counter(
+    "http_requests", "HTTP requests answered, by route template, method and status code.",
+    ["route", "method", "status"], registry=REGISTRY)
+"""`http_requests_total`: one count per finished request; `route` is the route template (unknown paths: "other")."""
+
+HTTP_LATENCY = Histogram(
+    "http_request_duration_seconds", "Time from request start to the last response byte, by route and method.",
+    ["route", "method"], buckets=_LATENCY_BUCKETS, registry=REGISTRY)
+"""Whole-request latency; for streams it ends with `[DONE]`, so it includes the full generation."""
+
+HTTP_IN_FLIGHT = Gauge(
+    "http_requests_in_flight", "Requests being answered now, by route.", ["route"], registry=REGISTRY)
+"""Concurrency signal for autoscaling (the KPA scales on concurrency; KEDA can use this gauge)."""
+
+# --- completions (written by the API layer)
+PROMPT_TOKENS = Counter("autoglm_prompt_tokens", "Prompt tokens processed (images included).", registry=REGISTRY)
+"""`autoglm_prompt_tokens_total`, from the engine's usage of each finished request."""
+
+GENERATION_TOKENS = Counter("autoglm_generation_tokens", "Completion tokens generated.", registry=REGISTRY)
+"""`autoglm_generation_tokens_total`, from the engine's usage of each finished request."""
+
+TTFT = Histogram(
+    "autoglm_time_to_first_token_seconds", "Time from request arrival to the first generated text.",
+    buckets=_LATENCY_BUCKETS, registry=REGISTRY)
+"""Includes image decoding, queueing and prefill: what a client waits before the first token."""
+
+ITL = Histogram(
+    "autoglm_inter_token_latency_seconds", "Time between successive generated tokens of a request.",
+    buckets=_TOKEN_LATENCY_BUCKETS, registry=REGISTRY)
+"""Decode speed as a client sees it; an increment carrying k tokens counts k observations of gap/k."""
+
+# --- engine (written by the engine)
+QUEUE_DEPTH = Gauge("autoglm_queue_depth", "Requests waiting for a batch slot.", registry=REGISTRY)
+"""Admission queue length; a full queue answers 429."""
+
+RUNNING = Gauge("autoglm_running_requests", "Requests in the running batch.", registry=REGISTRY)
+"""Current continuous-batching size (at most MAX_NUM_SEQS)."""
+
+BUSY = Gauge("autoglm_engine_busy_ratio", "Fraction of recent wall time the engine thread spent in model steps.",
+             registry=REGISTRY)
+"""0..1 over the engine's own sampling window; near 1 means the accelerator is the bottleneck."""
+
+PREFIX_HIT_TOKENS = Counter("autoglm_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache.",
+                            registry=REGISTRY)
+"""`autoglm_prefix_cache_hit_tokens_total`; hit rate = rate(hit) / rate(queried)."""
+
+PREFIX_QUERIED_TOKENS = Counter("autoglm_prefix_cache_queried_tokens",
+                                "Prompt tokens looked up in the prefix cache.", registry=REGISTRY)
+"""`autoglm_prefix_cache_queried_tokens_total`: the denominator of the prefix-cache hit rate."""
+
+GPU_MEMORY_USED = Gauge("autoglm_gpu_memory_used_bytes", "GPU memory allocated by tensors.", registry=REGISTRY)
+"""torch.cuda.memory_allocated on the serving device (0 on CPU)."""
+
+GPU_MEMORY_RESERVED = Gauge("autoglm_gpu_memory_reserved_bytes", "GPU memory reserved by the caching allocator.",
+                            registry=REGISTRY)
+"""torch.cuda.memory_reserved on the serving device (0 on CPU)."""
+
+COLD_START_PHASE = Gauge("autoglm_cold_start_phase_seconds", "Duration of each cold-start phase.", ["phase"],
+                         registry=REGISTRY)
+"""Seconds spent per startup phase (e.g. weights, quantize, warmup); the sum is the time to ready."""
+
+MODEL_INFO = Gauge("autoglm_model_info", "The served model and how it runs (value is always 1).",
+                   ["model", "quantization", "attn_implementation", "device", "dtype"], registry=REGISTRY)
+"""Resolved startup choices as labels, so dashboards can group or filter by them."""
+
+
+# --- API-layer functions
+def observe_http(route: str, method: str, status: int, seconds: float) -> None:
+    HTTP_REQUESTS.labels(route, method, str(status)).inc()
+    HTTP_LATENCY.labels(route, method).observe(seconds)
+
+
+def in_flight(route: str) -> Gauge:
+    """The in-flight gauge of `route`, for `with in_flight(route).track_inprogress():`."""
+    return HTTP_IN_FLIGHT.labels(route)
+
+
+def observe_usage(prompt_tokens: int, completion_tokens: int) -> None:
+    PROMPT_TOKENS.inc(prompt_tokens)
+    GENERATION_TOKENS.inc(completion_tokens)
+
+
+def observe_ttft(seconds: float) -> None:
+    TTFT.observe(seconds)
+
+
+def observe_inter_token(seconds: float, tokens: int) -> None:
+    """An increment of `tokens` tokens arrived `seconds` after the previous one."""
+    if tokens > 0:
+        per_token = seconds / tokens
+        for _ in range(tokens):
+            ITL.observe(per_token)
+
+
+# --- engine functions
+def set_queue_depth(n: int) -> None:
+    QUEUE_DEPTH.set(n)
+
+
+def set_running(n: int) -> None:
+    RUNNING.set(n)
+
+
+def set_busy_ratio(ratio: float) -> None:
+    BUSY.set(ratio)
+
+
+def observe_prefix_cache(hit_tokens: int, queried_tokens: int) -> None:
+    PREFIX_HIT_TOKENS.inc(hit_tokens)
+    PREFIX_QUERIED_TOKENS.inc(queried_tokens)
+
+
+def set_gpu_memory(used_bytes: int, reserved_bytes: int) -> None:
+    GPU_MEMORY_USED.set(used_bytes)
+    GPU_MEMORY_RESERVED.set(reserved_bytes)
+
+
+def set_cold_start_phase(phase: str, seconds: float) -> None:
+    COLD_START_PHASE.labels(phase).set(seconds)
+
+
+def set_model_info(*, model: str, quantization: str, attn_implementation: str, device: str, dtype: str) -> None:
+    """Record the resolved startup choices (replaces any earlier record)."""
+    MODEL_INFO.clear()
+    MODEL_INFO.labels(model, quantization, attn_implementation, device, dtype).set(1)
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text and its content type."""
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
