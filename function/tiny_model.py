@@ -325,9 +325,17 @@ def _build_into(d: Path, seed: int) -> None:
     )
     config.dtype = torch.float32
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # construction draws from the global RNG; leave callers' state alone
         model = Glm4vForConditionalGeneration(config).to(torch.float32).eval()
+    # Redraw every matrix from a private generator, in a fixed order, with the init transformers itself uses
+    # (normal(0, initializer_range); norms stay 1 and biases 0): the weights depend on `seed` alone, not on other
+    # threads drawing from the global RNG meanwhile.
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            if param.dim() >= 2:
+                std = _VISION["initializer_range"] if name.startswith("model.visual.") else _TEXT["initializer_range"]
+                param.copy_(torch.empty(param.shape, dtype=torch.float32).normal_(0.0, std, generator=gen))
     model.generation_config = GenerationConfig(
         do_sample=True,
         eos_token_id=eos_ids,
@@ -336,7 +344,15 @@ def _build_into(d: Path, seed: int) -> None:
         top_k=2,
         top_p=1e-05,
     )
-    model.save_pretrained(d, safe_serialization=True)  # config.json, generation_config.json, model.safetensors
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(d, safe_serialization=True)  # config.json, generation_config.json, model.safetensors
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
 
     tokenizer.save_pretrained(d)
     # as the real tokenizer_config.json names them (transformers 5 writes its backend name, which loads the same)

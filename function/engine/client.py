@@ -37,7 +37,7 @@ class LocalEngine(EngineClient):
         self._preparer = None
         self._tokenizer = None
         self._eos: frozenset[int] = frozenset()
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prepare")
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="prepare")
         self._pending = 0            # accepted, not yet admitted to a slot (being prepared or waiting)
         self._lock = threading.Lock()
         self.choices = None

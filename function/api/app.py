@@ -1,0 +1,144 @@
+"""The FastAPI app: thin routes over `ChatService`, health and metrics, OpenAI-shaped errors.
+
+`build_app(config, engine)` is all a server needs. Under func-python, `Function.handle` forwards requests here and
+func-python answers `/health/liveness|readiness` itself; the app answers them too (same 200/500 text semantics) so
+uvicorn serving has them. The optional `lifespan` is for uvicorn only: func-python never forwards lifespan events.
+No torch, no Knative.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from functools import partial
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.routing import BaseRoute, Match, Route
+from starlette.types import ASGIApp, Lifespan, Message, Receive, Scope, Send
+
+from function import metrics
+from function.config import Config
+from function.engine.protocol import EngineClient
+
+from . import errors
+from .errors import ModelNotFound
+from .protocol import ChatCompletionRequest, ChatCompletionResponse, ErrorResponse, ModelCard, ModelList
+from .serving import ChatService
+
+log = logging.getLogger(__name__)
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    s: {"model": ErrorResponse} for s in (400, 404, 429, 500, 503)}
+CLIENT_CLOSED = 499   # nginx's status for "client closed the request"; only metrics and logs ever see it
+
+
+def build_app(config: Config, engine: EngineClient, lifespan: Lifespan[FastAPI] | None = None) -> FastAPI:
+    app = FastAPI(title="AutoGLM-Phone-9B", summary="OpenAI-compatible chat completions", lifespan=lifespan)
+    errors.install(app)
+    app.add_exception_handler(Exception, _on_unexpected)
+    chat = ChatService(config, engine)
+    model_name = config.served_model_name
+    started = int(time.time())
+
+    def model_card() -> ModelCard:
+        _, ready, _ = engine.status()
+        return ModelCard(id=model_name, created=started, root=config.model_path or str(config.tiny_model_dir),
+                         max_model_len=engine.max_model_len if ready else None)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERROR_RESPONSES)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        result = await chat.create(body, partial(_until_disconnect, request))
+        if result is None:
+            return Response(status_code=CLIENT_CLOSED)
+        if isinstance(result, ChatCompletionResponse):
+            return JSONResponse(result.model_dump(mode="json"))
+        return StreamingResponse(result, media_type="text/event-stream", headers=_SSE_HEADERS)
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def list_models() -> ModelList:
+        return ModelList(data=[model_card()])
+
+    @app.get("/v1/models/{model:path}", response_model=ModelCard, responses=_ERROR_RESPONSES)
+    async def get_model(model: str) -> ModelCard:
+        if model != model_name:
+            raise ModelNotFound(f"The model `{model}` does not exist; this server serves `{model_name}`.",
+                                param="model")
+        return model_card()
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        alive, ready, message = engine.status()
+        if ready:
+            return JSONResponse({"status": "ok", "model": model_name})
+        body = {"status": "loading" if alive else "failed", "model": model_name, "message": message}
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "5"} if alive else None)
+
+    @app.get("/health/liveness", response_class=PlainTextResponse)
+    async def liveness() -> PlainTextResponse:
+        alive, _, message = engine.status()
+        return PlainTextResponse(message, status_code=200 if alive else 500)
+
+    @app.get("/health/readiness", response_class=PlainTextResponse)
+    async def readiness() -> PlainTextResponse:
+        _, ready, message = engine.status()
+        return PlainTextResponse(message, status_code=200 if ready else 500)
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def prometheus() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    app.add_middleware(_HttpMetrics, routes=app.router.routes)
+    return app
+
+
+async def _until_disconnect(request: Request) -> None:
+    """Returns once the client has gone (the body was already read, so the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return errors.error_response("internal", "internal server error")
+
+
+class _HttpMetrics:
+    """Counts, times and tracks in-flight requests by route template; unmatched paths and odd methods are "other"
+    so that label values stay bounded."""
+
+    def __init__(self, app: ASGIApp, routes: list[BaseRoute]):
+        self.app = app
+        self.routes = routes
+
+    def _route(self, scope: Scope) -> str:
+        for r in self.routes:
+            if isinstance(r, Route) and r.matches(scope)[0] is Match.FULL:
+                return r.path
+        return "other"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = self._route(scope)
+        method = scope["method"] if scope["method"] in _METHODS else "other"
+        status = 500
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        start = time.monotonic()
+        with metrics.in_flight(route).track_inprogress():
+            try:
+                await self.app(scope, receive, send_and_note)
+            finally:
+                metrics.observe_http(route, method, status, time.monotonic() - start)
+
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})

@@ -1,0 +1,297 @@
+"""OpenAI chat-completions wire format (pydantic v2), the error shape, and the request's mapping to engine params.
+
+Requests accept unknown fields (OpenAI clients add new ones all the time; a 422 for them would break clients) and
+log them at debug. Ranges follow OpenAI's documentation; vLLM's extra sampling fields are accepted too. No FastAPI,
+no torch: the same models serve HTTP, CloudEvents and tests.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from function.engine.protocol import SamplingParams
+
+log = logging.getLogger(__name__)
+
+_INT64 = 2**63
+
+
+def _is_none(v: Any) -> bool:
+    return v is None
+
+
+Omitted = Field(default=None, exclude_if=_is_none)
+"""An optional response field left out of the JSON when unset (OpenAI omits them rather than sending null)."""
+
+
+class OpenAIRequestModel(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="after")
+    def _log_ignored(self):
+        if self.model_extra:
+            log.debug("%s: ignoring unsupported fields %s", type(self).__name__, sorted(self.model_extra))
+        return self
+
+
+# --- request
+class ImageURL(OpenAIRequestModel):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class TextPart(OpenAIRequestModel):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(OpenAIRequestModel):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+    @field_validator("image_url", mode="before")
+    @classmethod
+    def _url_string(cls, v: Any) -> Any:
+        return {"url": v} if isinstance(v, str) else v   # vLLM also accepts the bare URL string
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class ChatMessage(OpenAIRequestModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _check_content(self):
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content")
+        if self.role != "user" and isinstance(self.content, list) and \
+                any(isinstance(p, ImagePart) for p in self.content):
+            raise ValueError(f"images are only accepted in user messages, not in {self.role} messages")
+        return self
+
+    def text(self) -> str:
+        """The content as one string (system/developer/assistant content: the model's template wants a string)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(p.text for p in self.content if isinstance(p, TextPart))
+
+
+class StreamOptions(OpenAIRequestModel):
+    include_usage: bool = False
+
+
+# Arguments that `apply_chat_template` itself takes: a client must not be able to override them.
+_RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs", "processor_kwargs", "images", "videos",
+})
+
+
+class ChatCompletionRequest(OpenAIRequestModel):
+    # https://platform.openai.com/docs/api-reference/chat/create
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=-_INT64, lt=_INT64)
+    n: int | None = 1
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    logprobs: bool | None = False
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    # vLLM extensions
+    top_k: int | None = Field(default=None, ge=-1)
+    repetition_penalty: float | None = Field(default=None, gt=0)
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool | None = None
+    skip_special_tokens: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    # AutoGLM deployment-guide extensions (also accepted inside chat_template_kwargs)
+    enable_thinking: bool | None = None
+    return_reasoning: bool | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, v: int | None) -> int | None:
+        if v not in (None, 1):
+            raise ValueError(f"n={v} is not supported: this server returns exactly one choice (n must be 1)")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _non_empty_stops(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if v is not None and any(s == "" for s in ([v] if isinstance(v, str) else v)):
+            raise ValueError("stop strings must not be empty")
+        return v
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, v: bool | None) -> bool | None:
+        if v:
+            raise ValueError("logprobs are not supported by this server")
+        return v
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None and v.get("type", "text") != "text":
+            raise ValueError(f"response_format type {v.get('type')!r} is not supported (only 'text')")
+        return v
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _no_reserved(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        bad = sorted(set(v or ()) & _RESERVED_TEMPLATE_KWARGS)
+        if bad:
+            raise ValueError(f"{', '.join(bad)} cannot be set through chat_template_kwargs")
+        return v
+
+    @model_validator(mode="after")
+    def _no_tools(self):
+        if self.tools and self.tool_choice != "none":
+            raise ValueError("tools are not supported by this server (AutoGLM writes its actions in <answer>)")
+        return self
+
+    @property
+    def return_reasoning_enabled(self) -> bool:
+        """Split `<think>` reasoning into `reasoning_content` (top-level flag wins over chat_template_kwargs)."""
+        if self.return_reasoning is not None:
+            return self.return_reasoning
+        return bool((self.chat_template_kwargs or {}).get("return_reasoning", False))
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def template_kwargs(self) -> dict[str, Any]:
+        """Chat-template variables for the engine: the client's, with the top-level `enable_thinking` applied."""
+        kw = {k: v for k, v in (self.chat_template_kwargs or {}).items() if k != "return_reasoning"}
+        if self.enable_thinking is not None:
+            kw["enable_thinking"] = self.enable_thinking
+        return kw
+
+    def to_sampling_params(self, default_max_tokens: int | None = None) -> SamplingParams:
+        """The engine's params; what the request leaves unset keeps SamplingParams' defaults."""
+        stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        given = {
+            "max_tokens": self.max_completion_tokens or self.max_tokens or default_max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": None if self.top_k is None else max(self.top_k, 0),   # vLLM: -1 and 0 both mean off
+            "frequency_penalty": self.frequency_penalty,
+            "presence_penalty": self.presence_penalty,
+            "repetition_penalty": self.repetition_penalty,
+            "seed": self.seed,
+            "stop": tuple(stop),
+            "stop_token_ids": tuple(self.stop_token_ids or ()),
+            "ignore_eos": self.ignore_eos,
+            "skip_special_tokens": self.skip_special_tokens,
+        }
+        return SamplingParams(**{k: v for k, v in given.items() if v is not None})
+
+
+# --- responses
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+    reasoning_content: str | None = Omitted
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: FinishReason
+    stop_reason: int | str | None = None   # vLLM: the stop string or token id that ended the completion
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    system_fingerprint: str
+    choices: list[Choice]
+    usage: Usage
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = Omitted
+    content: str | None = Omitted
+    reasoning_content: str | None = Omitted
+
+
+class StreamChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    logprobs: None = None
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = Omitted
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[StreamChoice]
+    usage: Usage | None = Omitted
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "autoglm"
+    root: str
+    max_model_len: int | None = Omitted
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
