@@ -214,13 +214,25 @@ def engine_section(quant):
     rng = random.Random(1)
     res = {}
 
+    def stats_delta(before):
+        now = dict(e._core.stats)
+        d = {k: round(now[k] - before[k], 3) for k in now}
+        if d["decode_steps"]:
+            d["decode_ms_per_step"] = round(1000 * d["decode_s"] / d["decode_steps"], 2)
+            d["mean_batch"] = round(d["decode_rows"] / d["decode_steps"], 1)
+        if d["prefills"]:
+            d["prefill_ms_mean"] = round(1000 * d["prefill_s"] / d["prefills"], 1)
+        return d
+
     async def streams(N, new=128):
         chats = [ChatInput(messages=[{"role": "user", "content": text_prompt(tok, rng)}]) for _ in range(N)]
         p = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
         rec = []
+        before = dict(e._core.stats)
         t = time.perf_counter()
         await asyncio.gather(*(_one(e, f"s{N}-{i}-{rng.random()}", c, p, rec) for i, c in enumerate(chats)))
         dt = time.perf_counter() - t
+        res[f"stats_{N}"] = stats_delta(before)
         decode_s = [(r["e2e"] - r["ttft"] / 1000) / max(1, r["n"] - 1) for r in rec]
         return {"tok_s_agg": round(sum(r["n"] for r in rec) / dt, 1),
                 "tok_s_per_seq": round(sum(r["n"] for r in rec) / dt / N, 1),
@@ -230,12 +242,13 @@ def engine_section(quant):
     async def closed_loop(clients, per_client, make_chat, new=32):
         p = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
         rec = []
+        before = dict(e._core.stats)
 
         async def client(ci):
             for j in range(per_client):
                 await _one(e, f"c{ci}-{j}-{rng.random()}", make_chat(), p, rec)
         await asyncio.gather(*(client(i) for i in range(clients)))
-        return {"ttft_p50_ms": pct([r["ttft"] for r in rec], 50), "ttft_p99_ms": pct([r["ttft"] for r in rec], 99),
+        return {"stats": stats_delta(before), "ttft_p50_ms": pct([r["ttft"] for r in rec], 50), "ttft_p99_ms": pct([r["ttft"] for r in rec], 99),
                 "n": len(rec), "prompt_tokens": rec[0]["prompt"],
                 "cached_tokens_mean": round(statistics.mean(r["cached"] for r in rec), 1)}
 
@@ -366,6 +379,20 @@ def cold(name, quant):
         RES.setdefault("cold_logs", {})[name] = lines[-2:]
 
 
+def importtime():
+    """Where import time goes in a fresh process (the biggest cumulative entries of -X importtime)."""
+    p = subprocess.run([sys.executable, "-X", "importtime", "-c",
+                        "import torch, transformers; from transformers import AutoModelForImageTextToText, "
+                        "AutoProcessor; import function.engine.runner"], cwd=ROOT, capture_output=True, text=True)
+    rows = []
+    for ln in p.stderr.splitlines():
+        parts = ln.split("|")
+        if len(parts) == 3 and parts[1].strip().isdigit():
+            rows.append((int(parts[1]), parts[2].rstrip()))
+    top = sorted(rows, reverse=True)[:25]
+    log("importtime_top_cumulative_ms", [(round(us / 1000), name) for us, name in top])
+
+
 def main():
     global DEADLINE
     what = sys.argv[1] if len(sys.argv) > 1 else "all"
@@ -378,6 +405,8 @@ def main():
     if what in ("all", "engine"):
         bounded("engine_none", 150, engine_section, "none")
         bounded("engine_nf4", 150, engine_section, "nf4")
+    if what in ("all", "importtime"):
+        bounded("importtime", 40, importtime)
     if what in ("all", "cold"):
         for name, q in (("naive_bf16", "none"), ("function_bf16", "none"), ("naive_nf4_quantize", "nf4"),
                         ("function_nf4_prequantized", "nf4")):

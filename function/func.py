@@ -65,6 +65,7 @@ class Function:
     def stop(self) -> None:
         """Called by func-python on shutdown: readiness turns False, then the engine thread is stopped."""
         if self._engine is not None:
+            log.info("shutting down the engine")
             self._engine.shutdown()
 
     def alive(self) -> tuple[bool, str]:
@@ -99,6 +100,7 @@ def create_app() -> FastAPI:
         try:
             yield
         finally:
+            log.info("shutting down the engine")
             await asyncio.to_thread(engine.shutdown)
 
     return build_app(config, engine, lifespan=lifespan)

@@ -3,7 +3,7 @@
 Sources: `data:` URLs (base64, strictly decoded), `file://` paths inside ALLOWED_LOCAL_MEDIA_PATH, and http(s) URLs
 when ALLOW_REMOTE_IMAGES is on. Every source is capped in bytes before it is decoded and in pixels before the
 pixels are decompressed (decompression bombs), and the bytes must really be a PNG, JPEG or WebP whatever the URL
-claims. Decoding runs in a worker thread: a large screenshot must not stall the event loop. Every refusal is an
+claims. Reading and decoding run in a worker thread: a large screenshot must not stall the event loop. Every refusal is an
 `InvalidInput` (HTTP 400) naming the offending part.
 
 The digest hashes the decoded pixels and size, so the same screenshot re-encoded (PNG vs. WebP, other metadata)
@@ -46,17 +46,15 @@ class ImageLoader:
     async def load(self, url: str, param: str) -> LoadedImage:
         """The image behind `url`; `param` names the request part in errors (e.g. messages[0].content[1])."""
         scheme = url.split(":", 1)[0].lower() if ":" in url else ""
-        if scheme == "data":
-            data = self._from_data_url(url, param)
-        elif scheme == "file":
-            data = await asyncio.to_thread(self._from_file, url, param)
-        elif scheme in ("http", "https"):
+        if scheme in ("data", "file"):
+            read = self._from_data_url if scheme == "data" else self._from_file
+            return await asyncio.to_thread(lambda: self._decode(read(url, param), param))
+        if scheme in ("http", "https"):
             data = await self._from_remote(url, param)
-        else:
-            raise InvalidInput("image_url must be a data: URL (base64 PNG, JPEG or WebP)"
-                               + (", a file:// URL" if self.local_root else "")
-                               + (" or an http(s) URL" if self.allow_remote else ""), param=param)
-        return await asyncio.to_thread(self._decode, data, param)
+            return await asyncio.to_thread(self._decode, data, param)
+        raise InvalidInput("image_url must be a data: URL (base64 PNG, JPEG or WebP)"
+                           + (", a file:// URL" if self.local_root else "")
+                           + (" or an http(s) URL" if self.allow_remote else ""), param=param)
 
     def _too_big(self, size: int, param: str) -> InvalidInput:
         return InvalidInput(f"image is {size} bytes; the limit is {self.max_bytes} bytes (MAX_IMAGE_BYTES)",

@@ -49,7 +49,7 @@ if [[ "$DRY_RUN" != 1 ]]; then
     || die "Knative Eventing is not installed (no Broker/Trigger CRDs)"
   timeout_flag="$(kubectl get configmap config-features -n knative-eventing \
     -o 'jsonpath={.data.delivery-timeout}' 2>/dev/null || true)"
-  if [[ -n "$timeout_flag" && "${timeout_flag,,}" != enabled ]]; then
+  if [[ -n "$timeout_flag" && "$(lower "$timeout_flag")" != enabled ]]; then
     die "knative-eventing config-features delivery-timeout is '$timeout_flag'; the Trigger sets delivery.timeout. Run scripts/enable-knative-features.sh"
   fi
 fi

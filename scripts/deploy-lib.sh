@@ -36,6 +36,9 @@ EVENTING_FEATURE_FLAGS=(
 
 DRY_RUN="${DRY_RUN:-0}"
 
+# Lower-case (bash 3.2, macOS's /bin/bash, has no ${var,,}).
+lower() { printf '%s' "$1" | tr '[:upper:]' '[:lower:]'; }
+
 log() { printf '==> %s\n' "$*" >&2; }
 warn() { printf 'WARNING: %s\n' "$*" >&2; }
 die() { printf 'ERROR: %s\n' "$*" >&2; exit 1; }
@@ -114,10 +117,11 @@ tmp_file() {
   printf '%s\n' "$f"
 }
 
-# In a dry run with SHOW_MANIFESTS=1, print a rendered manifest (indented by 4) after the command that uses it.
+# In a dry run with SHOW_MANIFESTS=1, print a rendered manifest after the command that uses it, each line
+# prefixed with "| ".
 show_manifest() {
   if [[ "$DRY_RUN" == 1 && "${SHOW_MANIFESTS:-0}" == 1 ]]; then
-    sed -e 's/^/    /' "$1"
+    sed -e 's/^/| /' "$1"
   fi
 }
 
@@ -147,7 +151,7 @@ check_serving_features() {
   for flag in "${SERVING_FEATURE_FLAGS[@]}"; do
     value="$(kubectl get configmap config-features -n knative-serving \
       -o "jsonpath={.data.${flag//./\\.}}" 2>/dev/null || true)"
-    value="${value,,}"
+    value="$(lower "$value")"
     case "$flag" in
       kubernetes.podspec-persistent-volume-*) [[ "$value" == enabled ]] || missing+=("$flag=${value:-disabled}") ;;
       *) [[ "$value" == enabled || "$value" == allowed ]] || missing+=("$flag=${value:-disabled}") ;;
@@ -175,9 +179,10 @@ wait_ksvc_ready() {
   local deadline=$((SECONDS + timeout)) gen obs ready created latest message
   log "waiting up to ${timeout}s for ksvc/$name to become ready (a GPU cold start takes minutes)"
   while :; do
+    # (read returns non-zero at the unterminated last line; the fields are set all the same)
     IFS='|' read -r gen obs ready created latest message < <(
       kubectl get ksvc "$name" -n "$namespace" -o "jsonpath=$jsonpath" 2>/dev/null || true
-    )
+    ) || true
     if [[ -n "$gen" && "$gen" == "$obs" ]]; then
       if [[ "$ready" == True && -n "$created" && "$created" == "$latest" ]]; then
         log "ksvc/$name is ready (revision $latest)"

@@ -28,7 +28,8 @@ Options:
   --with-cache-front     also apply the CPU cache-front Service and Redis (k8s/cache-front.yaml)
   --enable-features      enable the needed Knative feature flags (scripts/enable-knative-features.sh; cluster admin)
   --wait-timeout SECONDS how long to wait for readiness (default: 1800, the revision's progress-deadline)
-  --dry-run              print the commands (and with SHOW_MANIFESTS=1 the rendered manifests) instead of running them
+  --dry-run              print the commands instead of running them (SHOW_MANIFESTS=1: and the rendered
+                         manifests, each line prefixed with "| ")
   -h, --help             show this help
 EOF
 }
@@ -82,7 +83,7 @@ fi
 if ((ENABLE_FEATURES)); then
   feature_args=()
   ((WITH_EVENTING)) || feature_args+=(--no-eventing)
-  "$REPO_ROOT/scripts/enable-knative-features.sh" "${feature_args[@]}"
+  "$REPO_ROOT/scripts/enable-knative-features.sh" ${feature_args[@]+"${feature_args[@]}"}
 fi
 check_serving_features || die "enable the Knative feature flags first (or pass --enable-features)"
 

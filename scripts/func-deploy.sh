@@ -21,10 +21,11 @@ Usage: scripts/func-deploy.sh --image IMAGE [options]
 4. Waits for the newest revision on its own terms (func deploy gives up after 120 s, far less than a GPU cold start).
 
 func deploy creates one intermediate revision without a GPU (REQUIRE_GPU=true keeps it from ever becoming ready,
-so it never receives traffic); the patch creates the real one.
+so it never receives traffic); the patch creates the real one, and the script deletes the intermediate one once the
+real one is ready.
 
 Options:
-  --image IMAGE          image to deploy (required; default in func.yaml: $DEFAULT_IMAGE)
+  --image IMAGE          image built from the Dockerfile (required; func.yaml names none on purpose)
   -n, --namespace NS     namespace (default: the kubeconfig context's, else "default")
   --gpu-product LABEL    nvidia.com/gpu.product of the GPU nodes (default: $DEFAULT_GPU_PRODUCT)
   --build                docker build and push IMAGE first
@@ -77,6 +78,12 @@ else
   kubectl get ksvc "$SERVICE_NAME" -n "$NAMESPACE" >/dev/null \
     || die "func deploy did not create ksvc/$SERVICE_NAME; see its output above"
 fi
+# The revision func just created (without a GPU); removed once the patched one is ready, instead of holding a pod
+# until its progress deadline.
+interim=""
+if [[ "$DRY_RUN" != 1 ]]; then
+  interim="$(kubectl get ksvc "$SERVICE_NAME" -n "$NAMESPACE" -o 'jsonpath={.status.latestCreatedRevisionName}')"
+fi
 
 # ---- 3. the GPU part, as a JSON patch (paths: spec.template...; "~1" encodes "/" in annotation keys)
 ann='/spec/template/metadata/annotations'
@@ -103,6 +110,18 @@ EOF
 log "patching the GPU settings into ksvc/$SERVICE_NAME"
 run kubectl patch ksvc "$SERVICE_NAME" -n "$NAMESPACE" --type=json -p "$patch"
 
-# ---- 4. wait
+# ---- 4. wait, then drop func's GPU-less revision (only if it is not serving and really has no GPU)
 wait_ksvc_ready "$SERVICE_NAME" "$NAMESPACE" "$WAIT_TIMEOUT"
+if [[ "$DRY_RUN" == 1 ]]; then
+  printf '# then: kubectl delete revision <the revision func deploy created> -n %s, if it has no %s limit\n' \
+    "$NAMESPACE" nvidia.com/gpu
+elif [[ -n "$interim" ]]; then
+  ready_rev="$(kubectl get ksvc "$SERVICE_NAME" -n "$NAMESPACE" -o 'jsonpath={.status.latestReadyRevisionName}')"
+  gpu="$(kubectl get revision "$interim" -n "$NAMESPACE" \
+    -o 'jsonpath={.spec.containers[0].resources.limits.nvidia\.com/gpu}' 2>/dev/null || true)"
+  if [[ "$interim" != "$ready_rev" && -z "$gpu" ]]; then
+    log "deleting revision $interim (created by func deploy without a GPU; never served)"
+    run kubectl delete revision "$interim" -n "$NAMESPACE" --ignore-not-found
+  fi
+fi
 print_usage_hint "$SERVICE_NAME" "$NAMESPACE"

@@ -36,9 +36,9 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 DEFAULT_MODEL = "autoglm-phone-9b"
 
@@ -403,7 +403,7 @@ async def send_request(client, url: str, body: dict, t0_bench: float = 0.0, has_
     except httpx.TimeoutException:
         return RequestResult(ok=False, status=status, error="timeout", t_start=t_start - t0_bench,
                              e2e=time.perf_counter() - t_start, has_image=has_image)
-    except (httpx.HTTPError, OSError) as e:
+    except (httpx.HTTPError, OSError):
         return RequestResult(ok=False, status=status, error="connection_error" if not status else "read_error",
                              t_start=t_start - t0_bench, e2e=time.perf_counter() - t_start, has_image=has_image,
                              ttft=acc.ttft)
@@ -578,7 +578,8 @@ def format_report(m: dict[str, Any], title: str = "Serving Benchmark Result") ->
         row(f"Mean {name} (ms):", m[f"mean_{key}_ms"])
         row(f"Median {name} (ms):", m[f"median_{key}_ms"])
         for p in m.get("percentiles", (99,)):
-            row(f"P{_pname(p)} {name} (ms):", m[f"p{_pname(p)}_{key}_ms"])
+            if float(p) != 50.0:  # the median row is P50
+                row(f"P{_pname(p)} {name} (ms):", m[f"p{_pname(p)}_{key}_ms"])
     lines.append("=" * w)
     return "\n".join(lines)
 

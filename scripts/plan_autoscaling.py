@@ -54,10 +54,13 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from itertools import product
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 Z99 = 2.3263478740408408  # standard normal 99th percentile
 INF = float("inf")
 
@@ -330,14 +333,16 @@ class KPADecider:
                 self.max_panic_pods = desired
             desired = self.max_panic_pods
         if self.delay_n:
+            # max over the window as a monotonically decreasing deque (like max.Window): O(1) per tick
             idx = int(now // p.tick)
-            if self.delay and self.delay[-1][0] == idx:
-                self.delay[-1][1] = max(self.delay[-1][1], desired)
-            else:
-                self.delay.append([idx, desired])
-            while self.delay[0][0] <= idx - self.delay_n:
-                self.delay.popleft()
-            desired = max(v for _, v in self.delay)
+            dq = self.delay
+            while dq and dq[-1][1] <= desired:
+                dq.pop()
+            if not dq or dq[-1][0] != idx:
+                dq.append((idx, desired))
+            while dq[0][0] <= idx - self.delay_n:
+                dq.popleft()
+            desired = dq[0][1]
         if p.target_burst_capacity == 0:
             ebc = 0
         elif p.target_burst_capacity > 0:
@@ -543,11 +548,13 @@ def generate_diurnal(cap: Capacity, hours: float = 24.0, peak_rps: float = 1.0, 
     t = np.arange(n_sec) + 0.5
     h = (start_hour + t / 3600.0) % 24.0
     shape = 0.12 + 0.55 * np.exp(-((h - 11.0) / 2.5) ** 2) + 0.5 * np.exp(-((h - 20.5) / 2.0) ** 2)
-    shape = shape / 0.12 * 0 + shape  # keep dtype
-    day = np.clip((h - night[1]) / 1.5, 0, 1) * np.clip((24.0 - h) / 1.0, 0, 1)  # ramp up after night, fade at 24h
-    day = np.where(h < night[0], np.clip((night[0] - h) / night[0], 0, 1), day)   # fade out after midnight
-    rate = peak_rps * shape / shape.max() * day
-    quiet = (h >= night[0]) & (h < night[1])
+    quiet = (h >= night[0]) & (h < night[1]) if night[0] <= night[1] else (h >= night[0]) | (h < night[1])
+    rise = np.clip((h - night[1]) % 24.0 / 1.5, 0, 1)                   # 1.5 h ramp after the night
+    fade_len = 3.0
+    d = (h - (night[0] - fade_len)) % 24.0                              # 3 h fade into the night
+    fade = np.where(d < fade_len, 1.0 - d / fade_len, 1.0)
+    envelope = np.where(quiet, 0.0, np.minimum(rise, fade))
+    rate = peak_rps * shape / shape.max() * envelope
     rate = np.where(quiet, night_trickle_per_hour / 3600.0, rate)
     n_b = rng.poisson(bursts_per_day * hours / 24.0)
     daytime = np.flatnonzero(~quiet & (rate > 0.2 * peak_rps))
@@ -637,7 +644,6 @@ class Simulator:
         # per-request randomness drawn up front: the same trace + seed gives every policy the same draws
         self.z1 = rng.standard_normal(n).tolist()
         self.z2 = rng.standard_normal(n).tolist()
-        self.cold_draws = rng.random(4096)
         self.cold_iter = 0
         self.cold_pool = cap.sample_cold_starts(np.random.default_rng(seed + 1), 4096).tolist()
         self.route_rng = np.random.default_rng(seed + 2).random(max(n, 1)).tolist()
@@ -688,7 +694,6 @@ class Simulator:
         route = self.route_rng
 
         # metric buckets (1 s) and their prefix sums
-        n_buckets = int(math.ceil(max(H, arr[-1] if N else 0.0))) + int(timeout) + 4000
         cum = [0.0]
         cur_sec = 0
         area = 0.0
@@ -854,7 +859,11 @@ class Simulator:
 
         # ---- controllers
         desired = -1
-        ebc = -1
+        tbc0 = p.target_burst_capacity
+        if not self.kpa or tbc0 in (-1, 0):
+            ebc = int(tbc0) if self.kpa else -1
+        else:  # multiscaler.createScaler: initial EBC assumes one pod
+            ebc = int(1 * p.resolve_target()[1] - tbc0)
         max_pods = 0
         if self.kpa:
             decider = KPADecider(p)
@@ -1098,7 +1107,7 @@ class Grid:
         ccs = [c for c in ((8, 16) if quick else (4, 8, 16, 32)) if c <= cap.max_num_seqs] or [cap.max_num_seqs]
         if quick:
             return cls(ccs, [0.75, 1.0], [0, 1], [0, 600], [1, 0])
-        return cls(ccs, [0.5, 0.75, 1.0], [0, 1, 2], [0, 300, 900, 1800], [1, 0, 2])
+        return cls(ccs, [0.5, 0.75, 1.0], [0, 1], [0, 300, 900, 1800], [1, 0, 2])
 
     def policies(self, base: KPAPolicy) -> list[KPAPolicy]:
         out, seen = [], set()
@@ -1162,13 +1171,20 @@ def search(cap: Capacity, trace: Trace, obj: Objective, base: KPAPolicy, grid: G
     best_pol, best = rows[0]
     extra = [dataclasses.replace(best_pol, initial_scale=v) for v in grid.initial_scale[1:]
              if v != best_pol.initial_scale and (v > 0 or best_pol.min_scale == 0)]
+    best_s = best
     for pol, s in _run_many(cap, trace, extra, seed, 1):
         r = SimResult(**{k: v for k, v in s.items() if k in SimResult.__dataclass_fields__})
         obj.judge(r)
         s.update(cost=r.cost, meets_slo=r.meets_slo)
         rows.append((pol, s))
+        # another initial-scale only wins when it is clearly better: feasible and > 0.5 % cheaper (a revision that
+        # starts with one pod proves itself on deploy; a few cents do not justify giving that up)
+        if _rank_key(obj, s) < _rank_key(obj, best_s) and (
+                not best_s["meets_slo"] or s["cost"] < best_s["cost"] * 0.995):
+            best_pol, best_s = pol, s
     rows.sort(key=lambda ps: _rank_key(obj, ps[1]))
-    best_pol = dataclasses.replace(rows[0][0], name="KPA (recommended)")
+    best_s["recommended"] = True
+    best_pol = dataclasses.replace(best_pol, name="KPA (recommended)")
     table = [{"container_concurrency": p.container_concurrency, "target": p.target, "min_scale": p.min_scale,
               "scale_down_delay": p.scale_down_delay, "initial_scale": p.initial_scale, **s} for p, s in rows]
     return best_pol, table
@@ -1247,7 +1263,7 @@ def grid_table(rows: list[dict], obj: Objective, top: int = 8) -> str:
         out.append(f"| {s['container_concurrency']} | {_fmt_num(s['target'])} | {s['min_scale']} | "
                    f"{_fmt_dur(s['scale_down_delay'])} | {s['initial_scale']} | {_s(s['ttft_p99'])} | "
                    f"{_s(s['e2e_p99'])} | {s['error_rate']:.2%} | {s['gpu_hours']:.1f} | ${s['cost']:,.2f} | "
-                   f"{'yes' if s['meets_slo'] else 'no'} |")
+                   f"{'yes' if s['meets_slo'] else 'no'}{' **(recommended)**' if s.get('recommended') else ''} |")
     return "\n".join(out)
 
 
@@ -1301,9 +1317,8 @@ def plot(results: Sequence[SimResult], trace: Trace, obj: Objective, path: str) 
         xs, ys = [], []
         for k in range(nb):
             sel = ok & (b == k)
-            if sel.sum() >= 5:
-                xs.append((k + 0.5) * bin_s / 3600.0)
-                ys.append(np.percentile(v[sel], 99))
+            xs.append((k + 0.5) * bin_s / 3600.0)
+            ys.append(np.percentile(v[sel], 99) if sel.any() else np.nan)   # gaps break the line
         ax.plot(xs, ys, marker=".", lw=0.8, label=r.name)
     ax.axhline(obj.p99_slo, color="red", ls="--", lw=0.8, label=f"objective {obj.p99_slo:g} s")
     ax.set_yscale("log")
@@ -1338,15 +1353,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-error-rate", type=float, default=0.001, help="allowed fraction of failed requests")
     p.add_argument("--gpu-hour-price", type=float, default=2.5, help="USD per GPU-hour")
     p.add_argument("--max-scale", type=int, default=8, help="max pods (GPUs) for every policy")
-    p.add_argument("--container-concurrency", type=int, default=0,
-                   help="containerConcurrency of the baseline columns (the guide's HPA and KPA with Knative "
-                        "defaults); 0 is Knative's default (unlimited)")
+    p.add_argument("--service", default=str(REPO_ROOT / "service.yaml"),
+                   help="Knative Service manifest: its KPA settings become a column and the base of the search "
+                        "('' to skip)")
+    p.add_argument("--grid-base", choices=["service", "defaults"], default="service",
+                   help="settings the search does not vary (window, utilisation, burst capacity, retention, "
+                        "timeout) come from the Service manifest or from Knative's defaults")
+    p.add_argument("--container-concurrency", type=int, default=None,
+                   help="containerConcurrency of the baseline columns (HPA, KPA with Knative defaults); default: "
+                        "the Service manifest's, else 0 (Knative's default, unlimited)")
     p.add_argument("--hpa-cpu-target", type=float, default=70.0, help="HPA CPU utilisation target, percent")
-    p.add_argument("--request-timeout", type=float, default=300.0, help="revision timeoutSeconds")
+    p.add_argument("--request-timeout", type=float, default=None,
+                   help="revision timeoutSeconds (default: the Service manifest's, else 300)")
     p.add_argument("--cc-grid", help="comma-separated containerConcurrency values to search")
     p.add_argument("--target-grid", help="comma-separated target/containerConcurrency fractions to search")
     p.add_argument("--min-scale-grid", help="comma-separated min-scale values to search")
     p.add_argument("--delay-grid", help="comma-separated scale-down-delay seconds to search")
+    p.add_argument("--candidate", action="append", default=[], metavar="KEY=VAL,...",
+                   help="also simulate these KPA settings as an extra column, e.g. "
+                        "'cc=8,target=6,min-scale=1,scale-down-delay=300' (durations in seconds; repeatable)")
     p.add_argument("--quick", action="store_true", help="small grid and a 3-hour trace (for tests and smoke runs)")
     p.add_argument("--no-search", action="store_true", help="only simulate the baselines")
     p.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="processes for the grid search")
@@ -1354,6 +1379,119 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="write a PNG: traffic, pods and p99 latency over time")
     p.add_argument("--markdown", help="write the comparison (markdown) to this file")
     return p
+
+
+_CANDIDATE_KEYS = {
+    "cc": ("container_concurrency", int), "container-concurrency": ("container_concurrency", int),
+    "target": ("target", float), "target-utilization-percentage": ("target_utilization", lambda v: float(v) / 100),
+    "min-scale": ("min_scale", int), "max-scale": ("max_scale", int), "initial-scale": ("initial_scale", int),
+    "activation-scale": ("activation_scale", int), "scale-down-delay": ("scale_down_delay", float),
+    "window": ("stable_window", float), "stable-window": ("stable_window", float),
+    "panic-window-percentage": ("panic_window_percentage", float),
+    "panic-threshold-percentage": ("panic_threshold_percentage", float),
+    "target-burst-capacity": ("target_burst_capacity", float), "tbc": ("target_burst_capacity", float),
+    "scale-to-zero-pod-retention-period": ("scale_to_zero_pod_retention_period", float),
+    "retention": ("scale_to_zero_pod_retention_period", float),
+    "scale-to-zero-grace-period": ("scale_to_zero_grace_period", float),
+    "max-scale-up-rate": ("max_scale_up_rate", float), "max-scale-down-rate": ("max_scale_down_rate", float),
+    "enable-scale-to-zero": ("enable_scale_to_zero", lambda v: v.lower() in ("1", "true", "yes")),
+}
+
+
+def parse_candidate(text: str, base: KPAPolicy, name: str) -> KPAPolicy:
+    """"cc=8,target=6,min-scale=1,scale-down-delay=300" -> a KPAPolicy (durations in seconds)."""
+    kw: dict[str, Any] = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        k, _, v = item.partition("=")
+        k = k.strip().lower().removeprefix("autoscaling.knative.dev/")
+        if k not in _CANDIDATE_KEYS:
+            raise SystemExit(f"--candidate: unknown key {k!r}; known: {', '.join(sorted(_CANDIDATE_KEYS))}")
+        field_name, conv = _CANDIDATE_KEYS[k]
+        kw[field_name] = conv(v.strip())
+    return dataclasses.replace(base, name=name, **kw)
+
+
+def parse_duration(v: str | float | int) -> float:
+    """Knative/Go duration ("90s", "5m", "1h30m", "1800s") or plain seconds -> seconds."""
+    if isinstance(v, (int, float)):
+        return float(v)
+    text = str(v).strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    import re
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", text)
+    if not parts or "".join(a + b for a, b in parts) != text:
+        raise ValueError(f"not a duration: {v!r}")
+    mult = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    return sum(float(a) * mult[b] for a, b in parts)
+
+
+_ANNOTATION_FIELDS = {
+    "target": ("target", float),
+    "target-utilization-percentage": ("target_utilization", lambda v: float(v) / 100.0),
+    "min-scale": ("min_scale", int), "minscale": ("min_scale", int),
+    "max-scale": ("max_scale", int), "maxscale": ("max_scale", int),
+    "initial-scale": ("initial_scale", int), "activation-scale": ("activation_scale", int),
+    "window": ("stable_window", parse_duration),
+    "panic-window-percentage": ("panic_window_percentage", float),
+    "panic-threshold-percentage": ("panic_threshold_percentage", float),
+    "scale-down-delay": ("scale_down_delay", parse_duration),
+    "scale-to-zero-pod-retention-period": ("scale_to_zero_pod_retention_period", parse_duration),
+    "target-burst-capacity": ("target_burst_capacity", float),
+}
+
+
+def policy_from_service(path: str) -> tuple[KPAPolicy | None, str]:
+    """The KPA settings of the first serving.knative.dev Service in a manifest (revision-template annotations,
+    containerConcurrency, timeoutSeconds, progress-deadline) on top of config-autoscaler defaults.
+    Returns (policy or None, note)."""
+    try:
+        import yaml
+        with open(path) as f:
+            docs = [d for d in yaml.safe_load_all(f) if isinstance(d, dict)]
+    except (OSError, ImportError, Exception) as e:  # noqa: BLE001 - any parse problem: no column
+        return None, f"{path}: not read ({e.__class__.__name__})"
+    svc = next((d for d in docs if d.get("kind") == "Service" and
+                str(d.get("apiVersion", "")).startswith("serving.knative.dev")), None)
+    if svc is None:
+        return None, f"{path}: no Knative Service"
+    tmpl = (svc.get("spec") or {}).get("template") or {}
+    ann = ((tmpl.get("metadata") or {}).get("annotations")) or {}
+    spec = tmpl.get("spec") or {}
+    cls = ann.get("autoscaling.knative.dev/class", "kpa.autoscaling.knative.dev")
+    if "kpa" not in cls:
+        return None, f"{path}: autoscaling class {cls} is not the KPA"
+    metric = ann.get("autoscaling.knative.dev/metric", "concurrency")
+    if metric != "concurrency":
+        return None, f"{path}: metric {metric} is not modelled (concurrency only)"
+    kw: dict[str, Any] = {"container_concurrency": int(spec.get("containerConcurrency") or 0)}
+    if spec.get("timeoutSeconds"):
+        kw["request_timeout"] = float(spec["timeoutSeconds"])
+    if ann.get("serving.knative.dev/progress-deadline"):
+        kw["progress_deadline"] = parse_duration(ann["serving.knative.dev/progress-deadline"])
+    for key, value in ann.items():
+        if not key.startswith("autoscaling.knative.dev/"):
+            continue
+        short = key.split("/", 1)[1].lower()
+        if short in _ANNOTATION_FIELDS:
+            name, conv = _ANNOTATION_FIELDS[short]
+            kw[name] = conv(value)
+    name = (svc.get("metadata") or {}).get("name", "service")
+    return KPAPolicy(name=f"KPA ({os.path.basename(path)})", **kw), f"{path}: Service {name}"
+
+
+def _nan_to_none(o: Any) -> Any:
+    if isinstance(o, float) and (math.isnan(o) or math.isinf(o)):
+        return None
+    if isinstance(o, dict):
+        return {k: _nan_to_none(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_nan_to_none(v) for v in o]
+    return o
 
 
 def _csv(text: str | None, typ=float) -> list | None:
@@ -1375,12 +1513,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         trace.save_csv(args.save_trace)
     obj = Objective(args.p99_slo, args.slo_metric, args.max_error_rate, args.gpu_hour_price)
 
-    hpa = HPAPolicy(name="HPA (guide: CPU 70%)", container_concurrency=args.container_concurrency,
+    svc_pol, svc_note = policy_from_service(args.service) if args.service else (None, "")
+    cc = args.container_concurrency
+    if cc is None:
+        cc = svc_pol.container_concurrency if svc_pol else 0
+    timeout = args.request_timeout or (svc_pol.request_timeout if svc_pol else 300.0)
+    hpa = HPAPolicy(name="HPA (guide: CPU 70%)", container_concurrency=cc,
                     cpu_target=args.hpa_cpu_target / 100.0, min_replicas=1, max_replicas=args.max_scale,
-                    request_timeout=args.request_timeout)
-    kpa_default = KPAPolicy(name="KPA (Knative defaults)", container_concurrency=args.container_concurrency,
-                            max_scale=args.max_scale, request_timeout=args.request_timeout)
+                    request_timeout=timeout)
+    kpa_default = KPAPolicy(name="KPA (Knative defaults)", container_concurrency=cc,
+                            max_scale=args.max_scale, request_timeout=timeout)
     scenarios: list[KPAPolicy | HPAPolicy] = [hpa, kpa_default]
+    if svc_pol is not None:
+        if args.request_timeout:
+            svc_pol.request_timeout = args.request_timeout
+        scenarios.append(svc_pol)
+    for k, text in enumerate(args.candidate, 1):
+        scenarios.append(parse_candidate(text, kpa_default, f"KPA (candidate {k})"))
     grid_rows: list[dict] = []
     rec: KPAPolicy | None = None
     if not args.no_search:
@@ -1389,7 +1538,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         grid.target_fraction = _csv(args.target_grid) or grid.target_fraction
         grid.min_scale = _csv(args.min_scale_grid, int) or grid.min_scale
         grid.scale_down_delay = _csv(args.delay_grid) or grid.scale_down_delay
-        base = KPAPolicy(max_scale=args.max_scale, request_timeout=args.request_timeout)
+        if svc_pol is not None and args.grid_base == "service":
+            base = dataclasses.replace(svc_pol, max_scale=args.max_scale)
+        else:
+            base = KPAPolicy(max_scale=args.max_scale, request_timeout=timeout)
         rec, grid_rows = search(cap, trace, obj, base, grid, seed=args.seed, jobs=args.jobs)
         scenarios.append(rec)
 
@@ -1399,7 +1551,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cap.placeholder:
         lines.append("> **PLACEHOLDER capacity numbers** - " + cap.source)
         lines.append("")
-    lines.append(f"Capacity: `{args.capacity}` ({cap.source[:120]}{'...' if len(cap.source) > 120 else ''})  ")
+    lines.append(f"Capacity: `{args.capacity}`" + ("" if cap.placeholder else f" ({cap.source})") + "  ")
+    if args.service:
+        lines.append(f"Service manifest: {svc_note}  ")
     lines.append(f"Trace: {trace.description}  ")
     lines.append(f"Objective: {obj.describe()}; GPU price ${obj.gpu_hour_price:g}/h; max-scale {args.max_scale}")
     lines.append("")
@@ -1442,7 +1596,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "elapsed_s": time.perf_counter() - t_start,
         }
         with open(args.json_out, "w") as f:
-            json.dump(doc, f, indent=2, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o))
+            json.dump(_nan_to_none(doc), f, indent=2, default=str)
     print(f"\n({time.perf_counter() - t_start:.1f} s)", file=sys.stderr)
     return 0
 

@@ -43,6 +43,16 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "env(**settings): settings of the in-process app, e.g. MAX_IMAGE_BYTES=100")
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """A failing test that used a subprocess server (test_e2e_servers) shows the tail of that server's log."""
+    report = yield
+    server = getattr(item, "funcargs", {}).get("server")
+    if report.failed and hasattr(server, "log"):
+        report.sections.append((f"{server.kind} server log (tail)", server.log()[-5000:]))
+    return report
+
+
 @pytest.fixture
 def app(request: pytest.FixtureRequest, engine: FakeEngine, make_config) -> FastAPI:
     marker = request.node.get_closest_marker("env")

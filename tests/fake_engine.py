@@ -2,7 +2,7 @@
 
 It answers every chat with AutoGLM-shaped text, `<think>…</think><answer>…</answer>`, in small pieces (one "token"
 per piece), honours max_tokens (finish_reason "length") and the context limit (InvalidInput like the real engine),
-records what it was asked, can be told to fail before or during a stream, can hold a stream open (`gate`), and
+records what it was asked, can be told to fail before or during a stream, can stall a stream (`hold_after`), and
 follows the EngineClient contract that closing an unfinished stream aborts the request.
 """
 from __future__ import annotations
@@ -31,7 +31,8 @@ class FakeEngine(EngineClient):
         self.fail_before: EngineError | None = None     # raised at the first chunk (a refusal)
         self.fail_after: tuple[int, EngineError] | None = None   # (pieces sent, error): a failure mid-stream
         self.finish_as: str | None = None               # e.g. "abort": override the last chunk's finish_reason
-        self.gate: asyncio.Event | None = None          # when set, every piece waits for it
+        self.hold_after: int | None = None              # pieces sent before the stream stalls until `release`
+        self.release = asyncio.Event()
         self.loading_started = self.shut_down = False
 
     # --- lifecycle, as LocalEngine
@@ -80,8 +81,8 @@ class FakeEngine(EngineClient):
         finished = False
         try:
             for i, text in enumerate(pieces):
-                if self.gate is not None:
-                    await self.gate.wait()
+                if self.hold_after is not None and i >= self.hold_after:
+                    await self.release.wait()
                 await asyncio.sleep(0)
                 if self.fail_after is not None and i == self.fail_after[0]:
                     finished = True

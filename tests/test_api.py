@@ -11,7 +11,7 @@ import pytest
 from conftest import data_url, image_bytes, image_message, sse_events
 from fake_engine import FakeEngine, answer_for
 
-from function.engine.protocol import (ChatInput, EngineDead, GenerationFailed, InvalidInput, NotReady, Overloaded,
+from function.engine.protocol import (ChatInput, GenerationFailed, InvalidInput, NotReady, Overloaded,
                                       SamplingParams)
 
 MODEL = "autoglm-phone-9b"
@@ -259,6 +259,23 @@ async def test_malformed_json(client):
     assert "JSON" in err["message"]
 
 
+async def test_body_without_content_type_is_read_as_json(client):
+    r = await client.post("/v1/chat/completions", content=json.dumps(chat()).encode())
+    assert r.status_code == 200, r.text
+
+
+async def test_body_of_another_content_type(client):
+    r = await client.post("/v1/chat/completions", content=json.dumps(chat()).encode(),
+                          headers={"content-type": "application/x-www-form-urlencoded"})
+    assert "Content-Type: application/json" in assert_error(r, 400, "invalid_request", None)["message"]
+
+
+async def test_tools_with_tool_choice_none_are_accepted(client):
+    r = await client.post("/v1/chat/completions", json=chat(tool_choice="none",
+                                                            tools=[{"type": "function", "function": {"name": "f"}}]))
+    assert r.status_code == 200, r.text
+
+
 async def test_body_not_an_object(client):
     assert_error(await client.post("/v1/chat/completions", json=[1, 2]), 400, "invalid_request")
 
@@ -290,7 +307,7 @@ async def test_body_not_an_object(client):
     (chat(stream="sometimes"), "stream"),
     (chat(logprobs=True), "logprobs"),
     (chat(response_format={"type": "json_object"}), "response_format"),
-    (chat(tools=[{"type": "function", "function": {"name": "f"}}]), None),
+    (chat(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
     (chat(chat_template_kwargs={"add_generation_prompt": False}), "chat_template_kwargs"),
     (chat(seed=2**64), "seed"),
 ])
@@ -384,6 +401,26 @@ async def test_engine_not_ready_raised_by_generate(client, engine):
     r = await client.post("/v1/chat/completions", json=chat())
     assert_error(r, 503, "not_ready")
     assert r.headers["retry-after"] == "7"
+
+
+async def test_unexpected_error_is_a_500_in_the_openai_shape(app, engine):
+    engine.fail_before = RuntimeError("a bug")      # not an EngineError
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)   # Starlette re-raises for the server log
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        err = assert_error(await c.post("/v1/chat/completions", json=chat()), 500, "internal")
+    assert "a bug" not in err["message"]             # no internals leak to clients
+
+
+async def test_unexpected_error_mid_stream_is_an_error_event(client, engine):
+    engine.fail_after = (1, RuntimeError("a bug"))
+    events = await stream(client)
+    assert events[-2]["error"]["code"] == "internal" and events[-1] == "[DONE]"
+
+
+async def test_ignored_fields_are_logged_at_debug(client, caplog):
+    with caplog.at_level("DEBUG", logger="function.api.protocol"):
+        assert (await client.post("/v1/chat/completions", json=chat(store=True))).status_code == 200
+    assert "['store']" in caplog.text
 
 
 async def test_unknown_route_and_method(client):
@@ -488,7 +525,7 @@ async def until(predicate, timeout: float = 5.0) -> None:
 
 @pytest.mark.parametrize("stream", [False, True])
 async def test_disconnect_before_first_token_aborts(app, engine, stream):
-    engine.gate = asyncio.Event()                     # the engine never produces a token
+    engine.hold_after = 0                             # the engine never produces a token
     disconnect, sent = asyncio.Event(), []
     task = asyncio.create_task(call_asgi(app, chat(stream=stream), disconnect, sent))
     await until(lambda: engine.calls)
@@ -500,13 +537,10 @@ async def test_disconnect_before_first_token_aborts(app, engine, stream):
 
 
 async def test_stream_disconnect_mid_stream_aborts(app, engine):
-    engine.gate = asyncio.Event()
-    engine.gate.set()
-    engine.piece = 1
+    engine.hold_after = 2                             # two pieces, then the stream waits for the next one
     disconnect, sent = asyncio.Event(), []
     task = asyncio.create_task(call_asgi(app, chat(stream=True), disconnect, sent))
-    await until(lambda: sum(m["type"] == "http.response.body" for m in sent) >= 3)
-    engine.gate.clear()                               # the stream is open and waiting for the next piece
+    await until(lambda: sum(m["type"] == "http.response.body" for m in sent) >= 3)   # role chunk + 2 pieces
     disconnect.set()
     await task
     rid = engine.calls[0][0]

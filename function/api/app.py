@@ -7,7 +7,6 @@ No torch, no Knative.
 """
 from __future__ import annotations
 
-import logging
 import time
 from functools import partial
 from typing import Any
@@ -26,8 +25,6 @@ from .errors import ModelNotFound
 from .protocol import ChatCompletionRequest, ChatCompletionResponse, ErrorResponse, ModelCard, ModelList
 from .serving import ChatService
 
-log = logging.getLogger(__name__)
-
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     s: {"model": ErrorResponse} for s in (400, 404, 429, 500, 503)}
@@ -35,7 +32,9 @@ CLIENT_CLOSED = 499   # nginx's status for "client closed the request"; only met
 
 
 def build_app(config: Config, engine: EngineClient, lifespan: Lifespan[FastAPI] | None = None) -> FastAPI:
-    app = FastAPI(title="AutoGLM-Phone-9B", summary="OpenAI-compatible chat completions", lifespan=lifespan)
+    # strict_content_type=False: a body sent without Content-Type is read as JSON (curl -d users); other types 400
+    app = FastAPI(title="AutoGLM-Phone-9B", summary="OpenAI-compatible chat completions", lifespan=lifespan,
+                  strict_content_type=False)
     errors.install(app)
     app.add_exception_handler(Exception, _on_unexpected)
     chat = ChatService(config, engine)
@@ -73,7 +72,8 @@ def build_app(config: Config, engine: EngineClient, lifespan: Lifespan[FastAPI] 
         if ready:
             return JSONResponse({"status": "ok", "model": model_name})
         body = {"status": "loading" if alive else "failed", "model": model_name, "message": message}
-        return JSONResponse(body, status_code=503, headers={"Retry-After": "5"} if alive else None)
+        retry = errors.KINDS["not_ready"].retry_after
+        return JSONResponse(body, status_code=503, headers={"Retry-After": str(retry)} if alive else None)
 
     @app.get("/health/liveness", response_class=PlainTextResponse)
     async def liveness() -> PlainTextResponse:
@@ -100,8 +100,8 @@ async def _until_disconnect(request: Request) -> None:
         pass
 
 
-async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+async def _on_unexpected(_: Request, exc: Exception) -> JSONResponse:
+    """A bug: the client still gets the OpenAI error shape; Starlette then re-raises so the server logs it."""
     return errors.error_response("internal", "internal server error")
 
 

@@ -48,16 +48,17 @@ class ModelNotFound(EngineError):
     kind = "model_not_found"
 
 
+def _body(kind: str, message: str, param: str | None) -> ErrorResponse:
+    return ErrorResponse(error=ErrorInfo(message=message, type=KINDS[kind].type, param=param, code=kind))
+
+
 def error_response(kind: str, message: str, param: str | None = None,
                    retry_after: float | None = None) -> JSONResponse:
     """The JSON response for an error of `kind` (a key of KINDS)."""
     k = KINDS[kind]
-    body = ErrorResponse(error=ErrorInfo(message=message, type=k.type, param=param, code=kind))
-    headers = {}
     wait = retry_after if retry_after is not None else k.retry_after
-    if wait is not None:
-        headers["Retry-After"] = str(max(1, round(wait)))
-    return JSONResponse(body.model_dump(mode="json"), status_code=k.status, headers=headers)
+    headers = {"Retry-After": str(max(1, round(wait)))} if wait is not None else None
+    return JSONResponse(_body(kind, message, param).model_dump(mode="json"), status_code=k.status, headers=headers)
 
 
 def engine_error_response(e: EngineError) -> JSONResponse:
@@ -66,12 +67,12 @@ def engine_error_response(e: EngineError) -> JSONResponse:
 
 def error_json(e: EngineError) -> str:
     """The error as the JSON object sent in a failing SSE stream (the body of `engine_error_response`)."""
-    return ErrorResponse(error=ErrorInfo(message=e.message, type=KINDS[e.kind].type, param=e.param,
-                                         code=e.kind)).model_dump_json()
+    return _body(e.kind, e.message, e.param).model_dump_json()
 
 
-# pydantic adds these to a location to name the union member or function it tried; they are not field names.
-_TYPE_TAG = re.compile(r"^(str|int|float|bool|list|dict|none|function-.*|.*[\[\]<>,\- ].*)$")
+# pydantic puts the union member or function it tried into a location: type names, tags (capitalised, see
+# protocol.ContentPart) and descriptions with brackets. Field names are lowercase identifiers.
+_NOT_A_FIELD = re.compile(r"^(str|int|float|bool|list|dict|none|[A-Z].*|.*[\[\]<>,\- ].*)$")
 
 
 def param_of(loc: Iterable[Any]) -> str | None:
@@ -80,25 +81,30 @@ def param_of(loc: Iterable[Any]) -> str | None:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part != "body" and not _TYPE_TAG.match(str(part)):
+        elif part != "body" and not _NOT_A_FIELD.match(str(part)):
             out += f".{part}" if out else str(part)
     return out or None
 
 
 def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
-    """A one-line message and the param of the first error; JSON syntax errors get their own wording."""
+    """A one-line message and a param. A value that fits no member of a union gets one error per member; the
+    deepest one says the most (a list of parts with a bad part beats "not a string"), so shallower errors whose
+    location is a prefix of another's are dropped."""
     if not errors:
         return "Invalid request", None
-    first = errors[0]
-    if first.get("type") == "json_invalid":
-        detail = (first.get("ctx") or {}).get("error", first.get("msg", ""))
+    if errors[0].get("type") == "json_invalid":
+        detail = (errors[0].get("ctx") or {}).get("error", errors[0].get("msg", ""))
         return f"Invalid JSON in the request body: {detail}", None
-    msgs = []
-    for e in errors:
-        p = param_of(e.get("loc", ()))
-        msg = str(e.get("msg", "invalid value")).removeprefix("Value error, ")
-        msgs.append(f"{p}: {msg}" if p else msg)
-    return "; ".join(msgs), param_of(first.get("loc", ()))
+    if tuple(errors[0].get("loc", ())) == ("body",) and isinstance(errors[0].get("input"), (bytes, bytearray)):
+        return "The request body must be a JSON object (Content-Type: application/json)", None
+    found = [(param_of(e.get("loc", ())), str(e.get("msg", "invalid value")).removeprefix("Value error, "))
+             for e in errors]
+    by_param: dict[str | None, list[str]] = {}
+    for p, m in found:
+        if not any(q and q != p and (p is None or q.startswith((p + ".", p + "["))) for q, _ in found):
+            by_param.setdefault(p, []).append(m)
+    message = "; ".join(f"{p}: {' or '.join(ms)}" if p else " or ".join(ms) for p, ms in by_param.items())
+    return message, next(iter(by_param))
 
 
 async def _on_request_validation(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -7,10 +7,10 @@ no torch: the same models serve HTTP, CloudEvents and tests.
 from __future__ import annotations
 
 import logging
-import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator,
+                      model_validator)
 
 from function.engine.protocol import SamplingParams
 
@@ -23,8 +23,10 @@ def _is_none(v: Any) -> bool:
     return v is None
 
 
-Omitted = Field(default=None, exclude_if=_is_none)
-"""An optional response field left out of the JSON when unset (OpenAI omits them rather than sending null)."""
+def omitted() -> Any:
+    """An optional response field left out of the JSON when None (OpenAI omits such fields rather than sending
+    null)."""
+    return Field(default=None, exclude_if=_is_none)
 
 
 class OpenAIRequestModel(BaseModel):
@@ -58,7 +60,17 @@ class ImagePart(OpenAIRequestModel):
         return {"url": v} if isinstance(v, str) else v   # vLLM also accepts the bare URL string
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+def _part_type(v: Any) -> str | None:
+    t = v.get("type") if isinstance(v, dict) else getattr(v, "type", None)
+    return {"text": "TextPart", "image_url": "ImagePart"}.get(t)
+
+
+# Capitalised tags: error locations then tell field names (lowercase) from the union member tried.
+ContentPart = Annotated[
+    Annotated[TextPart, Tag("TextPart")] | Annotated[ImagePart, Tag("ImagePart")],
+    Discriminator(_part_type, custom_error_type="invalid_content_part",
+                  custom_error_message="content parts must have type 'text' or 'image_url'"),
+]
 
 
 class ChatMessage(OpenAIRequestModel):
@@ -113,8 +125,8 @@ class ChatCompletionRequest(OpenAIRequestModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     logprobs: bool | None = False
-    tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None      # after tool_choice: its validator reads tool_choice
     response_format: dict[str, Any] | None = None
 
     # vLLM extensions
@@ -165,11 +177,12 @@ class ChatCompletionRequest(OpenAIRequestModel):
             raise ValueError(f"{', '.join(bad)} cannot be set through chat_template_kwargs")
         return v
 
-    @model_validator(mode="after")
-    def _no_tools(self):
-        if self.tools and self.tool_choice != "none":
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, v: list[dict[str, Any]] | None, info: ValidationInfo) -> list[dict[str, Any]] | None:
+        if v and info.data.get("tool_choice") != "none":
             raise ValueError("tools are not supported by this server (AutoGLM writes its actions in <answer>)")
-        return self
+        return v
 
     @property
     def return_reasoning_enabled(self) -> bool:
@@ -224,7 +237,7 @@ class Usage(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
-    reasoning_content: str | None = Omitted
+    reasoning_content: str | None = omitted()
 
 
 FinishReason = Literal["stop", "length"]
@@ -241,7 +254,7 @@ class Choice(BaseModel):
 class ChatCompletionResponse(BaseModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
+    created: int
     model: str
     system_fingerprint: str
     choices: list[Choice]
@@ -249,9 +262,9 @@ class ChatCompletionResponse(BaseModel):
 
 
 class Delta(BaseModel):
-    role: Literal["assistant"] | None = Omitted
-    content: str | None = Omitted
-    reasoning_content: str | None = Omitted
+    role: Literal["assistant"] | None = omitted()
+    content: str | None = omitted()
+    reasoning_content: str | None = omitted()
 
 
 class StreamChoice(BaseModel):
@@ -259,7 +272,7 @@ class StreamChoice(BaseModel):
     delta: Delta
     logprobs: None = None
     finish_reason: FinishReason | None = None
-    stop_reason: int | str | None = Omitted
+    stop_reason: int | str | None = omitted()
 
 
 class ChatCompletionChunk(BaseModel):
@@ -269,7 +282,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     system_fingerprint: str
     choices: list[StreamChoice]
-    usage: Usage | None = Omitted
+    usage: Usage | None = omitted()
 
 
 class ModelCard(BaseModel):
@@ -278,7 +291,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "autoglm"
     root: str
-    max_model_len: int | None = Omitted
+    max_model_len: int | None = omitted()
 
 
 class ModelList(BaseModel):

@@ -124,18 +124,17 @@ class ChatService:
         text = "".join(pieces)
         reasoning, content = split_reasoning(text) if request.return_reasoning_enabled else (None, text)
         return ChatCompletionResponse(
-            id=gen.request_id, model=self.model_name, system_fingerprint=self.fingerprint,
+            id=gen.request_id, created=gen.created, model=self.model_name, system_fingerprint=self.fingerprint,
             choices=[Choice(message=AssistantMessage(content=content, reasoning_content=reasoning),
                             finish_reason=finish, stop_reason=chunk.stop_reason)],
             usage=_usage(chunk))
 
     async def _stream(self, gen: _Generation, first: CompletionChunk,
                       request: ChatCompletionRequest) -> AsyncIterator[str]:
-        created = int(time.time())
         parser = ReasoningParser() if request.return_reasoning_enabled else None
 
         def event(choices: list[StreamChoice], usage: Usage | None = None) -> str:
-            chunk = ChatCompletionChunk(id=gen.request_id, created=created, model=self.model_name,
+            chunk = ChatCompletionChunk(id=gen.request_id, created=gen.created, model=self.model_name,
                                         system_fingerprint=self.fingerprint, choices=choices, usage=usage)
             return f"data: {chunk.model_dump_json()}\n\n"
 
@@ -176,6 +175,7 @@ class _Generation:
                  arrival: float):
         self.engine = engine
         self.request_id = request_id
+        self.created = int(time.time())
         self._chunks = engine.generate(request_id, chat, params)
         self._arrival = arrival
         self._last_token_at: float | None = None

@@ -152,9 +152,11 @@ class LocalEngine(EngineClient):
         self.timings["graphs"] = n
         side = 1080 if runner.device.type == "cuda" else 224
         img = Image.new("RGB", (side, side * 20 // 9), (40, 120, 200))
-        chats = [ChatInput(messages=[{"role": "user", "content": [{"type": "text", "text": "warm up"}]}]),
-                 ChatInput(messages=[{"role": "user", "content": [{"type": "image", "image": img},
-                                                                  {"type": "text", "text": "warm up"}]}])]
+        # several text prompts (a batched prefill) and a screenshot (the vision tower)
+        chats = [ChatInput(messages=[{"role": "user", "content": f"warm up {i} " + "tap the button " * 60}])
+                 for i in range(4)]
+        chats.append(ChatInput(messages=[{"role": "user", "content": [{"type": "image", "image": img},
+                                                                      {"type": "text", "text": "warm up"}]}]))
         params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
 
         async def run_all():

@@ -57,6 +57,9 @@ class EngineCore:
         self.fault_hook: Callable[[str], None] | None = None   # tests inject step failures here
         self._busy_s = 0.0
         self._since = time.monotonic()
+        # cumulative step timings (wall, including the per-step device sync), for benchmarks and debugging
+        self.stats = dict(prefills=0, prefill_seqs=0, prefill_tokens=0, prefill_s=0.0, decode_steps=0,
+                          decode_rows=0, decode_s=0.0)
 
     # --- called from other threads
     def submit(self, seq: Sequence) -> None:
@@ -142,12 +145,22 @@ class EngineCore:
 
     # --- one iteration
     def step(self) -> None:
+        st = self.stats
         admitted = self.scheduler.admit()
         if admitted:
+            t = time.perf_counter()
             self._prefill(admitted)
+            st["prefills"] += 1
+            st["prefill_seqs"] += len(admitted)
+            st["prefill_tokens"] += sum(a.seq.prompt.length - a.reuse for a in admitted)
+            st["prefill_s"] += time.perf_counter() - t
         running = [s for s in self.by_id.values() if s.slot >= 0 and s.generated]
         if running:
+            t = time.perf_counter()
             self._decode(running)
+            st["decode_steps"] += 1
+            st["decode_rows"] += len(running)
+            st["decode_s"] += time.perf_counter() - t
 
     def _prefill(self, admitted) -> None:
         items, seqs = [], []

@@ -17,14 +17,16 @@ _GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
 
 def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """query [B,H,q,D]; key/value [B,Hkv,L,D] straight from the slot cache; attention_mask bool [B,1,q,L]."""
+    """query [B,H,q,D]; key/value [B,Hkv,L,D] straight from the slot cache; attention_mask bool [B,1,q,L], or None
+    for a prefill from position 0 where plain causal attention is exact (and lets SDPA pick its flash kernel)."""
+    causal = attention_mask is None and query.shape[2] > 1
     if _GQA:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling,
-                                             enable_gqa=key.shape[1] != query.shape[1])
+                                             is_causal=causal, enable_gqa=key.shape[1] != query.shape[1])
     else:  # torch < 2.5
         rep = query.shape[1] // key.shape[1]
         out = F.scaled_dot_product_attention(query, key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1),
-                                             attn_mask=attention_mask, scale=scaling)
+                                             attn_mask=attention_mask, scale=scaling, is_causal=causal)
     return out.transpose(1, 2).contiguous(), None
 
 

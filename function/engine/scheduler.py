@@ -87,8 +87,8 @@ class Scheduler:
             spans = [(s, e) for s, e, *_ in seq.prompt.images]
             reuse, src = self.best_prefix(keys, spans)
             cost = len(keys) - reuse
-            if out and cost > budget:
-                break
+            if out and (cost > budget or reuse > 0 or out[0].reuse > 0):
+                break   # prefix-reuse prefills run alone (masked attention); fresh ones batch (causal attention)
             self.waiting.popleft()
             self.prefix_query_tokens += len(keys)
             self.prefix_hit_tokens += reuse
