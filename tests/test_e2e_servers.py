@@ -104,6 +104,12 @@ def oai(server: Server):
         yield c
 
 
+def test_script_help():
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "run_autoglm_server.sh"), "--help"], capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 0 and "PORT" in r.stdout and "8000" in r.stdout
+
+
 def test_health_models_and_startup_lines(server: Server):
     r = httpx.get(f"{server.url}/health", timeout=10)
     assert (r.status_code, r.json()) == (200, {"status": "ok", "model": MODEL})

@@ -13,7 +13,8 @@ from fake_engine import FakeEngine
 from func_python.http import ASGIApplication
 
 from function import new
-from function.func import Function
+from function.config import ConfigError
+from function.func import Function, create_app
 
 HELLO = {"model": "autoglm-phone-9b", "messages": [{"role": "user", "content": "hello"}]}
 
@@ -131,6 +132,13 @@ async def test_inside_func_pythons_own_asgi_wrapper(monkeypatch):
     shutting_down.set()
     await asyncio.wait_for(lifespan, 5)                 # shutdown ran stop()
     assert made[0].shut_down
+
+
+def test_uvicorn_factory_fails_fast_on_a_bad_setting(monkeypatch):
+    """Under uvicorn (a developer's terminal) a bad setting stops the start with its message."""
+    monkeypatch.setenv("MAX_NUM_SEQS", "0")
+    with pytest.raises(ConfigError, match="MAX_NUM_SEQS"):
+        create_app()
 
 
 def test_importing_the_function_imports_no_torch():

@@ -1256,3 +1256,46 @@ def test_dockerignore_keeps_the_build_context_small_but_complete():
     copied = {a.split()[0] for i, a in dockerfile() if i == "COPY"} | {"README.md"}
     for path in copied:
         assert path not in ignored and not any(path.endswith(p.lstrip("*")) for p in ignored if p.startswith("*.")), path
+
+
+# =================================================================================================================
+# docs/deploy.md: the long kn command is the same Service
+# =================================================================================================================
+
+def _kn_long_command() -> list[str]:
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", text, re.S) if "--node-selector" in b)
+    return shlex.split(block.replace("\\\n", " "))
+
+
+def test_documented_kn_command_matches_service_yaml():
+    argv = _kn_long_command()
+    assert argv[:4] == ["kn", "service", "create", MODEL["metadata"]["name"]]
+
+    def values(flag: str) -> list[str]:
+        return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
+
+    (c, spec, anns) = (container(MODEL), template(MODEL)["spec"], annotations(MODEL))
+    assert dict(v.split("=", 1) for v in values("--env")) == env_of(c)
+    assert values("--image") == [c["image"]]
+    assert values("--concurrency-limit") == [str(spec["containerConcurrency"])]
+    assert values("--timeout") == [str(spec["timeoutSeconds"])]
+    for flag, key in (("--scale-min", "min-scale"), ("--scale-max", "max-scale"), ("--scale-init", "initial-scale"),
+                      ("--scale-target", "target"), ("--scale-utilization", "target-utilization-percentage"),
+                      ("--scale-window", "window"), ("--scale-metric", "metric")):
+        assert values(flag) == [anns[AUTOSCALING + key]], flag
+    documented = dict(v.split("=", 1) for v in values("--annotation-revision"))
+    for key, value in documented.items():
+        assert anns[key] == value, key
+    covered = set(documented) | {AUTOSCALING + k for k in ("min-scale", "max-scale", "initial-scale", "target",
+                                                           "target-utilization-percentage", "window", "metric",
+                                                           "class")}
+    assert covered >= set(anns), set(anns) - covered
+    limits = dict(kv.split("=", 1) for v in values("--limit") for kv in v.split(","))
+    requests = dict(kv.split("=", 1) for v in values("--request") for kv in v.split(","))
+    assert limits == c["resources"]["limits"] and requests == c["resources"]["requests"]
+    assert values("--node-selector") == ["=".join(*spec["nodeSelector"].items())]
+    assert values("--user") == [str(c["securityContext"]["runAsUser"])]
+    mounts = dict(v.split("=", 1) for v in values("--mount"))
+    assert set(mounts) == {m["mountPath"] for m in c["volumeMounts"]}
+    assert f"pvc:{spec['volumes'][0]['persistentVolumeClaim']['claimName']}" == mounts["/models"]

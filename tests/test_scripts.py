@@ -471,3 +471,35 @@ esac
     assert order.index("func deploy") < order.index("kubectl patch") < order.index("kubectl delete")
     assert f"kubectl delete revision svc-00002 -n {NS} --ignore-not-found" in calls
     assert "http://autoglm-phone-9b.prod.example.com/v1/chat/completions" in proc.stdout
+
+
+@pytest.mark.parametrize("flags_on", [True, False])
+def test_deploy_end_to_end_against_scripted_kubectl(tmp_path, flags_on):
+    """The non-dry path of deploy.sh: prerequisites, feature-flag check, apply of the rendered manifest, wait, URL."""
+    log = tmp_path / "calls.log"
+    applied = tmp_path / "applied.yaml"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "kubectl").write_text(f"""#!/usr/bin/env bash
+echo "kubectl $*" >> {log}
+case "$*" in
+  "version"*|"get crd"*) exit 0 ;;
+  "get nodes -l"*) echo node/gpu-1 ;;
+  *config-features*) printf {"enabled" if flags_on else "disabled"} ;;
+  "apply "*) cp "${{@: -1}}" {applied} ;;
+  *"get ksvc"*"observedGeneration"*) printf '1|1|True|autoglm-phone-9b-00001|autoglm-phone-9b-00001|' ;;
+  *"get ksvc"*"status.url"*) printf http://autoglm-phone-9b.prod.example.com ;;
+  *) exit 0 ;;
+esac
+""")
+    (bin_dir / "kubectl").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    proc = run_script("deploy.sh", "-n", NS, "--image", IMAGE, env=env, check=False)
+    if not flags_on:
+        assert proc.returncode != 0 and "kubernetes.podspec-nodeselector=disabled" in proc.stderr
+        assert not applied.exists()
+        return
+    assert proc.returncode == 0, proc.stderr
+    docs = [d for d in yaml.safe_load_all(applied.read_text()) if d]
+    assert container(docs[0])["image"] == IMAGE and docs[1]["kind"] == "PersistentVolumeClaim"
+    assert "curl -sS \"http://autoglm-phone-9b.prod.example.com/v1/chat/completions\"" in proc.stdout

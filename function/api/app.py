@@ -32,6 +32,7 @@ CLIENT_CLOSED = 499   # nginx's status for "client closed the request"; only met
 
 
 def build_app(config: Config, engine: EngineClient, lifespan: Lifespan[FastAPI] | None = None) -> FastAPI:
+    """The app serving `engine`; `lifespan` only where the server delivers lifespan events (uvicorn)."""
     # strict_content_type=False: a body sent without Content-Type is read as JSON (curl -d users); other types 400
     app = FastAPI(title="AutoGLM-Phone-9B", summary="OpenAI-compatible chat completions", lifespan=lifespan,
                   strict_content_type=False)
