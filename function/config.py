@@ -70,6 +70,8 @@ class Config:
     dtype: str = env("DTYPE", "auto | bfloat16 | float16 | float32. auto: bfloat16 on CUDA, float32 on CPU.",
                      default="auto")
     require_gpu: bool = env("REQUIRE_GPU", "Refuse to serve on CPU (readiness says why).", default=False)
+    gpus_per_pod: int = env("GPUS_PER_POD", "GPUs the model is split over (transformers device map); 1: one card.",
+                            default=1)
 
     # --- engine
     max_model_len: int = env("MAX_MODEL_LEN", "Longest prompt + completion in tokens (0: min(model limit, 16384)).",
@@ -103,6 +105,19 @@ class Config:
                                         "(empty: file:// refused).", default="")
     allow_remote_images: bool = env("ALLOW_REMOTE_IMAGES", "Fetch http(s) image URLs.", default=False)
     remote_image_timeout_s: float = env("REMOTE_IMAGE_TIMEOUT_S", "Timeout for fetching an image URL.", default=10.0)
+
+    # --- voice (speech to text before the model)
+    asr_model_path: str = env("ASR_MODEL_PATH", "Local Whisper-family checkpoint for input_audio parts (empty: audio "
+                              "is refused with a 400).", default="")
+    asr_language: str = env("ASR_LANGUAGE", "Transcription language (empty: detect).", default="")
+    max_audio_bytes: int = env("MAX_AUDIO_BYTES", "Largest encoded audio part accepted.", default=10 * 1024 * 1024)
+    max_audio_seconds: float = env("MAX_AUDIO_SECONDS", "Longest audio part accepted.", default=60.0)
+    return_transcript: bool = env("RETURN_TRANSCRIPT", "Always include transcripts in responses (else only when the "
+                                  "request asks with return_transcript).", default=False)
+
+    # --- request limits
+    max_request_bytes: int = env("MAX_REQUEST_BYTES", "Largest request body accepted (413 above).",
+                                 default=64 * 1024 * 1024)
 
     # --- response cache
     response_cache: str = env("RESPONSE_CACHE", "memory | off. The in-process response cache.", default="memory")
@@ -189,6 +204,12 @@ class Config:
             bad("MODEL_URL", "the cache-front role needs the model service's URL")
         if self.request_timeout_s <= 0:
             bad("REQUEST_TIMEOUT_S", "must be positive")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            bad("LOG_LEVEL", f"{self.log_level!r} is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        if self.gpus_per_pod < 1:
+            bad("GPUS_PER_POD", "must be at least 1")
+        if self.max_request_bytes < 1024:
+            bad("MAX_REQUEST_BYTES", "must be at least 1024")
         if self.max_images_per_request < 0:
             bad("MAX_IMAGES_PER_REQUEST", "must be 0 or more")
 
