@@ -145,6 +145,110 @@ def set_model_info(*, model: str, quantization: str, attn_implementation: str, d
     MODEL_INFO.labels(model, quantization, attn_implementation, device, dtype).set(1)
 
 
+# --- CloudEvents (written by function/events.py)
+EVENTS_RECEIVED = Counter(
+    "autoglm_events_received", "Requests on the CloudEvents routes, by event type.", ["type"], registry=REGISTRY)
+"""`autoglm_events_received_total`: `type` is CE_REQUEST_TYPE, "other" (a CloudEvent of another type) or "invalid"
+(not a decodable CloudEvent), so label values stay bounded whatever producers send."""
+
+EVENTS_REPLIED = Counter(
+    "autoglm_events_replied", "Reply events sent (200), by whether the reply was replayed for a redelivered id.",
+    ["replayed"], registry=REGISTRY)
+"""`autoglm_events_replied_total{replayed="true"}`: redeliveries answered from the recent-ids map (or by joining the
+computation already running for that id) without calling the engine again."""
+
+EVENTS_FAILED = Counter(
+    "autoglm_events_failed", "Events answered with an error event, by reason (the error code).", ["reason"],
+    registry=REGISTRY)
+"""`autoglm_events_failed_total`: reasons such as not_a_cloudevent, invalid_event, unsupported_event_type,
+invalid_request, overloaded, not_ready, unavailable, internal (docs/events.md lists them with their status)."""
+
+
+def observe_event_received(event_type: str) -> None:
+    EVENTS_RECEIVED.labels(event_type).inc()
+
+
+def observe_event_replied(replayed: bool) -> None:
+    EVENTS_REPLIED.labels("true" if replayed else "false").inc()
+
+
+def observe_event_failed(reason: str) -> None:
+    EVENTS_FAILED.labels(reason).inc()
+
+
+# --- response cache (written by function.cache and the cache layer in function.front)
+_HIT_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.25, 1)
+
+CACHE_REQUESTS = Counter(
+    "autoglm_response_cache_requests", "Chat requests by what the response cache did: hit, miss or bypass.",
+    ["result"], registry=REGISTRY)
+"""`autoglm_response_cache_requests_total{result}`: hit (answered from the cache, single-flight followers
+included), miss (looked up, not found, sent to the model), bypass (not looked up: sampled request, Cache-Control:
+no-cache, unparseable body, ...). Hit ratio = hit / (hit + miss)."""
+
+CACHE_COALESCED = Counter(
+    "autoglm_response_cache_coalesced", "Requests that waited for an identical in-flight miss (single flight).",
+    registry=REGISTRY)
+"""`autoglm_response_cache_coalesced_total`: generations saved by single flight (also counted as hits)."""
+
+CACHE_STORE_ERRORS = Counter(
+    "autoglm_response_cache_store_errors", "Failed or timed-out cache store calls, by store and operation.",
+    ["store", "op"], registry=REGISTRY)
+"""`autoglm_response_cache_store_errors_total{store="redis",op="get|set"}`: each one was answered fail-open."""
+
+CACHE_STORE_UP = Gauge(
+    "autoglm_response_cache_store_up", "1 while the store answers, 0 after a failure until it answers again.",
+    ["store"], registry=REGISTRY)
+"""Alert on `autoglm_response_cache_store_up{store="redis"} == 0`: requests still succeed, without the cache."""
+
+CACHE_WRITTEN_BYTES = Counter(
+    "autoglm_response_cache_written_bytes", "Bytes of entries written, by store.", ["store"], registry=REGISTRY)
+"""`autoglm_response_cache_written_bytes_total{store}`: stored answer sizes (Redis memory planning)."""
+
+CACHE_BYTES = Gauge("autoglm_response_cache_bytes", "Bytes held by the in-process response cache.",
+                    registry=REGISTRY)
+"""Bounded by RESPONSE_CACHE_MAX_BYTES."""
+
+CACHE_ENTRIES = Gauge("autoglm_response_cache_entries", "Entries held by the in-process response cache.",
+                      registry=REGISTRY)
+"""Bounded by RESPONSE_CACHE_MAX_ENTRIES."""
+
+CACHE_HIT_LATENCY = Histogram(
+    "autoglm_response_cache_hit_seconds", "Time to answer a cache hit, from request start to its last byte.",
+    ["store"], buckets=_HIT_BUCKETS, registry=REGISTRY)
+"""Server-side hit latency by the store that had the entry (memory, redis, flight: a single-flight follower)."""
+
+
+def observe_cache_result(result: str) -> None:
+    CACHE_REQUESTS.labels(result).inc()
+
+
+def observe_cache_coalesced() -> None:
+    CACHE_COALESCED.inc()
+
+
+def observe_cache_hit(store: str, seconds: float) -> None:
+    CACHE_HIT_LATENCY.labels(store).observe(seconds)
+
+
+def observe_cache_store_error(store: str, op: str) -> None:
+    CACHE_STORE_ERRORS.labels(store, op).inc()
+    CACHE_STORE_UP.labels(store).set(0)
+
+
+def set_cache_store_up(store: str) -> None:
+    CACHE_STORE_UP.labels(store).set(1)
+
+
+def observe_cache_write(store: str, nbytes: int) -> None:
+    CACHE_WRITTEN_BYTES.labels(store).inc(nbytes)
+
+
+def set_cache_size(entries: int, nbytes: int) -> None:
+    CACHE_ENTRIES.set(entries)
+    CACHE_BYTES.set(nbytes)
+
+
 def render() -> tuple[bytes, str]:
     """The exposition text and its content type."""
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

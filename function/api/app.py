@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Lifespan, Message, Receive, Scope, Send
 from function import metrics
 from function.config import Config
 from function.engine.protocol import EngineClient
+from function.events import ROUTES as EVENT_ROUTES, EventService
 
 from . import errors
 from .errors import ModelNotFound
@@ -55,6 +56,10 @@ def build_app(config: Config, engine: EngineClient, lifespan: Lifespan[FastAPI] 
         if isinstance(result, ChatCompletionResponse):
             return JSONResponse(result.model_dump(mode="json"))
         return StreamingResponse(result, media_type="text/event-stream", headers=_SSE_HEADERS)
+
+    events = EventService(config, chat)      # CloudEvents (a Broker's Trigger): docs/events.md
+    for path in EVENT_ROUTES:
+        app.add_api_route(path, events.endpoint, methods=["POST"], include_in_schema=False)
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models() -> ModelList:

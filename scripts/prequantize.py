@@ -1,0 +1,55 @@
+#!/usr/bin/env python3
+"""Write the pre-quantized checkpoint onto the model cache volume, so pods load quantized weights straight to the
+GPU instead of quantizing at every cold start. Run once per checkpoint and setting (the cache-filling Job does).
+
+    MODEL_CACHE_DIR=/models/cache python scripts/prequantize.py --model-path /models/hf/AutoGLM-Phone-9B \
+        --quantization nf4
+
+Idempotent: when the pre-quantized copy for this checkpoint, setting and library versions exists, it only says
+where. Settings not given as options (QUANTIZE_VISION, DTYPE, DEVICE) come from the environment, as in the server.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-path", required=True, help="local checkpoint directory")
+    ap.add_argument("--quantization", default="nf4", choices=["nf4", "int8"], help="bitsandbytes scheme")
+    ap.add_argument("--cache-dir", default=None, help="model cache volume (default: MODEL_CACHE_DIR)")
+    args = ap.parse_args(argv)
+
+    from function.config import Config
+    from function.engine import loader
+
+    env = dict(os.environ, MODEL_PATH=args.model_path, QUANTIZATION=args.quantization, PREQUANTIZED_CACHE="true")
+    if args.cache_dir:
+        env["MODEL_CACHE_DIR"] = args.cache_dir
+    config = Config.from_env(env)
+    model_path = Path(config.model_path)
+    if not (model_path / "config.json").is_file():
+        print(f"error: {model_path} has no config.json", file=sys.stderr)
+        return 2
+    choices = loader.choose(config, model_path)
+    target = loader.prequantized_dir(config, model_path, choices)
+    if (target / "prequantized.json").is_file():
+        print(json.dumps({"status": "exists", "path": str(target)}))
+        return 0
+    t = time.perf_counter()
+    loaded = loader.load(config, on_phase=lambda p: print(f"... {p}", file=sys.stderr))
+    ok = (target / "prequantized.json").is_file()
+    print(json.dumps({"status": "written" if ok else "failed", "path": str(target),
+                      "seconds": round(time.perf_counter() - t, 1), "timings": loaded.choices.timings}))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
