@@ -284,6 +284,7 @@ def engine_section(quant):
         del shot
 
     asyncio.run(run())
+    res["profile"] = {B: profile_decode(e._core.runner, B) for B in (1, 32)}
     res["gpu_mem_peak_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
     res["graphs"] = len(e._core.runner.graphs)
     log(tag, res)
@@ -293,6 +294,37 @@ def engine_section(quant):
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
+
+
+def profile_decode(runner, B):
+    """Where a decode step's time goes: graph replay alone, and the eager step's kernels (count, GPU time, top)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    tokens, positions, deltas = ({i: 100 for i in range(B)}, {i: 300 for i in range(B)}, {i: 0 for i in range(B)})
+    for _ in range(3):
+        runner.decode(tokens, positions, deltas)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(50):
+        runner.decode(tokens, positions, deltas)
+    torch.cuda.synchronize()
+    replay_ms = (time.perf_counter() - t) / 50 * 1000
+    use, runner.use_graphs = runner.use_graphs, False
+    runner.decode(tokens, positions, deltas)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        runner.decode(tokens, positions, deltas)
+        torch.cuda.synchronize()
+    eager_ms = (time.perf_counter() - t) * 1000
+    runner.use_graphs = use
+    kern = [k for k in prof.key_averages() if str(getattr(k, "device_type", "")).endswith("CUDA")]
+    dt = lambda k: getattr(k, "device_time_total", None) or getattr(k, "cuda_time_total", 0)  # noqa: E731
+    total_us = sum(dt(k) for k in kern)
+    top = sorted(kern, key=dt, reverse=True)[:8]
+    return {"graph_step_ms": round(replay_ms, 2), "eager_step_ms_profiled": round(eager_ms, 1),
+            "kernels_per_step": int(sum(k.count for k in kern)), "gpu_kernel_ms": round(total_us / 1000, 2),
+            "top": [(k.key[:70], k.count, round(dt(k) / 1000, 2)) for k in top]}
 
 
 # ------------------------------------------------------------------------------------------------ cold start

@@ -225,8 +225,7 @@ class RedisStore:
             return None
         try:
             # the client's socket timeouts do the work; this outer bound also covers connecting and pool waits
-            async with asyncio.timeout(self.connect_timeout_s + self.timeout_s):
-                result = await fn(self._redis())
+            result = await asyncio.wait_for(fn(self._redis()), self.connect_timeout_s + self.timeout_s)
         except Exception as e:      # noqa: BLE001 - any failure of the cache is a miss, never the user's error
             self._failed(op, e)
             return None
@@ -325,12 +324,17 @@ class ResponseCache:
         self._flights[key] = fut
         return fut
 
-    def land(self, key: str, fut: asyncio.Future[Entry | None], entry: Entry | None) -> None:
-        """End a flight: waiters get `entry`, or None when the answer is not stored (they then ask the model)."""
-        if self._flights.get(key) is fut:
-            del self._flights[key]
+    def settle(self, fut: asyncio.Future[Entry | None], entry: Entry | None) -> None:
+        """Hand the leader's result to the waiters: the entry, or None when it is not stored (they then ask the
+        model themselves)."""
         if not fut.done():
             fut.set_result(entry)
+
+    def land(self, key: str, fut: asyncio.Future[Entry | None]) -> None:
+        """End the flight (after the entry is stored: until then, new arrivals still join the settled flight)."""
+        self.settle(fut, None)
+        if self._flights.get(key) is fut:
+            del self._flights[key]
 
     async def aclose(self) -> None:
         for store in self.stores:

@@ -301,7 +301,7 @@ class EventService:
         return b"".join(chunks)
 
     def _too_large(self, size: int) -> EventError:
-        return EventError("request_too_large", f"the event is over {size} bytes; the limit is "
+        return EventError("request_too_large", f"the event has at least {size} bytes; the limit is "
                           f"{self.max_request_bytes} (MAX_REQUEST_BYTES)")
 
     async def _answer(self, event: CloudEvent) -> tuple[EncodedEvent, bool]:

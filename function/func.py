@@ -7,6 +7,10 @@ func-python calls `start(cfg)` synchronously inside its lifespan startup and lis
 
 `create_app()` is the same composition for uvicorn (`scripts/run_autoglm_server.sh`), where the ASGI lifespan runs
 the engine's start and stop. No routes and no torch here.
+
+ROLE picks what is assembled: `model` (default) is the engine and the API, with the response cache inside the app
+(function.front.install); `cache-front` is the response cache in front of MODEL_URL (function.front.build_front_app):
+no engine, no model, no torch, ready at once.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from function.api.app import build_app
 from function.api.errors import error_response
 from function.config import Config, ConfigError
 from function.engine.client import FAILED_GRACE_S, LocalEngine
+from function.front import build_front_app, install as install_cache
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +39,7 @@ class Function:
         self._engine: LocalEngine | None = None
         self._app: FastAPI | None = None
         self._failure = "not started"       # why there is no engine, while there is none
+        self._front = False                 # ROLE=cache-front: no engine, always ready
         self._failed_at: float | None = None
 
     def start(self, cfg: Mapping[str, str]) -> None:
@@ -48,8 +54,13 @@ class Function:
             log.error(self._failure)
             return
         configure_logging(config)
+        if config.role == "cache-front":
+            self._app, self._front = build_front_app(config), True
+            log.info("cache front: answering hits, forwarding misses to %s", config.model_url)
+            return
         self._engine = self._engine_factory(config)
         self._app = build_app(config, self._engine)
+        install_cache(self._app, config)
         self._engine.start_loading()
         log.info("serving %s; the model loads in the background", config.served_model_name)
 
@@ -69,6 +80,8 @@ class Function:
             self._engine.shutdown()
 
     def alive(self) -> tuple[bool, str]:
+        if self._front:
+            return True, "ready"
         if self._engine is None:
             failed = self._failed_at is not None and time.monotonic() - self._failed_at >= FAILED_GRACE_S
             return not failed, self._failure
@@ -76,6 +89,8 @@ class Function:
         return alive, message
 
     def ready(self) -> tuple[bool, str]:
+        if self._front:
+            return True, "ready"
         if self._engine is None:
             return False, self._failure
         _, ready, message = self._engine.status()
@@ -92,7 +107,10 @@ def create_app() -> FastAPI:
     the engine's start and stop run by the ASGI lifespan. Under uvicorn a bad setting fails the start at once."""
     config = Config.from_env()
     configure_logging(config)
+    if config.role == "cache-front":
+        return build_front_app(config)      # its own lifespan closes the proxy's and Redis' connections
     engine = LocalEngine(config)
+    cache = None
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -102,8 +120,12 @@ def create_app() -> FastAPI:
         finally:
             log.info("shutting down the engine")
             await asyncio.to_thread(engine.shutdown)
+            if cache is not None:
+                await cache.aclose()
 
-    return build_app(config, engine, lifespan=lifespan)
+    app = build_app(config, engine, lifespan=lifespan)
+    cache = install_cache(app, config)
+    return app
 
 
 def configure_logging(config: Config) -> None:

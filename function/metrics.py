@@ -249,6 +249,31 @@ def set_cache_size(entries: int, nbytes: int) -> None:
     CACHE_BYTES.set(nbytes)
 
 
+# --- voice (written by function/asr.py)
+AUDIO_SECONDS = Counter("autoglm_audio_seconds", "Seconds of input_audio transcribed.", registry=REGISTRY)
+"""`autoglm_audio_seconds_total`: audio duration after decoding, one increment per transcribed part."""
+
+ASR_LATENCY = Histogram(
+    "autoglm_asr_latency_seconds", "Time from queueing an audio part for transcription to its transcript.",
+    buckets=_LATENCY_BUCKETS, registry=REGISTRY)
+"""Per part: waiting for the batch in progress plus the batch's own transcription (decoding the file is not in)."""
+
+ASR_BATCH_SIZE = Histogram(
+    "autoglm_asr_batch_size", "Audio parts transcribed in one forward pass.", buckets=(1, 2, 4, 8, 16, 32),
+    registry=REGISTRY)
+"""How well concurrent voice requests share the speech model."""
+
+
+def observe_asr(seconds: float, audio_seconds: float) -> None:
+    """One part transcribed: its latency and its duration."""
+    ASR_LATENCY.observe(seconds)
+    AUDIO_SECONDS.inc(audio_seconds)
+
+
+def observe_asr_batch(size: int) -> None:
+    ASR_BATCH_SIZE.observe(size)
+
+
 def render() -> tuple[bytes, str]:
     """The exposition text and its content type."""
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

@@ -52,6 +52,7 @@ _DIMS = dict(
     init_std=0.02,
     scale_embedding=False,
 )
+_WEIGHT_STD = 0.3
 _BPE_VOCAB = 1000
 _MAX_LENGTH = 32
 
@@ -128,22 +129,22 @@ def _build_into(d: Path, seed: int) -> None:
     eot, sot = ids["<|endoftext|>"], ids["<|startoftranscript|>"]
     space = tokenizer.convert_tokens_to_ids("Ġ")       # Whisper suppresses a leading space (id 220 in the real one)
     vocab_size = len(tokenizer)
-    # Noise made of readable text: BPE pieces that are not whole UTF-8 characters on their own (parts of a CJK
-    # character) are suppressed, as the real checkpoints suppress their list of non-speech symbols.
-    suppress = [i for i in range(eot) if "\ufffd" in tokenizer.decode([i])]
+    # Noise made of readable text: BPE pieces that are not whole printable characters on their own (control bytes,
+    # parts of a CJK character) are suppressed, as the real checkpoints suppress their list of non-speech symbols.
+    suppress = [i for i in range(eot) if not tokenizer.decode([i]).isprintable()]
     config = WhisperConfig(vocab_size=vocab_size, decoder_start_token_id=sot, pad_token_id=eot, bos_token_id=eot,
                            eos_token_id=eot, begin_suppress_tokens=[space, eot], suppress_tokens=suppress,
                            architectures=["WhisperForConditionalGeneration"], **_DIMS)
     with torch.random.fork_rng(devices=[]):  # construction draws from the global RNG; leave callers' state alone
         model = WhisperForConditionalGeneration(config).to(torch.float32).eval()
-    # Redraw every matrix from a private generator in a fixed order (normal(0, init_std), as transformers inits):
-    # the weights depend on `seed` alone. Norms stay 1, biases 0; the sinusoidal encoder positions are kept.
+    # Redraw every matrix from a private generator in a fixed order: the weights depend on `seed` alone. The spread
+    # is wider than transformers' init (0.02) so that the noise depends on the audio; norms stay 1, biases 0 and the
+    # sinusoidal encoder positions are kept.
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):
             if param.dim() >= 2 and "encoder.embed_positions" not in name:
-                param.copy_(torch.empty(param.shape, dtype=torch.float32).normal_(0.0, _DIMS["init_std"],
-                                                                                  generator=gen))
+                param.copy_(torch.empty(param.shape, dtype=torch.float32).normal_(0.0, _WEIGHT_STD, generator=gen))
     from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
     lang_to_id = {f"<|{code}|>": ids[f"<|{code}|>"] for code in LANGUAGES}

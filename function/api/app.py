@@ -17,6 +17,7 @@ from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Lifespan, Message, Receive, Scope, Send
 
 from function import metrics
+from function.asr import SpeechRecognizer
 from function.config import Config
 from function.engine.protocol import EngineClient
 from function.events import ROUTES as EVENT_ROUTES, EventService
@@ -32,14 +33,16 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 CLIENT_CLOSED = 499   # nginx's status for "client closed the request"; only metrics and logs ever see it
 
 
-def build_app(config: Config, engine: EngineClient, lifespan: Lifespan[FastAPI] | None = None) -> FastAPI:
-    """The app serving `engine`; `lifespan` only where the server delivers lifespan events (uvicorn)."""
+def build_app(config: Config, engine: EngineClient, lifespan: Lifespan[FastAPI] | None = None,
+              asr: SpeechRecognizer | None = None) -> FastAPI:
+    """The app serving `engine`; `lifespan` only where the server delivers lifespan events (uvicorn); `asr` the
+    speech-to-text stage for input_audio parts (None: audio is refused)."""
     # strict_content_type=False: a body sent without Content-Type is read as JSON (curl -d users); other types 400
     app = FastAPI(title="AutoGLM-Phone-9B", summary="OpenAI-compatible chat completions", lifespan=lifespan,
                   strict_content_type=False)
     errors.install(app)
     app.add_exception_handler(Exception, _on_unexpected)
-    chat = ChatService(config, engine)
+    chat = ChatService(config, engine, asr)
     model_name = config.served_model_name
     started = int(time.time())
 

@@ -60,16 +60,28 @@ class ImagePart(OpenAIRequestModel):
         return {"url": v} if isinstance(v, str) else v   # vLLM also accepts the bare URL string
 
 
+class InputAudio(OpenAIRequestModel):
+    data: str           # base64; the format and size are checked when it is decoded (function/audio.py)
+    format: str         # OpenAI documents "wav" and "mp3"; what this server decodes: audio.FORMATS
+
+
+class AudioPart(OpenAIRequestModel):
+    """Speech; the speech-to-text stage replaces it with its transcript (function/asr.py, docs/voice.md)."""
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
 def _part_type(v: Any) -> str | None:
     t = v.get("type") if isinstance(v, dict) else getattr(v, "type", None)
-    return {"text": "TextPart", "image_url": "ImagePart"}.get(t)
+    return {"text": "TextPart", "image_url": "ImagePart", "input_audio": "AudioPart"}.get(t)
 
 
 # Capitalised tags: error locations then tell field names (lowercase) from the union member tried.
 ContentPart = Annotated[
-    Annotated[TextPart, Tag("TextPart")] | Annotated[ImagePart, Tag("ImagePart")],
+    Annotated[TextPart, Tag("TextPart")] | Annotated[ImagePart, Tag("ImagePart")]
+    | Annotated[AudioPart, Tag("AudioPart")],
     Discriminator(_part_type, custom_error_type="invalid_content_part",
-                  custom_error_message="content parts must have type 'text' or 'image_url'"),
+                  custom_error_message="content parts must have type 'text', 'image_url' or 'input_audio'"),
 ]
 
 
@@ -85,6 +97,9 @@ class ChatMessage(OpenAIRequestModel):
         if self.role != "user" and isinstance(self.content, list) and \
                 any(isinstance(p, ImagePart) for p in self.content):
             raise ValueError(f"images are only accepted in user messages, not in {self.role} messages")
+        if self.role != "user" and isinstance(self.content, list) and \
+                any(isinstance(p, AudioPart) for p in self.content):
+            raise ValueError(f"audio is only accepted in user messages, not in {self.role} messages")
         return self
 
     def text(self) -> str:
@@ -140,6 +155,9 @@ class ChatCompletionRequest(OpenAIRequestModel):
     # AutoGLM deployment-guide extensions (also accepted inside chat_template_kwargs)
     enable_thinking: bool | None = None
     return_reasoning: bool | None = None
+
+    # voice: include the transcripts of input_audio parts in the response (docs/voice.md)
+    return_transcript: bool | None = None
 
     @field_validator("n")
     @classmethod
@@ -251,6 +269,15 @@ class Choice(BaseModel):
     stop_reason: int | str | None = None   # vLLM: the stop string or token id that ended the completion
 
 
+class AudioTranscript(BaseModel):
+    """What the speech-to-text stage heard in one input_audio part (an extension field, docs/voice.md)."""
+    message_index: int      # messages[message_index].content[content_index] was the audio part
+    content_index: int
+    text: str               # what replaced the part in the prompt
+    language: str | None = omitted()     # ISO 639-1 code, configured (ASR_LANGUAGE) or detected
+    duration: float         # seconds of audio
+
+
 class ChatCompletionResponse(BaseModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
@@ -259,6 +286,7 @@ class ChatCompletionResponse(BaseModel):
     system_fingerprint: str
     choices: list[Choice]
     usage: Usage
+    transcripts: list[AudioTranscript] | None = omitted()   # with return_transcript / RETURN_TRANSCRIPT
 
 
 class Delta(BaseModel):
@@ -283,6 +311,7 @@ class ChatCompletionChunk(BaseModel):
     system_fingerprint: str
     choices: list[StreamChoice]
     usage: Usage | None = omitted()
+    transcripts: list[AudioTranscript] | None = omitted()   # on the first chunk, as in ChatCompletionResponse
 
 
 class ModelCard(BaseModel):

@@ -21,14 +21,16 @@ from typing import AsyncIterator, Awaitable, Callable, TypeVar
 import anyio
 
 from function import metrics
+from function.asr import SpeechRecognizer, transcribe_audio_parts
+from function.audio import AudioLoader
 from function.config import Config
 from function.engine.protocol import (ChatInput, CompletionChunk, EngineClient, EngineDead, EngineError,
                                       GenerationFailed, InvalidInput, NotReady, SamplingParams)
 from function.images import ImageLoader
 
 from .errors import ModelNotFound, error_json
-from .protocol import (AssistantMessage, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, Choice,
-                       Delta, ImagePart, PromptTokensDetails, StreamChoice, Usage)
+from .protocol import (AssistantMessage, AudioTranscript, ChatCompletionChunk, ChatCompletionRequest,
+                       ChatCompletionResponse, Choice, Delta, ImagePart, PromptTokensDetails, StreamChoice, Usage)
 from .reasoning import ReasoningParser, split_reasoning
 
 log = logging.getLogger(__name__)
@@ -48,8 +50,12 @@ def system_fingerprint(config: Config) -> str:
 
 
 class ChatService:
-    def __init__(self, config: Config, engine: EngineClient):
+    def __init__(self, config: Config, engine: EngineClient, asr: SpeechRecognizer | None = None):
+        """`asr`: the speech-to-text stage for input_audio parts (None: audio is refused with a 400)."""
         self.engine = engine
+        self.asr = asr
+        self.audio = AudioLoader(config)
+        self.return_transcript = config.return_transcript
         self.model_name = config.served_model_name
         self.default_max_tokens = config.default_max_tokens or None
         self.max_images = config.max_images_per_request
@@ -65,11 +71,14 @@ class ChatService:
                                 f"`{self.model_name}`.", param="model")
         self._check_ready()
         params = request.to_sampling_params(self.default_max_tokens)
+        request, transcripts = await transcribe_audio_parts(request, self.audio, self.asr)  # audio -> text, in place
+        if not (request.return_transcript or (request.return_transcript is None and self.return_transcript)):
+            transcripts = []
         chat = await self._chat_input(request)
         gen = _Generation(self.engine, f"chatcmpl-{uuid.uuid4().hex}", chat, params, arrival)
         if not request.stream:
             try:
-                return await _unless_disconnected(self._complete(gen, request), disconnected)
+                return await _unless_disconnected(self._complete(gen, request, transcripts), disconnected)
             finally:
                 await gen.close()
         try:
@@ -80,7 +89,7 @@ class ChatService:
         if first is None:
             await gen.close()
             return None
-        return self._stream(gen, first, request)
+        return self._stream(gen, first, request, transcripts)
 
     def _check_ready(self) -> None:
         alive, ready, message = self.engine.status()
@@ -113,7 +122,8 @@ class ChatService:
             messages.append({"role": role, "content": parts})
         return ChatInput(messages=messages, chat_template_kwargs=request.template_kwargs(), image_digests=digests)
 
-    async def _complete(self, gen: _Generation, request: ChatCompletionRequest) -> ChatCompletionResponse:
+    async def _complete(self, gen: _Generation, request: ChatCompletionRequest,
+                        transcripts: list[AudioTranscript]) -> ChatCompletionResponse:
         pieces = []
         while True:
             chunk = await gen.next()
@@ -127,19 +137,21 @@ class ChatService:
             id=gen.request_id, created=gen.created, model=self.model_name, system_fingerprint=self.fingerprint,
             choices=[Choice(message=AssistantMessage(content=content, reasoning_content=reasoning),
                             finish_reason=finish, stop_reason=chunk.stop_reason)],
-            usage=_usage(chunk))
+            usage=_usage(chunk), transcripts=transcripts or None)
 
-    async def _stream(self, gen: _Generation, first: CompletionChunk,
-                      request: ChatCompletionRequest) -> AsyncIterator[str]:
+    async def _stream(self, gen: _Generation, first: CompletionChunk, request: ChatCompletionRequest,
+                      transcripts: list[AudioTranscript]) -> AsyncIterator[str]:
         parser = ReasoningParser() if request.return_reasoning_enabled else None
 
-        def event(choices: list[StreamChoice], usage: Usage | None = None) -> str:
+        def event(choices: list[StreamChoice], usage: Usage | None = None,
+                  transcripts: list[AudioTranscript] | None = None) -> str:
             chunk = ChatCompletionChunk(id=gen.request_id, created=gen.created, model=self.model_name,
-                                        system_fingerprint=self.fingerprint, choices=choices, usage=usage)
+                                        system_fingerprint=self.fingerprint, choices=choices, usage=usage,
+                                        transcripts=transcripts)
             return f"data: {chunk.model_dump_json()}\n\n"
 
         try:
-            yield event([StreamChoice(delta=Delta(role="assistant", content=""))])
+            yield event([StreamChoice(delta=Delta(role="assistant", content=""))], transcripts=transcripts or None)
             chunk = first
             while True:
                 final = chunk.finish_reason is not None

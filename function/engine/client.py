@@ -147,7 +147,7 @@ class LocalEngine(EngineClient):
         n = 0
         if runner.use_graphs:
             # graphs for every batch bucket at the lengths a phone screenshot conversation needs
-            n = runner.capture_all(max_len_bucket=min(8192, runner.len_buckets[-1]))
+            n = runner.capture_all(max_len_bucket=min(4096, runner.len_buckets[-1]))
         self.timings["graph_capture"] = round(time.perf_counter() - t, 3)
         self.timings["graphs"] = n
         side = 1080 if runner.device.type == "cuda" else 224

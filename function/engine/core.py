@@ -179,14 +179,15 @@ class EngineCore:
         try:
             if self.fault_hook:
                 self.fault_hook("prefill")
+            rows = self.runner.stage_rows([s.slot for s in seqs])
             logits = self.runner.prefill(items)
-            toks = self.sampler.sample(logits, [s.slot for s in seqs], [s.row for s in seqs])
+            toks = self.sampler.sample(logits, rows, [s.row for s in seqs])
         except Exception as e:  # noqa: BLE001
             self._step_failed(seqs, e)
             return
         for seq in seqs:
             self.scheduler.prefilled(seq.slot)
-        self._accept(seqs, toks)
+        self._accept(seqs, toks, rows)
 
     def _decode(self, seqs: list[Sequence]) -> None:
         tokens = {s.slot: s.generated[-1] for s in seqs}
@@ -195,22 +196,17 @@ class EngineCore:
         try:
             if self.fault_hook:
                 self.fault_hook("decode")
+            rows = self.runner.stage_rows([s.slot for s in seqs])
             logits = self.runner.decode(tokens, positions, deltas)
-            slots = [s.slot for s in seqs]
-            toks = self.sampler.sample(logits[slots], slots, [s.row for s in seqs])
+            toks = self.sampler.sample(logits.index_select(0, rows), rows, [s.row for s in seqs])
         except Exception as e:  # noqa: BLE001
             self._step_failed(seqs, e)
             return
-        self._accept(seqs, toks)
+        self._accept(seqs, toks, rows)
 
-    def _accept(self, seqs: list[Sequence], toks: torch.Tensor) -> None:
-        slots_t = torch.tensor([s.slot for s in seqs], device=toks.device)
+    def _accept(self, seqs: list[Sequence], toks: torch.Tensor, slots_t: torch.Tensor) -> None:
+        self.sampler.record(slots_t, toks.clamp(min=0))
         host = toks.tolist()   # the one device->host sync of the step
-        good = [i for i, t in enumerate(host) if t >= 0]
-        if len(good) == len(host):
-            self.sampler.record(slots_t, toks)
-        elif good:
-            self.sampler.record(slots_t[good], toks[good])
         for seq, tok in zip(seqs, host):
             if tok < 0:
                 self._fail(seq, GenerationFailed("the model produced non-finite logits for this request"))

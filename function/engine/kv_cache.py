@@ -51,6 +51,7 @@ class SlotKVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.num_slots, self.max_len = num_slots, max_len
         self._mode = "decode"
+        self._fresh = False
         self._rows = torch.arange(num_slots, device=device)
         self._batch = 0
         self._read_len = 0
@@ -66,8 +67,9 @@ class SlotKVCache:
     def set_decode(self, batch: int, read_len: int, positions: torch.Tensor) -> None:
         self._mode, self._batch, self._read_len, self._positions = "decode", batch, read_len, positions
 
-    def set_prefill(self, slot_ids: torch.Tensor, write_pos: torch.Tensor, read_len: int) -> None:
+    def set_prefill(self, slot_ids: torch.Tensor, write_pos: torch.Tensor, read_len: int, fresh: bool) -> None:
         n, q = write_pos.shape
+        self._fresh = fresh
         self._mode, self._read_len = "prefill", read_len
         self._slot_ids = slot_ids
         self._w_slots = slot_ids.view(n, 1).expand(n, q)
@@ -83,6 +85,8 @@ class SlotKVCache:
             return K[:b, :, : self._read_len], V[:b, :, : self._read_len]
         K[self._w_slots, :, self._w_pos] = key_states.transpose(1, 2)
         V[self._w_slots, :, self._w_pos] = value_states.transpose(1, 2)
+        if self._fresh:   # prefill from position 0: the keys are exactly what was just computed
+            return key_states, value_states
         return K[self._slot_ids, :, : self._read_len], V[self._slot_ids, :, : self._read_len]
 
     def copy_prefix(self, src: int, dst: int, length: int) -> None:

@@ -23,6 +23,26 @@ def _buckets(limit: int, base: tuple[int, ...]) -> list[int]:
     return out
 
 
+def _fused_rms_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    # one kernel instead of seven (fp32 statistics as in the original; the weight is applied before the final
+    # rounding to the input dtype, a difference within bf16 rounding)
+    return torch.nn.functional.rms_norm(hidden_states, self.weight.shape, self.weight, self.variance_epsilon)
+
+
+def fuse_rms_norms(module: torch.nn.Module) -> int:
+    """Swap transformers' eager RMSNorm forward (7 kernels) for torch's fused rms_norm in `module`: decode steps
+    are made of hundreds of tiny kernels, and each costs launch time even inside a CUDA graph."""
+    if not hasattr(torch.nn.functional, "rms_norm"):
+        return 0
+    n = 0
+    for m in module.modules():
+        if type(m).__name__.endswith("RMSNorm") and hasattr(m, "variance_epsilon") and \
+                isinstance(getattr(m, "weight", None), torch.nn.Parameter):
+            m.forward = _fused_rms_norm.__get__(m)
+            n += 1
+    return n
+
+
 @dataclass
 class PrefillItem:
     slot: int
@@ -47,6 +67,7 @@ class ModelRunner:
         self.pad_token_id = pad_token_id
         register_attention()
         tcfg._attn_implementation = ATTN_NAME   # the text decoder only; the vision tower keeps its own
+        fuse_rms_norms(self.lm)
         self._cache_kw = "cache" if "cache" in inspect.signature(self.lm.forward).parameters else "past_key_values"
         head_dim = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // tcfg.num_attention_heads
         self.max_len = max_len
@@ -59,9 +80,13 @@ class ModelRunner:
         self.in_ids = torch.zeros(S, 1, dtype=torch.long, device=dev)
         self.in_pos = torch.full((S,), self.scratch_pos, dtype=torch.long, device=dev)
         self.in_delta = torch.zeros(S, dtype=torch.long, device=dev)
+        self._host = torch.zeros(3, S, dtype=torch.long, pin_memory=dev.type == "cuda")
+        self._host_rows = torch.zeros(S, dtype=torch.long, pin_memory=dev.type == "cuda")
+        self.rows = torch.zeros(S, dtype=torch.long, device=dev)
         self.use_graphs = use_graphs and self.device.type == "cuda"
-        self.batch_buckets = _buckets(S, graph_batch_sizes or (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128))
-        self.len_buckets = _buckets(max_len + 1, tuple(2 ** i for i in range(10, 20)))
+        self.batch_buckets = _buckets(S, graph_batch_sizes or (1, 2, 4, 8, 16, 32, 48, 64, 96, 128))
+        # attention reads the cache up to the bucket length: short chats use 1024, a screenshot turn 4096
+        self.len_buckets = _buckets(max_len + 1, (1024, 4096) + tuple(2 ** i for i in range(13, 20)))
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
         self._warmed: set[int] = set()
@@ -96,13 +121,14 @@ class ModelRunner:
         starts = torch.tensor([it.start for it in items], device=dev)
         write_pos = starts.unsqueeze(1) + torch.arange(q, device=dev).unsqueeze(0)       # [n, q]
         read_len = int(max(it.start for it in items)) + q
-        if all(it.start == 0 for it in items):
+        fresh = all(it.start == 0 for it in items)
+        if fresh:
             attn = None   # right padding + causal is exact for every real token: no mask, flash-capable SDPA
         else:
             keys = torch.arange(read_len, device=dev)
             attn = (keys.view(1, 1, read_len) <= write_pos.unsqueeze(-1)).unsqueeze(1)  # [n,1,q,read_len]
         slots = torch.tensor([it.slot for it in items], device=dev)
-        self.cache.set_prefill(slots, write_pos, read_len)
+        self.cache.set_prefill(slots, write_pos, read_len, fresh)
         out = self.lm(inputs_embeds=embeds, position_ids=pos, attention_mask=attn, use_cache=True,
                       **{self._cache_kw: self.cache})
         last = torch.tensor([ql - 1 for ql in qlens], device=dev)
@@ -129,16 +155,23 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, tokens: dict[int, int], positions: dict[int, int], deltas: dict[int, int]) -> torch.Tensor:
         """One step for the slots in `tokens` (slot -> last token), each writing at `positions[slot]`.
-        Returns logits [B, V] for rows 0..B-1 (= slots); rows of idle slots are garbage."""
+        Returns logits [B, V] for rows 0..B-1 (= slots); rows of idle slots are garbage.
+
+        All host->device copies go through pinned buffers before the graph launch: a copy from pageable memory
+        would wait for the GPU and put a bubble between steps."""
         B, Ln = self.bucket(max(tokens), max(positions.values()))
-        ids = torch.zeros(B, dtype=torch.long)
-        pos = torch.full((B,), self.scratch_pos, dtype=torch.long)
-        dl = torch.zeros(B, dtype=torch.long)
-        for s, t in tokens.items():
-            ids[s], pos[s], dl[s] = t, positions[s], deltas[s]
-        self.in_ids[:B, 0].copy_(ids, non_blocking=True)
-        self.in_pos[:B].copy_(pos, non_blocking=True)
-        self.in_delta[:B].copy_(dl, non_blocking=True)
+        h = self._host[:, :B]
+        h[0].zero_()
+        h[1].fill_(self.scratch_pos)
+        h[2].zero_()
+        slots = list(tokens)
+        idx = torch.tensor(slots)
+        h[0, idx] = torch.tensor([tokens[s] for s in slots])
+        h[1, idx] = torch.tensor([positions[s] for s in slots])
+        h[2, idx] = torch.tensor([deltas[s] for s in slots])
+        self.in_ids[:B, 0].copy_(h[0], non_blocking=True)
+        self.in_pos[:B].copy_(h[1], non_blocking=True)
+        self.in_delta[:B].copy_(h[2], non_blocking=True)
         if not self.use_graphs:
             return self._decode_forward(B, Ln)
         g = self.graphs.get((B, Ln))
@@ -189,6 +222,13 @@ class ModelRunner:
                     n += 1
         torch.cuda.synchronize()
         return n
+
+    def stage_rows(self, slots: list[int]) -> torch.Tensor:
+        """The slots of a step as a device index tensor, copied without a sync (see decode)."""
+        n = len(slots)
+        self._host_rows[:n] = torch.tensor(slots)
+        self.rows[:n].copy_(self._host_rows[:n], non_blocking=True)
+        return self.rows[:n]
 
     def copy_prefix(self, src: int, dst: int, length: int) -> None:
         self.cache.copy_prefix(src, dst, length)
