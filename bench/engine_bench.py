@@ -284,7 +284,7 @@ def engine_section(quant):
         del shot
 
     asyncio.run(run())
-    res["profile"] = {B: profile_decode(e._core.runner, B) for B in (1, 32)}
+    res["profile"] = {B: profile_decode(e._core.runner, B, e._core.sampler) for B in (1, 32)}
     res["gpu_mem_peak_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
     res["graphs"] = len(e._core.runner.graphs)
     log(tag, res)
@@ -296,11 +296,30 @@ def engine_section(quant):
     torch.cuda.reset_peak_memory_stats()
 
 
-def profile_decode(runner, B):
-    """Where a decode step's time goes: graph replay alone, and the eager step's kernels (count, GPU time, top)."""
+def profile_decode(runner, B, sampler):
+    """Where a decode step's time goes: graph replay alone, the whole step as the engine runs it (staging, graph,
+    greedy sampling, the host sync), and the eager step's kernels (count, GPU time, top)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
+    from function.engine.protocol import SamplingParams
+    from function.engine.sampling import RowState
     tokens, positions, deltas = ({i: 100 for i in range(B)}, {i: 300 for i in range(B)}, {i: 0 for i in range(B)})
+    rows_state = [RowState(SamplingParams(temperature=0.0))] * B
+
+    def full_step():
+        rows = runner.stage_rows(list(range(B)))
+        logits = runner.decode(tokens, positions, deltas)
+        return sampler.sample(logits.index_select(0, rows), rows, rows_state).tolist()
+    for _ in range(3):
+        full_step()
+    t = time.perf_counter()
+    for _ in range(50):
+        full_step()
+    full_ms = (time.perf_counter() - t) / 50 * 1000
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof_full:
+        for _ in range(3):
+            full_step()
+    cpu_top = sorted(prof_full.key_averages(), key=lambda k: k.cpu_time_total, reverse=True)[:10]
     for _ in range(3):
         runner.decode(tokens, positions, deltas)
     torch.cuda.synchronize()
@@ -322,7 +341,9 @@ def profile_decode(runner, B):
     dt = lambda k: getattr(k, "device_time_total", None) or getattr(k, "cuda_time_total", 0)  # noqa: E731
     total_us = sum(dt(k) for k in kern)
     top = sorted(kern, key=dt, reverse=True)[:8]
-    return {"graph_step_ms": round(replay_ms, 2), "eager_step_ms_profiled": round(eager_ms, 1),
+    return {"graph_step_ms": round(replay_ms, 2), "full_step_ms": round(full_ms, 2),
+            "full_step_cpu_top": [(k.key[:50], k.count, round(k.cpu_time_total / 1000, 2)) for k in cpu_top],
+            "eager_step_ms_profiled": round(eager_ms, 1),
             "kernels_per_step": int(sum(k.count for k in kern)), "gpu_kernel_ms": round(total_us / 1000, 2),
             "top": [(k.key[:70], k.count, round(dt(k) / 1000, 2)) for k in top]}
 

@@ -67,6 +67,7 @@ class SpeechRecognizer:
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._pending = 0
         self._lock = threading.Lock()
+        self.processor = self.model = None      # set by the loading thread
         self.device: str | None = None
         self.language: str | None = None        # the configured language code, or None: detect
         self.timings: dict[str, float] = {}

@@ -127,19 +127,26 @@ class AudioLoader:
             raise InvalidInput(f"audio data is not a {_names()} file, or it is corrupt", param=param) from None
         with f:
             if f.format not in accepted:
-                raise InvalidInput(f"audio data is a {f.format} file; accepted: {_names()}", param=param)
+                raise InvalidInput(f"audio data is {f.format} audio; accepted: {_names()}", param=param)
             limit = self._check_header(f.frames, f.samplerate, f.channels, param)
-            try:
-                block = f.read(frames=limit + 1, dtype="float32", always_2d=True)
+            mono, n = [], 0
+            try:    # in blocks, downmixed as they come: memory stays at the mono signal's size
+                while n <= limit:
+                    block = f.read(frames=min(1 << 16, limit + 1 - n), dtype="float32", always_2d=True)
+                    if not len(block):
+                        break
+                    mono.append(_mono(block))
+                    n += len(block)
             except Exception:
                 raise InvalidInput("audio data is corrupt", param=param) from None
             declared, rate, container = f.frames, f.samplerate, f.format
-        if len(block) > limit:
-            raise self._too_long(len(block) / rate, param)
+        samples = np.concatenate(mono) if mono else np.zeros(0, np.float32)
+        if len(samples) > limit:
+            raise self._too_long(len(samples) / rate, param)
         # libsndfile shortens a WAV's length to the bytes present, and decodes what it can of a cut-off MP3
-        if len(block) < declared or (container in ("WAV", "WAVEX") and _riff_truncated(raw)):
+        if len(samples) < declared or (container in ("WAV", "WAVEX") and _riff_truncated(raw)):
             raise InvalidInput("audio data is truncated", param=param)
-        return _mono(block), rate
+        return samples, rate
 
     def _decode_wave(self, raw: bytes, param: str) -> tuple[np.ndarray, int]:
         try:
@@ -148,6 +155,9 @@ class AudioLoader:
             raise InvalidInput("audio data is not a PCM WAV file, or it is corrupt", param=param) from None
         with w:
             rate, channels, width, frames = w.getframerate(), w.getnchannels(), w.getsampwidth(), w.getnframes()
+            data = _riff_data(raw)
+            if data is not None and data[0] is None:        # streamed: the frames present, not the placeholder
+                frames = data[1] // (channels * width)
             limit = self._check_header(frames, rate, channels, param)
             pcm = w.readframes(min(frames, limit + 1))
         if len(pcm) < frames * channels * width or _riff_truncated(raw):
@@ -159,18 +169,26 @@ def _names() -> str:
     return ", ".join(f.upper() if f != "ogg" else "Ogg" for f in FORMATS)
 
 
-def _riff_truncated(raw: bytes) -> bool:
-    """Whether a RIFF/WAVE file's data chunk declares more bytes than the file has (0 and 0xFFFFFFFF: a stream
-    of unknown length, as some recorders write)."""
+def _riff_data(raw: bytes) -> tuple[int | None, int] | None:
+    """(declared, present) bytes of a RIFF/WAVE file's data chunk; declared is None for a stream of unknown length
+    (writers to a pipe leave 0xFFFFFFFF or a ~2 GiB placeholder such as espeak-ng's and sox's 0x7FFFF000).
+    None: not a RIFF/WAVE file with a data chunk."""
     if raw[:4] != b"RIFF" or raw[8:12] != b"WAVE":
-        return False
+        return None
     pos = 12
     while pos + 8 <= len(raw):
         size = int.from_bytes(raw[pos + 4:pos + 8], "little")
         if raw[pos:pos + 4] == b"data":
-            return size not in (0, 0xFFFFFFFF) and pos + 8 + size > len(raw)
+            present = len(raw) - pos - 8
+            return (None if size >= 0x7FFF0000 else size), present
         pos += 8 + size + (size & 1)
-    return False
+    return None
+
+
+def _riff_truncated(raw: bytes) -> bool:
+    """Whether a RIFF/WAVE file's data chunk declares more bytes than the file has."""
+    data = _riff_data(raw)
+    return data is not None and data[0] is not None and data[0] > data[1]
 
 
 def _pcm_to_float(pcm: bytes, width: int) -> np.ndarray:

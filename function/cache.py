@@ -66,7 +66,10 @@ def canonical_request(request: ChatCompletionRequest, model: str, image_digests:
             continue
         for part, parsed_part in zip(message["content"], parsed.content):
             if isinstance(parsed_part, ImagePart):
-                part["image_url"] = {**part["image_url"], "url": "sha256:" + next(digests)}
+                digest = next(digests, None)
+                if digest is None:
+                    raise ValueError("fewer image digests than images")
+                part["image_url"] = {**part["image_url"], "url": "sha256:" + digest}
     if next(digests, None) is not None:
         raise ValueError("more image digests than images")
     return {"model": model, "request": body}

@@ -88,24 +88,23 @@ class CacheLayer:
             metrics.observe_cache_result("bypass")
             await self._forward(scope, replay, send, b"bypass", None)
             return
+        lead = plan.read and plan.write
         if plan.read:
             found = await self.cache.get(plan.key)
-            while found is None:
-                flight = self.cache.join(plan.key)
-                if flight is None:
-                    break
+            flight = self.cache.join(plan.key) if found is None else None
+            if flight is not None:
                 entry = await self._wait(flight, receive)
                 if entry is _GONE:
                     return
-                if entry is None:         # the leader's answer was not stored: ask the model ourselves
-                    break
-                metrics.observe_cache_coalesced()
-                found = entry, "flight"
+                if entry is not None:
+                    metrics.observe_cache_coalesced()
+                    found = entry, "flight"
+                lead = False              # the leader's answer was not stored: ask the model, without a flight
             if found is not None:
                 await self._hit(send, plan.request, *found, started)
                 return
         metrics.observe_cache_result("miss" if plan.read else "bypass")
-        await self._miss(scope, replay, send, plan)
+        await self._miss(scope, replay, send, plan, lead)
 
     # --- deciding
     async def _plan(self, scope: Scope, body: bytes) -> _Plan | None:
@@ -179,14 +178,14 @@ class CacheLayer:
         metrics.observe_cache_result("hit")
         metrics.observe_cache_hit(store, time.perf_counter() - started)
 
-    async def _miss(self, scope: Scope, replay: _Replay, send: Send, plan: _Plan) -> None:
+    async def _miss(self, scope: Scope, replay: _Replay, send: Send, plan: _Plan, lead: bool) -> None:
         capture = None
         if plan.write:
             capture = _Capture(bool(plan.request.stream), strip_usage=bool(plan.request.stream)
                                and not plan.request.include_usage)
             if capture.strip_usage:
                 scope = replay.rewrite(scope, _with_usage)
-        flight = self.cache.lead(plan.key) if plan.read and plan.write else None
+        flight = self.cache.lead(plan.key) if lead else None
         entry = None
         try:
             entry = await self._forward(scope, replay, send, b"miss" if plan.read else b"bypass", capture)

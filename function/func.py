@@ -25,6 +25,7 @@ from starlette.types import Receive, Scope, Send
 
 from function.api.app import build_app
 from function.api.errors import error_response
+from function.asr import SpeechRecognizer
 from function.config import Config, ConfigError
 from function.engine.client import FAILED_GRACE_S, LocalEngine
 from function.front import build_front_app, install as install_cache
@@ -33,9 +34,13 @@ log = logging.getLogger(__name__)
 
 
 class Function:
-    def __init__(self, engine_factory: Callable[[Config], LocalEngine] = LocalEngine):
-        """`engine_factory` builds the engine from the config (tests pass a fake with the same lifecycle)."""
+    def __init__(self, engine_factory: Callable[[Config], LocalEngine] = LocalEngine,
+                 asr_factory: Callable[[Config], SpeechRecognizer] = SpeechRecognizer):
+        """`engine_factory` builds the engine from the config (tests pass a fake with the same lifecycle);
+        `asr_factory` the speech-to-text stage, built only where ASR_MODEL_PATH is set."""
         self._engine_factory = engine_factory
+        self._asr_factory = asr_factory
+        self._asr: SpeechRecognizer | None = None
         self._engine: LocalEngine | None = None
         self._app: FastAPI | None = None
         self._failure = "not started"       # why there is no engine, while there is none
@@ -59,9 +64,12 @@ class Function:
             log.info("cache front: answering hits, forwarding misses to %s", config.model_url)
             return
         self._engine = self._engine_factory(config)
-        self._app = build_app(config, self._engine)
+        self._asr = self._asr_factory(config) if config.asr_model_path else None
+        self._app = build_app(config, self._engine, asr=self._asr)
         install_cache(self._app, config)
         self._engine.start_loading()
+        if self._asr is not None:
+            self._asr.start_loading()           # the speech model loads beside the engine, ready() waits for both
         log.info("serving %s; the model loads in the background", config.served_model_name)
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -78,6 +86,8 @@ class Function:
         if self._engine is not None:
             log.info("shutting down the engine")
             self._engine.shutdown()
+        if self._asr is not None:
+            self._asr.shutdown()
 
     def alive(self) -> tuple[bool, str]:
         if self._front:
@@ -85,7 +95,7 @@ class Function:
         if self._engine is None:
             failed = self._failed_at is not None and time.monotonic() - self._failed_at >= FAILED_GRACE_S
             return not failed, self._failure
-        alive, _, message = self._engine.status()
+        alive, _, message = _status(self._engine, self._asr)
         return alive, message
 
     def ready(self) -> tuple[bool, str]:
@@ -93,8 +103,18 @@ class Function:
             return True, "ready"
         if self._engine is None:
             return False, self._failure
-        _, ready, message = self._engine.status()
+        _, ready, message = _status(self._engine, self._asr)
         return ready, message
+
+
+def _status(engine: LocalEngine, asr: SpeechRecognizer | None) -> tuple[bool, bool, str]:
+    """The engine's (alive, ready, message), and the speech model's where that one is what holds readiness back."""
+    alive, ready, message = engine.status()
+    if asr is not None:
+        asr_alive, asr_ready, asr_message = asr.status()
+        if not asr_alive or (ready and not asr_ready):
+            return alive and asr_alive, False, asr_message
+    return alive, ready, message
 
 
 def new() -> Function:
@@ -110,20 +130,25 @@ def create_app() -> FastAPI:
     if config.role == "cache-front":
         return build_front_app(config)      # its own lifespan closes the proxy's and Redis' connections
     engine = LocalEngine(config)
+    asr = SpeechRecognizer(config) if config.asr_model_path else None
     cache = None
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         engine.start_loading()
+        if asr is not None:
+            asr.start_loading()
         try:
             yield
         finally:
             log.info("shutting down the engine")
+            if asr is not None:
+                asr.shutdown()
             await asyncio.to_thread(engine.shutdown)
             if cache is not None:
                 await cache.aclose()
 
-    app = build_app(config, engine, lifespan=lifespan)
+    app = build_app(config, engine, lifespan=lifespan, asr=asr)
     cache = install_cache(app, config)
     return app
 

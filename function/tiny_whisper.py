@@ -16,7 +16,8 @@ tokens `<|0.00|>` .. `<|30.00|>` (added, not special). The tokenizer and `genera
 language id is `<|startoftranscript|>` + 1 + its index, timestamps start right after `<|notimestamps|>`.
 
 `max_length` is 32 (the real checkpoints say 448): random weights rarely emit `<|endoftext|>`, and a test should not
-decode 448 tokens of noise. Outputs are noise, but a pure function of the audio and the seed.
+decode 448 tokens of noise. Outputs are noise, but a pure function of the audio and the seed; the weights are drawn so
+that the noise is readable text that changes with the audio (see `_build_into`).
 
 Imports of torch / transformers / tokenizers happen inside the functions: importing this module is cheap.
 """
@@ -131,7 +132,7 @@ def _build_into(d: Path, seed: int) -> None:
     vocab_size = len(tokenizer)
     # Noise made of readable text: BPE pieces that are not whole printable characters on their own (control bytes,
     # parts of a CJK character) are suppressed, as the real checkpoints suppress their list of non-speech symbols.
-    suppress = [i for i in range(eot) if not tokenizer.decode([i]).isprintable()]
+    suppress = [i for i in range(eot) if "\ufffd" in (t := tokenizer.decode([i])) or not t.isprintable()]
     config = WhisperConfig(vocab_size=vocab_size, decoder_start_token_id=sot, pad_token_id=eot, bos_token_id=eot,
                            eos_token_id=eot, begin_suppress_tokens=[space, eot], suppress_tokens=suppress,
                            architectures=["WhisperForConditionalGeneration"], **_DIMS)
@@ -145,6 +146,9 @@ def _build_into(d: Path, seed: int) -> None:
         for name, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):
             if param.dim() >= 2 and "encoder.embed_positions" not in name:
                 param.copy_(torch.empty(param.shape, dtype=torch.float32).normal_(0.0, _WEIGHT_STD, generator=gen))
+        # 1501 timestamp tokens would outnumber the text ones: zero their (tied) embeddings, so their logits stay
+        # near 0 and the noise is mostly text (decode() drops timestamps); generate() still handles them
+        model.model.decoder.embed_tokens.weight[ids["<|notimestamps|>"] + 1:] = 0.0
     from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
     lang_to_id = {f"<|{code}|>": ids[f"<|{code}|>"] for code in LANGUAGES}

@@ -247,6 +247,14 @@ def test_runner_matches_transformers_forward(model_cache_dir, engine):
         for i, p in enumerate(prompts):
             torch.testing.assert_close(out[i], reference(p, gen[i]), atol=1e-4, rtol=1e-4)
             gen[i].append(int(out[i].argmax()))
+    # the graphed prefill's path (static buffers, padded rows and lengths, padding written to scratch) on CPU
+    runner.static_prefill = True
+    try:
+        again = runner.prefill(items[::-1])
+    finally:
+        runner.static_prefill = False
+    torch.testing.assert_close(again[0], reference(prompts[1]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(again[1], reference(prompts[0]), atol=1e-4, rtol=1e-4)
     # prefix reuse: slot 2 takes slot 0's first tokens and prefills only the rest
     p0 = prompts[0]
     runner.copy_prefix(0, 2, p0.length - 3)

@@ -1,8 +1,8 @@
 """Chat completions: request -> ChatInput + SamplingParams -> engine -> one JSON response or an SSE stream.
 
 Sees only the `EngineClient` interface, so it runs against the real engine, a fake one in tests, or a wrapper. The
-response cache plugs in as such a wrapper: an `EngineClient` around the engine, keyed by the `ChatInput` (images by
-their digests) and the `SamplingParams`, replaying a hit as chunks so streamed and non-streamed requests share it.
+response cache is not here: it is HTTP middleware in front of this route (function/front.py, docs/cache.md), the
+same code in the model pod and in the cache-front service.
 
 Lifetime of an engine request: it is aborted whenever this layer stops reading it before its last chunk - client
 disconnect (non-stream: a watcher on the ASGI receive channel; stream: the response closes the generator), a failed

@@ -67,12 +67,15 @@ class SlotKVCache:
     def set_decode(self, batch: int, read_len: int, positions: torch.Tensor) -> None:
         self._mode, self._batch, self._read_len, self._positions = "decode", batch, read_len, positions
 
-    def set_prefill(self, slot_ids: torch.Tensor, write_pos: torch.Tensor, read_len: int, fresh: bool) -> None:
+    def set_prefill(self, slot_ids: torch.Tensor | None, write_pos: torch.Tensor, read_len: int, fresh: bool,
+                    write_slots: torch.Tensor | None = None) -> None:
+        """Rows write `write_pos[r]` positions of slot `slot_ids[r]` (or per token, `write_slots`); a fresh
+        prefill (from position 0) attends to its own keys, else rows read their slots up to `read_len`."""
         n, q = write_pos.shape
         self._fresh = fresh
         self._mode, self._read_len = "prefill", read_len
         self._slot_ids = slot_ids
-        self._w_slots = slot_ids.view(n, 1).expand(n, q)
+        self._w_slots = write_slots if write_slots is not None else slot_ids.view(n, 1).expand(n, q)
         self._w_pos = write_pos
 
     # the transformers Cache hook; the second signature form covers transformers versions that pass cache_kwargs

@@ -43,6 +43,11 @@ def fuse_rms_norms(module: torch.nn.Module) -> int:
     return n
 
 
+PREFILL_GRAPH_ROWS = (1, 2, 4, 8)
+PREFILL_GRAPH_LENGTHS = (64, 128, 256, 512, 1024, 2048)
+PREFILL_GRAPH_TOKENS = 2048   # larger prefills are compute-bound: eager costs little more than a graph there
+
+
 @dataclass
 class PrefillItem:
     slot: int
@@ -89,13 +94,18 @@ class ModelRunner:
         self.len_buckets = _buckets(max_len + 1, (1024, 4096) + tuple(2 ** i for i in range(13, 20)))
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
+        self._pf = None
+        self.static_prefill = False   # tests: run the graphed prefill's static-buffer path eagerly
         self._warmed: set[int] = set()
         self.capture_seconds = 0.0
 
     # ------------------------------------------------------------------ prefill
     @torch.inference_mode()
     def prefill(self, items: list[PrefillItem]) -> torch.Tensor:
-        """Fill the slots of `items` and return the last-position logits [n, V]."""
+        """Fill the slots of `items` and return the last-position logits [n, V].
+
+        Prefills from position 0 of up to PREFILL_GRAPH_TOKENS tokens replay a CUDA graph captured per (rows, length)
+        bucket: there, the eager forward is bound by the CPU launching ~1600 kernels, not by the GPU."""
         dev = self.device
         n = len(items)
         qlens = [len(it.token_ids) - it.start for it in items]
@@ -109,19 +119,23 @@ class ModelRunner:
             pos[:, i, : L - it.start] = p
             if L - it.start < q:  # padding continues the positions; its outputs are discarded
                 pos[:, i, L - it.start:] = p[:, -1:] + torch.arange(1, q - (L - it.start) + 1)
-        ids, pos = ids.to(dev), pos.to(dev)
-        embeds = self.lm.embed_tokens(ids)
+        ids_d = ids.to(dev)
+        embeds = self.lm.embed_tokens(ids_d)
         pixels = [img[2] for it in items for img in it.images]
         if pixels:
             grids = torch.stack([img[3] for it in items for img in it.images]).to(dev)
             feats = self.model.model.get_image_features(torch.cat(pixels).to(dev), grids, return_dict=True)
             feats = torch.cat(feats.pooler_output, dim=0).to(embeds.dtype)
-            mask = (ids == self.image_token_id).unsqueeze(-1)
+            mask = (ids_d == self.image_token_id).unsqueeze(-1)
             embeds = embeds.masked_scatter(mask, feats)
+        fresh = all(it.start == 0 for it in items)
+        bucket = self._prefill_bucket(n, q) if (fresh and (self.use_graphs or self.static_prefill)) else None
+        if bucket is not None:
+            return self._prefill_graphed(bucket, items, qlens, embeds, pos)
+        pos = pos.to(dev)
         starts = torch.tensor([it.start for it in items], device=dev)
         write_pos = starts.unsqueeze(1) + torch.arange(q, device=dev).unsqueeze(0)       # [n, q]
         read_len = int(max(it.start for it in items)) + q
-        fresh = all(it.start == 0 for it in items)
         if fresh:
             attn = None   # right padding + causal is exact for every real token: no mask, flash-capable SDPA
         else:
@@ -134,6 +148,62 @@ class ModelRunner:
         last = torch.tensor([ql - 1 for ql in qlens], device=dev)
         h = out.last_hidden_state[torch.arange(n, device=dev), last]
         return self.lm_head(h)
+
+    # --- graphed prefill (from position 0, small batches): static inputs, one graph per (rows, length) bucket
+    def _prefill_bucket(self, n: int, q: int) -> tuple[int, int] | None:
+        nb = next((b for b in PREFILL_GRAPH_ROWS if b >= n), None)
+        qb = next((b for b in PREFILL_GRAPH_LENGTHS if b >= q), None)
+        if nb is None or qb is None or nb * qb > PREFILL_GRAPH_TOKENS:
+            return None
+        return nb, qb
+
+    def _prefill_static(self):
+        if self._pf is None:
+            T, dev = PREFILL_GRAPH_TOKENS, self.device
+            self._pf = {"embeds": torch.zeros(T, self.lm.config.hidden_size, dtype=self.dtype, device=dev),
+                        "pos": torch.zeros(3, T, dtype=torch.long, device=dev),
+                        "wslot": torch.zeros(T, dtype=torch.long, device=dev),
+                        "wpos": torch.full((T,), self.scratch_pos, dtype=torch.long, device=dev),
+                        "last": torch.zeros(max(PREFILL_GRAPH_ROWS), dtype=torch.long, device=dev)}
+        return self._pf
+
+    def _prefill_forward(self, nb: int, qb: int) -> torch.Tensor:
+        pf = self._prefill_static()
+        T = nb * qb
+        self.cache.set_prefill(None, pf["wpos"][:T].view(nb, qb), qb, True, write_slots=pf["wslot"][:T].view(nb, qb))
+        out = self.lm(inputs_embeds=pf["embeds"][:T].view(nb, qb, -1), position_ids=pf["pos"][:, :T].view(3, nb, qb),
+                      attention_mask=None, use_cache=True, **{self._cache_kw: self.cache})
+        h = out.last_hidden_state[torch.arange(nb, device=self.device), pf["last"][:nb]]
+        return self.lm_head(h)
+
+    def _prefill_graphed(self, bucket, items, qlens, embeds, pos) -> torch.Tensor:
+        nb, qb = bucket
+        n, q = embeds.shape[0], embeds.shape[1]
+        pf = self._prefill_static()
+        T = nb * qb
+        e = pf["embeds"][:T].view(nb, qb, -1)
+        e[:n, :q].copy_(embeds)
+        hp = torch.zeros(3, nb, qb, dtype=torch.long)
+        hp[:, :n, :q] = pos
+        ws = torch.zeros(nb, qb, dtype=torch.long)
+        wp = torch.full((nb, qb), self.scratch_pos, dtype=torch.long)   # padding writes to scratch
+        last = torch.zeros(nb, dtype=torch.long)
+        for i, it in enumerate(items):
+            ws[i] = it.slot
+            wp[i, : qlens[i]] = torch.arange(qlens[i])
+            last[i] = qlens[i] - 1
+        pf["pos"][:, :T].copy_(hp.view(3, T), non_blocking=True)
+        pf["wslot"][:T].copy_(ws.view(T), non_blocking=True)
+        pf["wpos"][:T].copy_(wp.view(T), non_blocking=True)
+        pf["last"][:nb].copy_(last, non_blocking=True)
+        if not self.use_graphs:   # the same static-buffer path, run eagerly (CPU tests)
+            return self._prefill_forward(nb, qb)[:n]
+        key = ("prefill", nb, qb)
+        g = self.graphs.get(key)
+        if g is None:
+            g = self._capture_fn(key, lambda: self._prefill_forward(nb, qb))
+        g[0].replay()
+        return g[1][:n]
 
     # ------------------------------------------------------------------ decode
     def _decode_forward(self, batch: int, read_len: int) -> torch.Tensor:
@@ -181,31 +251,37 @@ class ModelRunner:
         return g[1]
 
     def _capture(self, B: int, Ln: int):
-        t = time.perf_counter()
         # idle inputs: every row writes to its scratch position
         saved = (self.in_ids.clone(), self.in_pos.clone(), self.in_delta.clone())
         self.in_pos[:B].fill_(self.scratch_pos)
-        if B not in self._warmed:
-            # one eager run per batch size: kernels' lazy init and workspaces happen outside the graph
+        try:
+            return self._capture_fn((B, Ln), lambda: self._decode_forward(B, Ln), warm=B not in self._warmed)
+        finally:
+            self._warmed.add(B)
+            self.in_ids.copy_(saved[0])
+            self.in_pos.copy_(saved[1])
+            self.in_delta.copy_(saved[2])
+
+    def _capture_fn(self, key, fn, warm: bool = True):
+        """Capture `fn` (which reads only static buffers) as a CUDA graph in the shared pool."""
+        t = time.perf_counter()
+        if warm:
+            # an eager run first: kernels' lazy init and workspaces happen outside the graph
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):
-                self._decode_forward(B, Ln)
+                fn()
             torch.cuda.current_stream().wait_stream(s)
-            self._warmed.add(B)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=self._pool):
-            logits = self._decode_forward(B, Ln)
-        self.in_ids.copy_(saved[0])
-        self.in_pos.copy_(saved[1])
-        self.in_delta.copy_(saved[2])
-        self.graphs[(B, Ln)] = (g, logits)
+            out = fn()
+        self.graphs[key] = (g, out)
         dt = time.perf_counter() - t
         self.capture_seconds += dt
-        log.debug("captured decode graph B=%d L=%d in %.3fs", B, Ln, dt)
-        return self.graphs[(B, Ln)]
+        log.debug("captured graph %s in %.3fs", key, dt)
+        return self.graphs[key]
 
     @torch.inference_mode()
     def capture_all(self, max_len_bucket: int | None = None) -> int:
@@ -219,6 +295,12 @@ class ModelRunner:
             for b in self.batch_buckets:
                 if (b, ln) not in self.graphs:
                     self._capture(b, ln)
+                    n += 1
+        for nb in PREFILL_GRAPH_ROWS:
+            for qb in (256, 512):
+                key = ("prefill", nb, qb)
+                if nb * qb <= PREFILL_GRAPH_TOKENS and key not in self.graphs:
+                    self._capture_fn(key, lambda nb=nb, qb=qb: self._prefill_forward(nb, qb))
                     n += 1
         torch.cuda.synchronize()
         return n
