@@ -6,7 +6,10 @@ replaces the part, in place, as a text part. Without ASR_MODEL_PATH a request wi
 nothing else changes.
 
 `SpeechRecognizer` has the engine's lifecycle: `start_loading()` returns at once, one background thread loads the
-model (GPU when present, as DEVICE / DTYPE say), warms it up, then serves; `status()` feeds readiness. Transcription
+model (GPU when present, as DEVICE / DTYPE say), warms it up, then serves; `status()` feeds readiness. It loads
+before the engine, not beside it: transformers' `from_pretrained` is not thread-safe (concurrent loads patch the same
+globals and leave tied or freshly built weights on the meta device), CUDA-graph capture must not meet another
+thread's allocations, and the engine sizes its KV cache from the memory still free, which then excludes this model. Transcription
 is batched: parts queued while a batch runs form the next one (up to `MAX_BATCH`), so concurrent requests with audio
 share a forward pass without anyone waiting for a batch to fill. Parts up to 30 s are decoded in one window; longer
 ones (up to MAX_AUDIO_SECONDS) with Whisper's own sequential long-form decoding. The language is ASR_LANGUAGE, or
@@ -24,6 +27,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -73,14 +77,16 @@ class SpeechRecognizer:
         self.timings: dict[str, float] = {}
 
     # ------------------------------------------------------------------ lifecycle
-    def start_loading(self) -> None:
-        threading.Thread(target=self._run, name="asr", daemon=True).start()
+    def start_loading(self, then: Callable[[], None] | None = None) -> None:
+        """Load in the background; `then` is called on that thread once loading has succeeded or failed (the
+        Function starts the engine's loading there: one model loads at a time)."""
+        threading.Thread(target=self._run, args=(then,), name="asr", daemon=True).start()
 
     def _set_phase(self, phase: str) -> None:
         self.phase = phase
         log.info("asr: %s", phase)
 
-    def _run(self) -> None:
+    def _run(self, then: Callable[[], None] | None) -> None:
         t0 = time.perf_counter()
         try:
             self._load()
@@ -96,9 +102,11 @@ class SpeechRecognizer:
             self._failed_at = time.monotonic()
             self._set_phase(f"failed: {self.error}")
             self._fail_queued(EngineDead(f"the speech model failed to load ({self.error})"))
+            _call(then)
             return
         self._ready = True
         self._set_phase("ready")
+        _call(then)
         self._serve()
 
     def _load(self) -> None:
@@ -253,6 +261,14 @@ class SpeechRecognizer:
             seqs = self.model.generate(**inputs, **gen)
         texts = self.processor.batch_decode(seqs, skip_special_tokens=True)
         return [Transcription(t.strip(), lang) for t, lang in zip(texts, languages)]
+
+
+def _call(then: Callable[[], None] | None) -> None:
+    if then is not None:
+        try:
+            then()
+        except Exception:  # noqa: BLE001 - the caller's hook; the speech model itself is fine
+            log.exception("the hook after the speech model's load failed")
 
 
 async def transcribe_audio_parts(request: ChatCompletionRequest, loader: AudioLoader,

@@ -67,9 +67,10 @@ class Function:
         self._asr = self._asr_factory(config) if config.asr_model_path else None
         self._app = build_app(config, self._engine, asr=self._asr)
         install_cache(self._app, config)
-        self._engine.start_loading()
-        if self._asr is not None:
-            self._asr.start_loading()           # the speech model loads beside the engine, ready() waits for both
+        if self._asr is None:
+            self._engine.start_loading()
+        else:                                   # one model load at a time (function/asr.py says why): ASR first
+            self._asr.start_loading(then=self._engine.start_loading)
         log.info("serving %s; the model loads in the background", config.served_model_name)
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -108,11 +109,11 @@ class Function:
 
 
 def _status(engine: LocalEngine, asr: SpeechRecognizer | None) -> tuple[bool, bool, str]:
-    """The engine's (alive, ready, message), and the speech model's where that one is what holds readiness back."""
+    """(alive, ready, message) of what loads first and is not ready yet: the speech model, then the engine."""
     alive, ready, message = engine.status()
     if asr is not None:
         asr_alive, asr_ready, asr_message = asr.status()
-        if not asr_alive or (ready and not asr_ready):
+        if not asr_ready:
             return alive and asr_alive, False, asr_message
     return alive, ready, message
 
@@ -135,9 +136,10 @@ def create_app() -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        engine.start_loading()
-        if asr is not None:
-            asr.start_loading()
+        if asr is None:
+            engine.start_loading()
+        else:
+            asr.start_loading(then=engine.start_loading)
         try:
             yield
         finally:

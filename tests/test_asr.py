@@ -425,11 +425,16 @@ async def test_speech_model_not_ready_is_503(engine, whisper_dir):
 class FakeASR:
     def __init__(self, config):
         self.config = config
-        self.started = self.stopped = False
+        self.then = None
+        self.stopped = False
         self.state = (True, False, "speech model loading: x")
 
-    def start_loading(self):
-        self.started = True
+    def start_loading(self, then=None):
+        self.then = then
+
+    def finish(self, state=(True, True, "ready")):
+        self.state = state
+        self.then()
 
     def status(self):
         return self.state
@@ -438,22 +443,42 @@ class FakeASR:
         self.stopped = True
 
 
-def test_function_readiness_waits_for_the_speech_model():
+def test_function_loads_the_speech_model_first_and_readiness_waits_for_both():
     engines, asrs = [], []
     fn = Function(engine_factory=lambda c: engines.append(FakeEngine(ready=False)) or engines[-1],
                   asr_factory=lambda c: asrs.append(FakeASR(c)) or asrs[-1])
     fn.start({"ASR_MODEL_PATH": "/models/whisper"})
     (engine,), (asr,) = engines, asrs
-    assert engine.loading_started and asr.started and asr.config.asr_model_path == "/models/whisper"
-    assert fn.ready() == (False, "loading: weights")            # the engine's phase first
+    assert asr.then is not None and asr.config.asr_model_path == "/models/whisper"
+    assert not engine.loading_started                          # one model load at a time: the speech model first
+    assert fn.ready() == (False, "speech model loading: x") and fn.alive() == (True, "speech model loading: x")
+    asr.finish()
+    assert engine.loading_started
+    assert fn.ready() == (False, "loading: weights")             # then the engine's phases
     engine.finish_loading()
-    assert fn.ready() == (False, "speech model loading: x")      # then the speech model's
-    asr.state = (True, True, "ready")
     assert fn.ready() == (True, "ready") and fn.alive() == (True, "ready")
     asr.state = (False, False, "speech model failed: boom")
     assert fn.alive() == (False, "speech model failed: boom") and fn.ready()[0] is False
     fn.stop()
     assert asr.stopped and engine.shut_down
+
+
+def test_a_failed_speech_model_still_starts_the_engine_and_holds_readiness():
+    engines, asrs = [], []
+    fn = Function(engine_factory=lambda c: engines.append(FakeEngine()) or engines[-1],
+                  asr_factory=lambda c: asrs.append(FakeASR(c)) or asrs[-1])
+    fn.start({"ASR_MODEL_PATH": "/models/whisper"})
+    asrs[0].finish((True, False, "speech model failed: OSError: no such checkpoint"))
+    assert engines[0].loading_started
+    assert fn.ready() == (False, "speech model failed: OSError: no such checkpoint")
+
+
+async def test_real_speech_model_loads_then_calls_back(whisper_dir):
+    called = threading.Event()
+    r = SpeechRecognizer(Config.from_env({"ASR_MODEL_PATH": str(whisper_dir), "WARMUP": "false"}))
+    r.start_loading(then=lambda: called.set() if r.status()[1] else None)
+    assert await asyncio.to_thread(called.wait, 60)             # called once ready
+    r.shutdown()
 
 
 def test_function_without_asr_builds_none():

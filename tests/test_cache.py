@@ -60,7 +60,8 @@ class RedisServer:
              "--dir", str(self.workdir), "--protected-mode", "no"], stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
         while self.command("PING") != "+PONG":
-            assert self.proc.poll() is None, f"redis-server exited: {(self.workdir / f'redis-{self.port}.log').read_text()}"
+            log = (self.workdir / f"redis-{self.port}.log").read_text()
+            assert self.proc.poll() is None, f"redis-server exited: {log}"
             assert time.monotonic() < deadline, "redis-server did not answer PING"
             time.sleep(0.02)
 
@@ -384,7 +385,8 @@ async def test_unservable_requests_bypass_to_the_apps_own_errors(client, engine)
     assert (r.status_code, r.headers["x-cache"], r.json()["error"]["code"]) == (404, "bypass", "model_not_found")
     r = await client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert (r.status_code, r.headers["x-cache"]) == (400, "bypass")
-    r = await client.post("/v1/chat/completions", json=GREEDY | {"messages": [image_message("data:image/png;base64,x")]})
+    bad_image = GREEDY | {"messages": [image_message("data:image/png;base64,x")]}
+    r = await client.post("/v1/chat/completions", json=bad_image)
     assert (r.status_code, r.headers["x-cache"], r.json()["error"]["param"]) == (
         400, "bypass", "messages[0].content[0].image_url")
     assert (await client.get("/v1/models")).headers.get("x-cache") is None    # only chat completions

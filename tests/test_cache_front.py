@@ -18,7 +18,6 @@ import httpx
 import openai
 import pytest
 from conftest import sse_events
-from fake_engine import FakeEngine
 from test_cache import GREEDY, MODEL, RedisServer, config, delta_keys, frame, stream_text, until, without_ids
 from test_e2e_servers import ROOT, Server, command, free_port, wait_ready
 
@@ -293,7 +292,6 @@ def test_redis_killed_fails_open(front: Server, redis: RedisServer):
     redis.kill()
     try:
         for _ in range(2):
-            started = time.monotonic()
             r = post(front, body)
             assert (r.status_code, r.headers["x-cache"]) == (200, "miss")
             assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
