@@ -37,7 +37,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from function import metrics
-from function.api.errors import KINDS, Kind, _validation_message
+from function.api.errors import KINDS, Kind, validation_message
 from function.api.protocol import ChatCompletionRequest, ChatCompletionResponse, ErrorInfo, ErrorResponse
 from function.api.serving import ChatService
 from function.config import Config
@@ -183,7 +183,7 @@ def chat_request(event: CloudEvent) -> ChatCompletionRequest:
     try:
         request = ChatCompletionRequest.model_validate(data)
     except ValidationError as e:
-        message, param = _validation_message(e.errors(include_url=False))
+        message, param = validation_message(e.errors(include_url=False))
         raise EventError("invalid_request", message, param) from None
     if request.stream:
         raise EventError("invalid_request", "stream: true is not available for CloudEvents: the reply is one event "

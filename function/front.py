@@ -38,7 +38,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from function import metrics
 from function.api import errors
-from function.api.app import _HttpMetrics
+from function.api.app import HttpMetrics
 from function.api.protocol import (ChatCompletionChunk, ChatCompletionRequest, Delta, ImagePart, StreamChoice,
                                    Usage)
 from function.cache import FINISHED, Entry, ResponseCache
@@ -506,7 +506,7 @@ def build_front_app(config: Config, *, cache: ResponseCache | None = None,
 
     app.router.routes.append(Route(CHAT_PATH, proxy, methods=["POST"]))
     app.router.routes.append(Route("/{path:path}", proxy, include_in_schema=False))   # /v1/models and the rest
-    app.add_middleware(_HttpMetrics, routes=app.router.routes)
+    app.add_middleware(HttpMetrics, routes=app.router.routes)
     if cache is not None:
         install(app, config, cache)
     app.state.proxy, app.state.cache = proxy, cache

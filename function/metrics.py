@@ -50,8 +50,9 @@ ITL = Histogram(
 """Decode speed as a client sees it; an increment carrying k tokens counts k observations of gap/k."""
 
 # --- engine (written by the engine)
-QUEUE_DEPTH = Gauge("autoglm_queue_depth", "Requests waiting for a batch slot.", registry=REGISTRY)
-"""Admission queue length; a full queue answers 429."""
+QUEUE_DEPTH = Gauge("autoglm_queue_depth", "Requests accepted and not yet running (being prepared or waiting for a "
+                    "batch slot).", registry=REGISTRY)
+"""Admission queue length, the number MAX_QUEUE_SIZE bounds: when it is full, new requests get 429."""
 
 RUNNING = Gauge("autoglm_running_requests", "Requests in the running batch.", registry=REGISTRY)
 """Current continuous-batching size (at most MAX_NUM_SEQS)."""

@@ -99,7 +99,7 @@ def build_app(config: Config, engine: EngineClient, lifespan: Lifespan[FastAPI] 
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
-    app.add_middleware(_HttpMetrics, routes=app.router.routes)
+    app.add_middleware(HttpMetrics, routes=app.router.routes)
     return app
 
 
@@ -114,7 +114,7 @@ async def _on_unexpected(_: Request, exc: Exception) -> JSONResponse:
     return errors.error_response("internal", "internal server error")
 
 
-class _HttpMetrics:
+class HttpMetrics:
     """Counts, times and tracks in-flight requests by route template; unmatched paths and odd methods are "other"
     so that label values stay bounded."""
 

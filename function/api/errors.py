@@ -86,7 +86,7 @@ def param_of(loc: Iterable[Any]) -> str | None:
     return out or None
 
 
-def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     """A one-line message and a param. A value that fits no member of a union gets one error per member; the
     deepest one says the most (a list of parts with a bad part beats "not a string"), so shallower errors whose
     location is a prefix of another's are dropped."""
@@ -108,12 +108,12 @@ def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
 
 
 async def _on_request_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-    message, param = _validation_message(list(exc.errors()))
+    message, param = validation_message(list(exc.errors()))
     return error_response("invalid_request", message, param)
 
 
 async def _on_pydantic_validation(_: Request, exc: ValidationError) -> JSONResponse:
-    message, param = _validation_message(exc.errors(include_url=False))
+    message, param = validation_message(exc.errors(include_url=False))
     return error_response("invalid_request", message, param)
 
 

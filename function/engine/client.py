@@ -62,7 +62,8 @@ class LocalEngine(EngineClient):
                 self.timings["warmup"] = round(time.perf_counter() - t, 3)
             self.timings["total"] = round(time.perf_counter() - t0, 3)
             for k, v in self.timings.items():
-                metrics.set_cold_start_phase(k, v)
+                if k != "graphs":   # a count, not a duration
+                    metrics.set_cold_start_phase(k, v)
             self._ready = True
             self._set_phase("ready")
             log.info("engine ready in %.1fs: %s", self.timings["total"], self.timings)
@@ -201,6 +202,7 @@ class LocalEngine(EngineClient):
                 raise Overloaded(f"the server is at capacity ({self._pending} requests waiting); retry later",
                                  retry_after=1.0)
             self._pending += 1
+            metrics.set_queue_depth(self._pending)
         loop = asyncio.get_running_loop()
         admitted = False
         try:
@@ -208,6 +210,7 @@ class LocalEngine(EngineClient):
         except BaseException:
             with self._lock:
                 self._pending -= 1
+                metrics.set_queue_depth(self._pending)
             raise
         max_new = params.max_tokens or (self.max_model_len - prompt.length)
         max_new = min(max_new, self.max_model_len - prompt.length)
@@ -234,6 +237,7 @@ class LocalEngine(EngineClient):
                     admitted = True
                     with self._lock:
                         self._pending -= 1
+                        metrics.set_queue_depth(self._pending)
                 if error is not None:
                     finished = True
                     raise error if isinstance(error, EngineError) else EngineDead(str(error))
@@ -260,6 +264,7 @@ class LocalEngine(EngineClient):
             if not admitted:
                 with self._lock:
                     self._pending -= 1
+                    metrics.set_queue_depth(self._pending)
             if not finished:
                 core.abort(request_id)
 

@@ -91,6 +91,7 @@ class EngineCore:
                 idle = not self.by_id
                 self._drain(block=idle)
                 if not self.by_id:
+                    self._report()   # gauges fall back to idle values (after aborts too)
                     continue
                 t = time.perf_counter()
                 self.step()
@@ -135,12 +136,13 @@ class EngineCore:
 
     def _report(self) -> None:
         now = time.monotonic()
+        if not self.by_id and now - self._since < 1.0:
+            return
         if now - self._since >= 1.0:
-            metrics.set_busy_ratio(min(1.0, self._busy_s / (now - self._since)))
+            metrics.set_busy_ratio(min(1.0, self._busy_s / max(1e-9, now - self._since)))
             self._busy_s, self._since = 0.0, now
             if torch.cuda.is_available():
                 metrics.set_gpu_memory(torch.cuda.memory_allocated(), torch.cuda.memory_reserved())
-        metrics.set_queue_depth(len(self.scheduler.waiting))
         metrics.set_running(len(self.by_id) - len(self.scheduler.waiting))
 
     # --- one iteration

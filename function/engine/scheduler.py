@@ -95,10 +95,7 @@ class Scheduler:
             if src is not None and self.slots[src].owner is None:
                 slot, copy_from = src, None
             else:
-                # empty slots first (lowest index keeps decode batches compact), then the least recently used
-                slot = min(free, key=lambda i: (self.slots[i].valid >= MIN_PREFIX_REUSE,
-                                                self.slots[i].last_used if self.slots[i].valid else 0, i))
-                copy_from = src
+                slot, copy_from = self._pick_free(free), src
             st = self.slots[slot]
             st.owner = seq
             st.keys = keys.copy()
@@ -108,6 +105,17 @@ class Scheduler:
             out.append(Admission(seq=seq, slot=slot, reuse=reuse, copy_from=copy_from))
             budget -= cost
         return out
+
+    def _pick_free(self, free: list[int]) -> int:
+        """Decode runs rows 0..B-1 of a batch bucket, so a slot above the highest running one makes every step
+        bigger (and for bitsandbytes nf4, batch 1 -> 2 leaves its fast single-row kernel). Among free slots that do
+        not grow the batch, take an empty one, else the least recently used; otherwise the lowest free slot."""
+        running = [i for i, s in enumerate(self.slots) if s.owner is not None]
+        top = max(running) if running else -1
+        inside = [i for i in free if i < top]
+        if not inside:
+            return min(free)
+        return min(inside, key=lambda i: (self.slots[i].valid >= MIN_PREFIX_REUSE, self.slots[i].last_used, i))
 
     def prefilled(self, slot: int) -> None:
         st = self.slots[slot]
