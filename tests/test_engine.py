@@ -319,3 +319,17 @@ def test_output_text_holds_back_partial_stop_strings(engine):
         if ot.stop_hit:
             break
     assert ot.stop_hit == "app" and sent == full[: full.index("app")]
+
+
+def test_enable_thinking_false_ends_the_prompt_with_an_empty_think_block(engine):
+    """The tiny template knows the flag; GLM-4.1V's own template ignores it, so the preparer appends the block."""
+    prep = engine._preparer
+    p = prep.prepare(ChatInput(messages=[{"role": "user", "content": "hi"}],
+                               chat_template_kwargs={"enable_thinking": False}), GREEDY)
+    empty = engine._tokenizer("<think></think>", add_special_tokens=False)["input_ids"]
+    assert p.token_ids[-len(empty):] == empty and p.token_ids[-2 * len(empty):-len(empty)] != empty
+    enc = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long),
+           "mm_token_type_ids": torch.zeros(1, 3, dtype=torch.int32)}
+    out = prep._skip_thinking(enc)        # a template that ignored the flag
+    assert out["input_ids"][0].tolist() == [5, 6, 7] + empty
+    assert out["attention_mask"].shape == out["mm_token_type_ids"].shape == out["input_ids"].shape

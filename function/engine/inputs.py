@@ -36,6 +36,15 @@ class InputPreparer:
         self._rope_index = model.model.get_rope_index
         self.max_model_len = max_model_len
 
+    def _skip_thinking(self, enc):
+        """enable_thinking=false: the generation prompt must end with an empty think block. Templates that know the
+        flag (GLM-4.5 style) add it; GLM-4.1V's own template ignores it, so the block is appended here."""
+        empty = self.tokenizer("<think></think>", add_special_tokens=False)["input_ids"]
+        ids = enc["input_ids"][0].tolist()
+        if ids[-len(empty):] == empty:
+            return enc
+        return _append_tokens(enc, empty)
+
     def prepare(self, chat: ChatInput, params: SamplingParams) -> PreparedPrompt:
         try:
             enc = self.processor.apply_chat_template(
@@ -45,6 +54,8 @@ class InputPreparer:
             raise
         except Exception as e:  # template or processor rejected the input (e.g. an image too small to patch)
             raise InvalidInput(f"could not build the prompt: {e}", param="messages") from None
+        if chat.chat_template_kwargs.get("enable_thinking") is False:
+            enc = self._skip_thinking(enc)
         ids = enc["input_ids"][0]
         L = ids.shape[0]
         want = params.max_tokens or 1
@@ -80,6 +91,16 @@ class InputPreparer:
                 offset += n_patches
         return PreparedPrompt(token_ids=ids.tolist(), position_ids=pos[:, 0], rope_delta=int(delta.view(-1)[0]),
                               keys=keys, images=images)
+
+
+def _append_tokens(enc, extra: list[int]):
+    add = torch.tensor([extra], dtype=enc["input_ids"].dtype)
+    enc["input_ids"] = torch.cat([enc["input_ids"], add], dim=1)
+    if enc.get("attention_mask") is not None:
+        enc["attention_mask"] = torch.cat([enc["attention_mask"], torch.ones_like(add)], dim=1)
+    if enc.get("mm_token_type_ids") is not None:
+        enc["mm_token_type_ids"] = torch.cat([enc["mm_token_type_ids"], torch.zeros_like(add)], dim=1)
+    return enc
 
 
 def longest_common_prefix(a: np.ndarray, b: np.ndarray) -> int:

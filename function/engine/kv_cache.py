@@ -45,14 +45,18 @@ class SlotKVCache:
     is_compileable = False
 
     def __init__(self, num_layers: int, num_slots: int, kv_heads: int, max_len: int, head_dim: int, dtype,
-                 device):
+                 device, layer_devices: list | None = None):
+        """`layer_devices`: where each layer's K/V live when the model is split over several GPUs (each layer's
+        cache sits on its layer's card); default all on `device`."""
         shape = (num_slots, kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        devs = layer_devices or [device] * num_layers
+        self.k = [torch.zeros(shape, dtype=dtype, device=d) for d in devs]
+        self.v = [torch.zeros(shape, dtype=dtype, device=d) for d in devs]
+        self._moved: dict = {}
         self.num_slots, self.max_len = num_slots, max_len
         self._mode = "decode"
         self._fresh = False
-        self._rows = torch.arange(num_slots, device=device)
+        self._rows = torch.arange(num_slots, device=devs[0])
         self._batch = 0
         self._read_len = 0
         self._positions: torch.Tensor | None = None   # decode: [B]
@@ -64,8 +68,18 @@ class SlotKVCache:
     def bytes_per_token(num_layers, kv_heads, head_dim, dtype) -> int:
         return 2 * num_layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
 
+    def _on(self, t: torch.Tensor | None, device) -> torch.Tensor | None:
+        """An index tensor on a layer's device (split models only; one copy per device and step)."""
+        if t is None or t.device == device:
+            return t
+        key = (id(t), device)
+        if key not in self._moved:
+            self._moved[key] = t.to(device)
+        return self._moved[key]
+
     def set_decode(self, batch: int, read_len: int, positions: torch.Tensor) -> None:
         self._mode, self._batch, self._read_len, self._positions = "decode", batch, read_len, positions
+        self._moved.clear()
 
     def set_prefill(self, slot_ids: torch.Tensor | None, write_pos: torch.Tensor, read_len: int, fresh: bool,
                     write_slots: torch.Tensor | None = None) -> None:
@@ -77,20 +91,25 @@ class SlotKVCache:
         self._slot_ids = slot_ids
         self._w_slots = write_slots if write_slots is not None else slot_ids.view(n, 1).expand(n, q)
         self._w_pos = write_pos
+        self._moved.clear()
 
     # the transformers Cache hook; the second signature form covers transformers versions that pass cache_kwargs
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         K, V = self.k[layer_idx], self.v[layer_idx]
+        d = K.device
         if self._mode == "decode":
-            b, pos = self._batch, self._positions
-            K[self._rows[:b], :, pos] = key_states[:, :, 0]
-            V[self._rows[:b], :, pos] = value_states[:, :, 0]
+            b, pos = self._batch, self._on(self._positions, d)
+            rows = self._on(self._rows, d)[:b]
+            K[rows, :, pos] = key_states[:, :, 0]
+            V[rows, :, pos] = value_states[:, :, 0]
             return K[:b, :, : self._read_len], V[:b, :, : self._read_len]
-        K[self._w_slots, :, self._w_pos] = key_states.transpose(1, 2)
-        V[self._w_slots, :, self._w_pos] = value_states.transpose(1, 2)
+        ws, wp = self._on(self._w_slots, d), self._on(self._w_pos, d)
+        K[ws, :, wp] = key_states.transpose(1, 2)
+        V[ws, :, wp] = value_states.transpose(1, 2)
         if self._fresh:   # prefill from position 0: the keys are exactly what was just computed
             return key_states, value_states
-        return K[self._slot_ids, :, : self._read_len], V[self._slot_ids, :, : self._read_len]
+        sl = self._on(self._slot_ids, d)
+        return K[sl, :, : self._read_len], V[sl, :, : self._read_len]
 
     def copy_prefix(self, src: int, dst: int, length: int) -> None:
         """Share a prefix between slots by copying its KV (prefix reuse from a slot that is still running)."""

@@ -65,7 +65,10 @@ class ModelRunner:
         self.visual = model.model.visual
         self.lm_head = model.lm_head
         tcfg = model.config.text_config
-        self.device = next(model.lm_head.parameters()).device
+        self.device = self.lm.embed_tokens.weight.device
+        layer_devices = [layer.self_attn.k_proj.weight.device for layer in self.lm.layers]
+        self.split = len({str(d) for d in layer_devices} | {str(self.device),
+                                                              str(model.lm_head.weight.device)}) > 1
         self.dtype = self.lm.embed_tokens.weight.dtype
         self.image_token_id = int(model.config.image_token_id)
         self.vocab = int(tcfg.vocab_size)
@@ -78,7 +81,7 @@ class ModelRunner:
         self.max_len = max_len
         self.num_slots = num_slots
         self.cache = SlotKVCache(tcfg.num_hidden_layers, num_slots, tcfg.num_key_value_heads, max_len + 1,
-                                 head_dim, self.dtype, self.device)
+                                 head_dim, self.dtype, self.device, layer_devices)
         self.scratch_pos = max_len     # the extra last position of every slot
         S = num_slots
         dev = self.device
@@ -88,7 +91,8 @@ class ModelRunner:
         self._host = torch.zeros(3, S, dtype=torch.long, pin_memory=dev.type == "cuda")
         self._host_rows = torch.zeros(S, dtype=torch.long, pin_memory=dev.type == "cuda")
         self.rows = torch.zeros(S, dtype=torch.long, device=dev)
-        self.use_graphs = use_graphs and self.device.type == "cuda"
+        # a split model runs eagerly: one CUDA graph cannot span the cards' streams
+        self.use_graphs = use_graphs and self.device.type == "cuda" and not self.split
         self.batch_buckets = _buckets(S, graph_batch_sizes or (1, 2, 4, 8, 16, 32, 48, 64, 96, 128))
         # attention reads the cache up to the bucket length: short chats use 1024, a screenshot turn 4096
         self.len_buckets = _buckets(max_len + 1, (1024, 4096) + tuple(2 ** i for i in range(13, 20)))
@@ -145,9 +149,10 @@ class ModelRunner:
         self.cache.set_prefill(slots, write_pos, read_len, fresh)
         out = self.lm(inputs_embeds=embeds, position_ids=pos, attention_mask=attn, use_cache=True,
                       **{self._cache_kw: self.cache})
-        last = torch.tensor([ql - 1 for ql in qlens], device=dev)
-        h = out.last_hidden_state[torch.arange(n, device=dev), last]
-        return self.lm_head(h)
+        hs = out.last_hidden_state
+        last = torch.tensor([ql - 1 for ql in qlens], device=hs.device)
+        h = hs[torch.arange(n, device=hs.device), last]
+        return self.lm_head(h).to(dev)
 
     # --- graphed prefill (from position 0, small batches): static inputs, one graph per (rows, length) bucket
     def _prefill_bucket(self, n: int, q: int) -> tuple[int, int] | None:
@@ -214,7 +219,7 @@ class ModelRunner:
         mpos = (pos + self.in_delta[:batch]).view(1, batch, 1).expand(3, batch, 1)
         out = self.lm(input_ids=self.in_ids[:batch], position_ids=mpos, attention_mask=attn, use_cache=True,
                       **{self._cache_kw: self.cache})
-        return self.lm_head(out.last_hidden_state[:, -1])
+        return self.lm_head(out.last_hidden_state[:, -1]).to(self.device)
 
     def bucket(self, active_max_slot: int, max_pos: int) -> tuple[int, int]:
         b = next(x for x in self.batch_buckets if x > active_max_slot)
