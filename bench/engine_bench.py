@@ -149,7 +149,7 @@ def naive():
     m = AutoModelForImageTextToText.from_pretrained(MODEL_DIR, dtype=torch.bfloat16, device_map="cuda",
                                                     attn_implementation="sdpa")
     res = {}
-    for B in (1, 8, 32):
+    for B in (1, 8, 32, 64):
         ids = torch.randint(10, 3000, (B, 256), device="cuda")
         with torch.no_grad():
             m.generate(input_ids=ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm
@@ -280,6 +280,31 @@ def engine_section(quant):
                                        {"role": "user", "content": [{"type": "image", "image": rng.choice(imgs)},
                                                                     {"type": "text", "text": "next step?"}]}])
         res["ttft_agent_shared_prefix_8clients"] = await closed_loop(8, 3, agent)
+        log(tag, res)
+        # one new request at a time while 8 streams decode (a phone sending its next screenshot into a busy pod)
+        bg_params = SamplingParams(max_tokens=4000, temperature=0.0, ignore_eos=True)
+        bg = [asyncio.ensure_future(_one(e, f"bg-{i}-{rng.random()}", ChatInput(
+            messages=[{"role": "user", "content": text_prompt(tok, rng)}]), bg_params, [])) for i in range(8)]
+        await asyncio.sleep(1.0)
+        p1 = SamplingParams(max_tokens=1, temperature=0.0)
+        for name, make in (("text", lambda: ChatInput(messages=[{"role": "user", "content": text_prompt(tok, rng)}])),
+                           ("screenshot", shot_unique)):
+            rec = []
+            for j in range(6):
+                await _one(e, f"probe-{name}-{j}-{rng.random()}", make(), p1, rec)
+            res[f"ttft_{name}_while_8_streams_decode"] = {"ttft_p50_ms": pct([r["ttft"] for r in rec], 50),
+                                                          "ttft_max_ms": pct([r["ttft"] for r in rec], 100),
+                                                          "n": len(rec)}
+        for t in bg:
+            t.cancel()
+        await asyncio.gather(*bg, return_exceptions=True)
+        # and on an idle engine
+        for name, make in (("text", lambda: ChatInput(messages=[{"role": "user", "content": text_prompt(tok, rng)}])),
+                           ("screenshot", shot_unique)):
+            rec = []
+            for j in range(4):
+                await _one(e, f"idle-{name}-{j}-{rng.random()}", make(), p1, rec)
+            res[f"ttft_{name}_idle"] = {"ttft_p50_ms": pct([r["ttft"] for r in rec], 50), "n": len(rec)}
         log(tag, res)
         del shot
 
