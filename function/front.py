@@ -36,9 +36,10 @@ from starlette.middleware import Middleware
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from function import metrics
+from function import metrics, shutdown
 from function.api import errors
 from function.api.app import HttpMetrics
+from function.api.gate import Drain, RequestGate
 from function.api.protocol import (ChatCompletionChunk, ChatCompletionRequest, Delta, ImagePart, StreamChoice,
                                    Usage)
 from function.cache import FINISHED, Entry, ResponseCache
@@ -470,16 +471,19 @@ class ModelProxy:
 
 # -------------------------------------------------------------------------------------------- cache-front role
 def build_front_app(config: Config, *, cache: ResponseCache | None = None,
-                    transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
+                    transport: httpx.AsyncBaseTransport | None = None, drain: Drain | None = None) -> FastAPI:
     """ROLE=cache-front: the cache layer over a proxy to MODEL_URL. Ready at once, with or without the model
-    service and Redis. `transport` replaces the network in tests."""
+    service and Redis, until `drain` begins (SIGTERM, function/shutdown.py). `transport` replaces the network in
+    tests."""
     proxy = ModelProxy(config.model_url, config.request_timeout_s, transport)
+    drain = drain or Drain()
     cache = cache or ResponseCache.from_config(config)
     if cache is None:
         log.warning("cache front without a cache (RESPONSE_CACHE=off, no RESPONSE_CACHE_URL): proxying only")
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        shutdown.drain_on_sigterm(drain, config.request_timeout_s)    # only under uvicorn (func-python: start())
         yield                                         # only under uvicorn; func-python sends no lifespan events
         await proxy.aclose()
         if cache is not None:
@@ -495,9 +499,12 @@ def build_front_app(config: Config, *, cache: ResponseCache | None = None,
         return JSONResponse({"status": "ok", "model": name, "role": "cache-front"})
 
     @app.get("/health/liveness", response_class=PlainTextResponse)
-    @app.get("/health/readiness", response_class=PlainTextResponse)
-    async def probe() -> PlainTextResponse:
+    async def liveness() -> PlainTextResponse:
         return PlainTextResponse("ready")
+
+    @app.get("/health/readiness", response_class=PlainTextResponse)
+    async def readiness() -> PlainTextResponse:
+        return PlainTextResponse("shutting down", status_code=500) if drain.draining else PlainTextResponse("ready")
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> Response:
@@ -506,8 +513,10 @@ def build_front_app(config: Config, *, cache: ResponseCache | None = None,
 
     app.router.routes.append(Route(CHAT_PATH, proxy, methods=["POST"]))
     app.router.routes.append(Route("/{path:path}", proxy, include_in_schema=False))   # /v1/models and the rest
+    app.add_middleware(RequestGate, drain=drain, max_body=config.max_request_bytes,
+                       body_timeout_s=config.request_timeout_s)
     app.add_middleware(HttpMetrics, routes=app.router.routes)
     if cache is not None:
         install(app, config, cache)
-    app.state.proxy, app.state.cache = proxy, cache
+    app.state.proxy, app.state.cache, app.state.drain = proxy, cache, drain
     return app

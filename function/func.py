@@ -8,6 +8,9 @@ func-python calls `start(cfg)` synchronously inside its lifespan startup and lis
 `create_app()` is the same composition for uvicorn (`scripts/run_autoglm_server.sh`), where the ASGI lifespan runs
 the engine's start and stop. No routes and no torch here.
 
+Under both servers SIGTERM first drains (function/shutdown.py): readiness False and 503 for new requests at once,
+the requests in flight finish, then the server's own shutdown runs `stop()` (uvicorn: the lifespan's end).
+
 ROLE picks what is assembled: `model` (default) is the engine and the API, with the response cache inside the app
 (function.front.install); `cache-front` is the response cache in front of MODEL_URL (function.front.build_front_app):
 no engine, no model, no torch, ready at once.
@@ -23,8 +26,10 @@ from typing import AsyncIterator, Callable, Mapping
 from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
+from function import shutdown
 from function.api.app import build_app
 from function.api.errors import error_response
+from function.api.gate import Drain
 from function.asr import SpeechRecognizer
 from function.config import Config, ConfigError
 from function.engine.client import FAILED_GRACE_S, LocalEngine
@@ -46,6 +51,7 @@ class Function:
         self._failure = "not started"       # why there is no engine, while there is none
         self._front = False                 # ROLE=cache-front: no engine, always ready
         self._failed_at: float | None = None
+        self._drain = Drain()               # SIGTERM: not ready, 503 for new requests, then stop()
 
     def start(self, cfg: Mapping[str, str]) -> None:
         """Build everything and start loading the model in the background; returns at once. A bad setting does
@@ -59,13 +65,14 @@ class Function:
             log.error(self._failure)
             return
         configure_logging(config)
+        shutdown.drain_on_sigterm(self._drain, config.request_timeout_s)   # under func-python: hypercorn's loop
         if config.role == "cache-front":
-            self._app, self._front = build_front_app(config), True
+            self._app, self._front = build_front_app(config, drain=self._drain), True
             log.info("cache front: answering hits, forwarding misses to %s", config.model_url)
             return
         self._engine = self._engine_factory(config)
         self._asr = self._asr_factory(config) if config.asr_model_path else None
-        self._app = build_app(config, self._engine, asr=self._asr)
+        self._app = build_app(config, self._engine, asr=self._asr, drain=self._drain)
         install_cache(self._app, config)
         if self._asr is None:
             self._engine.start_loading()
@@ -84,6 +91,7 @@ class Function:
 
     def stop(self) -> None:
         """Called by func-python on shutdown: readiness turns False, then the engine thread is stopped."""
+        self._drain.begin()
         if self._engine is not None:
             log.info("shutting down the engine")
             self._engine.shutdown()
@@ -100,6 +108,8 @@ class Function:
         return alive, message
 
     def ready(self) -> tuple[bool, str]:
+        if self._drain.draining:
+            return False, "shutting down"
         if self._front:
             return True, "ready"
         if self._engine is None:
@@ -136,6 +146,7 @@ def create_app() -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        shutdown.drain_on_sigterm(app.state.drain, config.request_timeout_s)    # after uvicorn's own handler
         if asr is None:
             engine.start_loading()
         else:

@@ -3,7 +3,8 @@
 `build_app(config, engine)` is all a server needs. Under func-python, `Function.handle` forwards requests here and
 func-python answers `/health/liveness|readiness` itself; the app answers them too (same 200/500 text semantics) so
 uvicorn serving has them. The optional `lifespan` is for uvicorn only: func-python never forwards lifespan events.
-No torch, no Knative.
+Every request first passes `gate.RequestGate` (shutdown drain, body limit); `app.state.drain` is the drain that
+function/shutdown.py starts on SIGTERM. No torch, no Knative.
 """
 from __future__ import annotations
 
@@ -24,19 +25,21 @@ from function.events import ROUTES as EVENT_ROUTES, EventService
 
 from . import errors
 from .errors import ModelNotFound
+from .gate import Drain, RequestGate
 from .protocol import ChatCompletionRequest, ChatCompletionResponse, ErrorResponse, ModelCard, ModelList
 from .serving import ChatService
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    s: {"model": ErrorResponse} for s in (400, 404, 429, 500, 503)}
+    s: {"model": ErrorResponse} for s in (400, 404, 408, 413, 429, 500, 503, 504)}
 CLIENT_CLOSED = 499   # nginx's status for "client closed the request"; only metrics and logs ever see it
 
 
 def build_app(config: Config, engine: EngineClient, lifespan: Lifespan[FastAPI] | None = None,
-              asr: SpeechRecognizer | None = None) -> FastAPI:
+              asr: SpeechRecognizer | None = None, drain: Drain | None = None) -> FastAPI:
     """The app serving `engine`; `lifespan` only where the server delivers lifespan events (uvicorn); `asr` the
-    speech-to-text stage for input_audio parts (None: audio is refused)."""
+    speech-to-text stage for input_audio parts (None: audio is refused); `drain` the shutdown state (a new one by
+    default, in `app.state.drain`)."""
     # strict_content_type=False: a body sent without Content-Type is read as JSON (curl -d users); other types 400
     app = FastAPI(title="AutoGLM-Phone-9B", summary="OpenAI-compatible chat completions", lifespan=lifespan,
                   strict_content_type=False)
@@ -45,6 +48,12 @@ def build_app(config: Config, engine: EngineClient, lifespan: Lifespan[FastAPI] 
     chat = ChatService(config, engine, asr)
     model_name = config.served_model_name
     started = int(time.time())
+    drain = drain or Drain()
+    app.state.drain = drain
+
+    def status() -> tuple[bool, bool, str]:
+        alive, ready, message = engine.status()
+        return (alive, False, "shutting down") if drain.draining else (alive, ready, message)
 
     def model_card() -> ModelCard:
         _, ready, _ = engine.status()
@@ -77,21 +86,22 @@ def build_app(config: Config, engine: EngineClient, lifespan: Lifespan[FastAPI] 
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        alive, ready, message = engine.status()
+        alive, ready, message = status()
         if ready:
             return JSONResponse({"status": "ok", "model": model_name})
-        body = {"status": "loading" if alive else "failed", "model": model_name, "message": message}
-        retry = errors.KINDS["not_ready"].retry_after
+        phase = "shutting down" if drain.draining else "loading"
+        body = {"status": phase if alive else "failed", "model": model_name, "message": message}
+        retry = errors.KINDS["shutting_down" if drain.draining else "not_ready"].retry_after
         return JSONResponse(body, status_code=503, headers={"Retry-After": str(retry)} if alive else None)
 
     @app.get("/health/liveness", response_class=PlainTextResponse)
     async def liveness() -> PlainTextResponse:
-        alive, _, message = engine.status()
+        alive, _, message = status()
         return PlainTextResponse(message, status_code=200 if alive else 500)
 
     @app.get("/health/readiness", response_class=PlainTextResponse)
     async def readiness() -> PlainTextResponse:
-        _, ready, message = engine.status()
+        _, ready, message = status()
         return PlainTextResponse(message, status_code=200 if ready else 500)
 
     @app.get("/metrics", response_class=PlainTextResponse)
@@ -99,7 +109,9 @@ def build_app(config: Config, engine: EngineClient, lifespan: Lifespan[FastAPI] 
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
-    app.add_middleware(HttpMetrics, routes=app.router.routes)
+    app.add_middleware(RequestGate, drain=drain, max_body=config.max_request_bytes,
+                       body_timeout_s=config.request_timeout_s)
+    app.add_middleware(HttpMetrics, routes=app.router.routes)     # outermost: counts the gate's refusals too
     return app
 
 

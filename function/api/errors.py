@@ -36,9 +36,13 @@ KINDS: dict[str, Kind] = {
     "model_not_found": Kind(404, "invalid_request_error"),
     "not_found": Kind(404, "invalid_request_error"),
     "method_not_allowed": Kind(405, "invalid_request_error"),
+    "request_timeout": Kind(408, "invalid_request_error"),         # the body did not arrive in time
+    "request_too_large": Kind(413, "invalid_request_error"),
     "overloaded": Kind(429, "rate_limit_error", retry_after=1),
     "not_ready": Kind(503, "service_unavailable_error", retry_after=5),
+    "shutting_down": Kind(503, "service_unavailable_error", retry_after=1),   # another replica can take it now
     "unavailable": Kind(503, "service_unavailable_error"),
+    "timeout": Kind(504, "timeout_error"),                         # REQUEST_TIMEOUT_S passed; the work was stopped
     "internal": Kind(500, "server_error"),
 }
 
@@ -46,6 +50,11 @@ KINDS: dict[str, Kind] = {
 class ModelNotFound(EngineError):
     """The request names a model this server does not serve: 404."""
     kind = "model_not_found"
+
+
+class RequestTimeout(EngineError):
+    """The request ran past its deadline (REQUEST_TIMEOUT_S) and was aborted: 504, or an error event mid-stream."""
+    kind = "timeout"
 
 
 def _body(kind: str, message: str, param: str | None) -> ErrorResponse:

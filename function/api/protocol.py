@@ -3,10 +3,17 @@
 Requests accept unknown fields (OpenAI clients add new ones all the time; a 422 for them would break clients) and
 log them at debug. Ranges follow OpenAI's documentation; vLLM's extra sampling fields are accepted too. No FastAPI,
 no torch: the same models serve HTTP, CloudEvents and tests.
+
+Hostile input stops here, as a 400: non-finite numbers (JSON's NaN/Infinity, which Python's parser accepts), text
+that is not valid Unicode (lone surrogate escapes such as "\\ud800", which would fail only when the text is encoded
+again, deep inside), integers the engine's tensors cannot hold, and lists whose length would cost the event loop or
+the per-token stop-string check (MAX_MESSAGES, MAX_CONTENT_PARTS, MAX_STOP, MAX_STOP_CHARS) more than any real
+request needs.
 """
 from __future__ import annotations
 
 import logging
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator,
@@ -17,6 +24,12 @@ from function.engine.protocol import SamplingParams
 log = logging.getLogger(__name__)
 
 _INT64 = 2**63
+MAX_MESSAGES = 2048         # far more than any context holds; validating a million takes the event loop seconds
+MAX_CONTENT_PARTS = 512     # parts in one message
+MAX_STOP = 16               # stop strings: each is checked against the text after every token
+MAX_STOP_CHARS = 256
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 
 
 def _is_none(v: Any) -> bool:
@@ -30,7 +43,7 @@ def omitted() -> Any:
 
 
 class OpenAIRequestModel(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _log_ignored(self):
@@ -87,7 +100,7 @@ ContentPart = Annotated[
 
 class ChatMessage(OpenAIRequestModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
+    content: str | Annotated[list[ContentPart], Field(max_length=MAX_CONTENT_PARTS)] | None = None
     name: str | None = None
 
     @model_validator(mode="after")
@@ -126,14 +139,14 @@ _RESERVED_TEMPLATE_KWARGS = frozenset({
 class ChatCompletionRequest(OpenAIRequestModel):
     # https://platform.openai.com/docs/api-reference/chat/create
     model: str | None = None
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
-    stop: str | list[str] | None = None
+    stop: _StopString | list[_StopString] | None = None
     seed: int | None = Field(default=None, ge=-_INT64, lt=_INT64)
     n: int | None = 1
     stream: bool | None = False
@@ -145,7 +158,7 @@ class ChatCompletionRequest(OpenAIRequestModel):
     response_format: dict[str, Any] | None = None
 
     # vLLM extensions
-    top_k: int | None = Field(default=None, ge=-1)
+    top_k: int | None = Field(default=None, ge=-1, lt=_INT64)
     repetition_penalty: float | None = Field(default=None, gt=0)
     stop_token_ids: list[int] | None = None
     ignore_eos: bool | None = None
@@ -159,6 +172,15 @@ class ChatCompletionRequest(OpenAIRequestModel):
     # voice: include the transcripts of input_audio parts in the response (docs/voice.md)
     return_transcript: bool | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        where = _lone_surrogate(data)
+        if where is not None:
+            raise ValueError(f"{where or 'the request'} is not valid Unicode: it has a lone surrogate escape "
+                             "(\\ud800-\\udfff not in a pair)")
+        return data
+
     @field_validator("n")
     @classmethod
     def _one_choice(cls, v: int | None) -> int | None:
@@ -171,6 +193,8 @@ class ChatCompletionRequest(OpenAIRequestModel):
     def _non_empty_stops(cls, v: str | list[str] | None) -> str | list[str] | None:
         if v is not None and any(s == "" for s in ([v] if isinstance(v, str) else v)):
             raise ValueError("stop strings must not be empty")
+        if isinstance(v, list) and len(v) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings are supported, not {len(v)}")
         return v
 
     @field_validator("logprobs")
@@ -238,6 +262,38 @@ class ChatCompletionRequest(OpenAIRequestModel):
             "skip_special_tokens": self.skip_special_tokens,
         }
         return SamplingParams(**{k: v for k, v in given.items() if v is not None})
+
+
+def _lone_surrogate(data: Any) -> str | None:
+    """Where in the parsed JSON `data` a string (or key) holds a UTF-16 surrogate, or None. Iterative (no recursion
+    limit) and cheap for the bulk of a request: ASCII strings (base64 images) are skipped in O(1)."""
+    stack: list[tuple[Any, tuple]] = [(data, ())]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii() and _SURROGATE.search(value):
+                return _path(path)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if isinstance(k, str) and not k.isascii() and _SURROGATE.search(k):
+                    return _path(path)
+                if isinstance(v, (str, dict, list)):
+                    stack.append((v, (path, k)))
+        elif isinstance(value, list):
+            stack.extend((v, (path, i)) for i, v in enumerate(value) if isinstance(v, (str, dict, list)))
+    return None
+
+
+def _path(linked: tuple) -> str:
+    """`((((), "messages"), 0), "content")` -> `messages[0].content`."""
+    parts = []
+    while linked:
+        linked, key = linked
+        parts.append(key)
+    out = ""
+    for key in reversed(parts):
+        out += f"[{key}]" if isinstance(key, int) else (f".{key}" if out else str(key))
+    return out
 
 
 # --- responses

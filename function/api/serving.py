@@ -6,7 +6,9 @@ same code in the model pod and in the cache-front service.
 
 Lifetime of an engine request: it is aborted whenever this layer stops reading it before its last chunk - client
 disconnect (non-stream: a watcher on the ASGI receive channel; stream: the response closes the generator), a failed
-send, or an error here. Errors before the first chunk become HTTP errors; after it, vLLM's error event and [DONE].
+send, the deadline (REQUEST_TIMEOUT_S from the start of `create`: images, audio, queueing and generation), or an
+error here. Errors before the first chunk become HTTP errors (a deadline: 504); after it, vLLM's error event and
+[DONE].
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from function.engine.protocol import (ChatInput, CompletionChunk, EngineClient, 
                                       GenerationFailed, InvalidInput, NotReady, SamplingParams)
 from function.images import ImageLoader
 
-from .errors import ModelNotFound, error_json
+from .errors import ModelNotFound, RequestTimeout, error_json
 from .protocol import (AssistantMessage, AudioTranscript, ChatCompletionChunk, ChatCompletionRequest,
                        ChatCompletionResponse, Choice, Delta, ImagePart, PromptTokensDetails, StreamChoice, Usage)
 from .reasoning import ReasoningParser, split_reasoning
@@ -61,35 +63,52 @@ class ChatService:
         self.max_images = config.max_images_per_request
         self.images = ImageLoader(config)
         self.fingerprint = system_fingerprint(config)
+        self.timeout_s = config.request_timeout_s
 
     async def create(self, request: ChatCompletionRequest,
                      disconnected: Disconnected) -> ChatCompletionResponse | AsyncIterator[str] | None:
         """The response, the SSE stream (strings to send), or None when the client left before an answer."""
         arrival = time.monotonic()
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
         if request.model not in (None, self.model_name):
             raise ModelNotFound(f"The model `{request.model}` does not exist; this server serves "
                                 f"`{self.model_name}`.", param="model")
         self._check_ready()
         params = request.to_sampling_params(self.default_max_tokens)
-        request, transcripts = await transcribe_audio_parts(request, self.audio, self.asr)  # audio -> text, in place
+        try:
+            async with asyncio.timeout_at(deadline):
+                request, transcripts = await transcribe_audio_parts(request, self.audio, self.asr)  # audio -> text
+                chat = await self._chat_input(request)
+        except TimeoutError:
+            raise self._timed_out("preparing its input") from None
         if not (request.return_transcript or (request.return_transcript is None and self.return_transcript)):
             transcripts = []
-        chat = await self._chat_input(request)
         gen = _Generation(self.engine, f"chatcmpl-{uuid.uuid4().hex}", chat, params, arrival)
         if not request.stream:
             try:
-                return await _unless_disconnected(self._complete(gen, request, transcripts), disconnected)
+                async with asyncio.timeout_at(deadline):
+                    return await _unless_disconnected(self._complete(gen, request, transcripts), disconnected)
+            except TimeoutError:
+                raise self._timed_out(gen.request_id) from None
             finally:
-                await gen.close()
+                await gen.close()                                          # aborts it unless it finished
         try:
-            first = await _unless_disconnected(gen.next(), disconnected)   # refusals become HTTP errors
-        except BaseException:
+            async with asyncio.timeout_at(deadline):
+                first = await _unless_disconnected(gen.next(), disconnected)   # refusals become HTTP errors
+        except BaseException as e:
             await gen.close()
+            if isinstance(e, TimeoutError):
+                raise self._timed_out(gen.request_id) from None
             raise
         if first is None:
             await gen.close()
             return None
-        return self._stream(gen, first, request, transcripts)
+        return self._stream(gen, first, request, transcripts, deadline)
+
+    def _timed_out(self, what: str) -> RequestTimeout:
+        log.warning("%s: stopped after REQUEST_TIMEOUT_S=%g s", what, self.timeout_s)
+        return RequestTimeout(f"the request did not finish within {self.timeout_s:g} s (REQUEST_TIMEOUT_S) and was "
+                              "stopped; ask for fewer tokens or retry later")
 
     def _check_ready(self) -> None:
         alive, ready, message = self.engine.status()
@@ -140,7 +159,7 @@ class ChatService:
             usage=_usage(chunk), transcripts=transcripts or None)
 
     async def _stream(self, gen: _Generation, first: CompletionChunk, request: ChatCompletionRequest,
-                      transcripts: list[AudioTranscript]) -> AsyncIterator[str]:
+                      transcripts: list[AudioTranscript], deadline: float) -> AsyncIterator[str]:
         parser = ReasoningParser() if request.return_reasoning_enabled else None
 
         def event(choices: list[StreamChoice], usage: Usage | None = None,
@@ -168,7 +187,11 @@ class ChatService:
                     break
                 if delta.content or delta.reasoning_content:
                     yield event([StreamChoice(delta=delta)])
-                chunk = await gen.next()
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        chunk = await gen.next()
+                except TimeoutError:
+                    raise self._timed_out(gen.request_id) from None
         except EngineError as e:
             log.warning("%s failed while streaming: %s", gen.request_id, e.message)
             yield f"data: {error_json(e)}\n\n"
