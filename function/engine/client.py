@@ -147,8 +147,17 @@ class LocalEngine(EngineClient):
         t = time.perf_counter()
         n = 0
         if runner.use_graphs:
-            # graphs for every batch bucket at the lengths a phone screenshot conversation needs
-            n = runner.capture_all(max_len_bucket=min(4096, runner.len_buckets[-1]))
+            # before ready: the graphs a first request after scale-from-zero uses (small batches, short and
+            # screenshot-length context, a short prompt); the engine captures the rest when idle (or on first use)
+            import torch
+            plan = runner.graph_plan(min(4096, runner.len_buckets[-1]))
+            first = [k for k in plan if (k[0] != "prefill" and k[0] <= 8 and k[1] == runner.len_buckets[0])
+                     or (k[0] != "prefill" and k[0] == 1) or k in (("prefill", 1, 256), ("prefill", 1, 512))]
+            for k in first:
+                runner.capture(k)
+            torch.cuda.synchronize()
+            runner.pending = [k for k in plan if k not in runner.graphs]
+            n = len(first)
         self.timings["graph_capture"] = round(time.perf_counter() - t, 3)
         self.timings["graphs"] = n
         side = 1080 if runner.device.type == "cuda" else 224

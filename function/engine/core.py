@@ -89,9 +89,12 @@ class EngineCore:
         try:
             while not self._stop.is_set():
                 idle = not self.by_id
-                self._drain(block=idle)
+                pending_graphs = idle and bool(self.runner.pending)
+                self._drain(block=idle and not pending_graphs)
                 if not self.by_id:
                     self._report()   # gauges fall back to idle values (after aborts too)
+                    if pending_graphs:
+                        self.runner.capture_pending()
                     continue
                 t = time.perf_counter()
                 self.step()

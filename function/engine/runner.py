@@ -100,6 +100,7 @@ class ModelRunner:
         self._pool = None
         self._pf = None
         self.static_prefill = False   # tests: run the graphed prefill's static-buffer path eagerly
+        self.pending: list[tuple] = []   # graphs to capture when the engine is idle
         self._warmed: set[int] = set()
         self.capture_seconds = 0.0
 
@@ -288,27 +289,35 @@ class ModelRunner:
         log.debug("captured graph %s in %.3fs", key, dt)
         return self.graphs[key]
 
+    def graph_plan(self, max_len_bucket: int) -> list[tuple]:
+        """Every graph worth having, most needed first: decode for each batch bucket at the short and the
+        screenshot-length bucket, then the short prefill shapes."""
+        keys = [(b, ln) for ln in self.len_buckets if ln <= max_len_bucket for b in self.batch_buckets]
+        keys.sort(key=lambda k: (k[0] > 8, k[1], k[0]))
+        keys += [("prefill", nb, qb) for nb in PREFILL_GRAPH_ROWS for qb in (256, 512)
+                 if nb * qb <= PREFILL_GRAPH_TOKENS]
+        return keys
+
     @torch.inference_mode()
-    def capture_all(self, max_len_bucket: int | None = None) -> int:
-        """Capture graphs for every batch bucket and length bucket up to `max_len_bucket` (warm-up)."""
-        if not self.use_graphs:
-            return 0
-        n = 0
-        for ln in self.len_buckets:
-            if max_len_bucket and ln > max_len_bucket:
-                break
-            for b in self.batch_buckets:
-                if (b, ln) not in self.graphs:
-                    self._capture(b, ln)
-                    n += 1
-        for nb in PREFILL_GRAPH_ROWS:
-            for qb in (256, 512):
-                key = ("prefill", nb, qb)
-                if nb * qb <= PREFILL_GRAPH_TOKENS and key not in self.graphs:
-                    self._capture_fn(key, lambda nb=nb, qb=qb: self._prefill_forward(nb, qb))
-                    n += 1
-        torch.cuda.synchronize()
-        return n
+    def capture(self, key: tuple) -> None:
+        if key in self.graphs or not self.use_graphs:
+            return
+        if key[0] == "prefill":
+            _, nb, qb = key
+            self._capture_fn(key, lambda: self._prefill_forward(nb, qb))
+        else:
+            self._capture(*key)
+
+    @torch.inference_mode()
+    def capture_pending(self) -> bool:
+        """Capture one graph from `pending` (called by the engine loop when it has nothing else to do), so that
+        readiness waits only for the graphs a first request needs and the rest never stall a busy step."""
+        while self.pending:
+            key = self.pending.pop(0)
+            if key not in self.graphs:
+                self.capture(key)
+                return True
+        return False
 
     def stage_rows(self, slots: list[int]) -> torch.Tensor:
         """The slots of a step as a device index tensor, copied without a sync (see decode)."""
