@@ -492,8 +492,12 @@ def main():
     if "importtime" in what:
         bounded("importtime", 40, importtime)
     if "cold" in what:
-        for name, q in (("naive_bf16", "none"), ("function_bf16", "none"), ("naive_nf4_quantize", "nf4"),
-                        ("function_nf4_prequantized", "nf4")):
+        import glob
+        runs = [("naive_bf16", "none"), ("function_bf16", "none"), ("naive_nf4_quantize", "nf4")]
+        if not glob.glob(os.path.join(CACHE_DIR, "prequantized", "*", "prequantized.json")):
+            runs.append(("function_nf4_first_start_quantize_and_save", "nf4"))
+        runs.append(("function_nf4_prequantized", "nf4"))
+        for name, q in runs:
             r = bounded("cold_" + name, 90, cold, name, q)
             if r is not None:
                 log("cold_" + name, r)
