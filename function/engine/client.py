@@ -100,6 +100,21 @@ class LocalEngine(EngineClient):
         per_tok = SlotKVCache.bytes_per_token(tcfg.num_hidden_layers, tcfg.num_key_value_heads, head_dim, dtype)
         slots = self.config.max_num_seqs
         budget = self._kv_budget(torch, loaded.choices.device, slots)
+        if loaded.placement is not None:
+            # split model: each card holds the KV of its own layers; the card with the least room sets the size
+            from .placement import default_reserve_bytes, fit_kv
+
+            budgets = []
+            for d in loaded.placement.devices:
+                free, total = torch.cuda.mem_get_info(d)
+                budgets.append(int(total * self.config.gpu_memory_utilization) - (total - free)
+                               - default_reserve_bytes(slots))
+            fit = fit_kv(loaded.placement.layers_per_device, budgets, per_tok // tcfg.num_hidden_layers, slots,
+                         max_len, device_names=[str(d) for d in loaded.placement.devices])
+            for note in fit.notes:
+                log.warning("%s", note)
+            slots, max_len = fit.slots, fit.max_len
+            budget = slots * (max_len + 1) * per_tok
         if slots * (max_len + 1) * per_tok > budget:
             fit_slots = max(1, budget // ((max_len + 1) * per_tok))
             if fit_slots < slots:

@@ -220,6 +220,7 @@ class Loaded:
     tokenizer: Any
     generation_config: Any
     choices: Choices
+    placement: Any = None      # placement.Placement when the model is split over several GPUs
 
 
 def load(config: Config, on_phase: Callable[[str], None] = lambda p: None) -> Loaded:
@@ -250,6 +251,24 @@ def load(config: Config, on_phase: Callable[[str], None] = lambda p: None) -> Lo
     from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
 
     dtype = getattr(torch, choices.dtype)
+    placement = None
+    device_map = choices.device
+    if choices.device.startswith("cuda"):
+        from .placement import check_devices, plan, visible_gpu_bytes, weight_bytes_per_param
+
+        check_devices(config.gpus_per_pod, torch.cuda.device_count(), device=config.device,
+                      cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
+        if config.gpus_per_pod > 1:
+            from transformers import AutoConfig
+
+            itemsize = torch.finfo(dtype).bits // 8
+            placement = plan(AutoConfig.from_pretrained(model_path), config.gpus_per_pod, visible_gpu_bytes(),
+                             weight_bytes_per_param(choices.quantization, itemsize),
+                             max_num_seqs=config.max_num_seqs, max_model_len=config.max_model_len,
+                             utilization=config.gpu_memory_utilization, dtype_bytes=itemsize,
+                             quantize_vision=config.quantize_vision, device=config.device)
+            device_map = placement.device_map
+            log.info("placement over %d GPUs: %s", config.gpus_per_pod, placement.summary())
     load_dir, kwargs = model_path, {}
     cache_dir = None
     if choices.quantization != "none":
@@ -261,7 +280,7 @@ def load(config: Config, on_phase: Callable[[str], None] = lambda p: None) -> Lo
     phase = "load_prequantized" if load_dir != model_path else (
         "load_and_quantize" if choices.quantization != "none" else "load_weights")
     model = timed(phase, lambda: AutoModelForImageTextToText.from_pretrained(
-        load_dir, dtype=dtype, device_map=choices.device, attn_implementation=choices.attn_implementation,
+        load_dir, dtype=dtype, device_map=device_map, attn_implementation=choices.attn_implementation,
         **kwargs).eval())
     if cache_dir is not None and load_dir == model_path and config.prequantized_cache:
         try:
@@ -280,4 +299,4 @@ def load(config: Config, on_phase: Callable[[str], None] = lambda p: None) -> Lo
     choices.timings = timings
     log.info("model loaded: %s", json.dumps({**choices.labels(), "timings": timings}))
     return Loaded(model=model, processor=processor, tokenizer=processor.tokenizer, generation_config=gen_cfg,
-                  choices=choices)
+                  choices=choices, placement=placement)

@@ -9,7 +9,7 @@ The split (pipeline style, one card after the other; nothing runs on two cards a
 
     card 0      model.visual (vision tower), model.language_model.embed_tokens, rotary_emb, decoder layers 0..n0-1
     card 1..    the next decoder layers, contiguous
-    last card   ..., layer L-1, model.language_model.norm, lm_head   (the sampler and the logits live here)
+    last card   ..., layer L-1, model.language_model.norm, lm_head
 
 Each decoder layer's K/V buffers live on that layer's card, and every layer holds the same slots x positions, so the
 cache is limited by the card with the least room per layer it hosts (the *binding* card). The layers are spread to
