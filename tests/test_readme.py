@@ -22,5 +22,4 @@ def test_ci_runs_the_readme_test_command():
 def test_linked_files_exist():
     import re
     for link in re.findall(r"\]\(((?:docs|bench)/[^)#]+)\)", README):
-        assert (ROOT / link).exists() or link in ("docs/cache.md", "docs/metrics.md", "docs/voice.md",
-                                                  "bench/RESULTS.md"), link
+        assert (ROOT / link).exists(), link

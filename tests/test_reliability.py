@@ -472,7 +472,9 @@ async def test_overload_every_request_is_answered_whole_or_refused_with_retry_af
     429 at once (memory does not grow with the offered load), and the server serves again afterwards."""
     async with httpx.AsyncClient(base_url=server.url, timeout=WAIT_S) as c:
         first = [ask(f"accepted {i}", max_tokens=1500, ignore_eos=True, stream=i % 2 == 0) for i in range(4)]
-        accepted = [asyncio.create_task(post(c, b)) for b in first]
+        accepted = [asyncio.create_task(post(c, b)) for b in first[:2]]
+        await wait_gauges(c, running=2, queued=0, timeout=30)        # (requests still being prepared count as
+        accepted += [asyncio.create_task(post(c, b)) for b in first[2:]]     # queued: fill the slots first)
         await wait_gauges(c, running=2, queued=2, timeout=30)
         burst = [ask(f"burst {i}", max_tokens=50, ignore_eos=True, stream=i % 2 == 0) for i in range(12)]
         t = time.monotonic()
@@ -504,9 +506,12 @@ async def test_client_disconnect_aborts_and_frees_the_slot(server: Server):
 
 async def test_probes_answer_within_100ms_while_the_engine_is_saturated(server: Server):
     async with httpx.AsyncClient(base_url=server.url, timeout=WAIT_S) as c:
-        load = [asyncio.create_task(c.post(CHAT, json=ask(f"load {i}", max_tokens=LONG, ignore_eos=True)))
-                for i in range(4)]
+        def load(i: int) -> asyncio.Task:
+            return asyncio.create_task(c.post(CHAT, json=ask(f"load {i}", max_tokens=LONG, ignore_eos=True)))
+        loads = [load(0), load(1)]
         try:
+            await wait_gauges(c, running=2, queued=0, timeout=30)
+            loads += [load(2), load(3)]
             await wait_gauges(c, running=2, queued=2, timeout=30)       # both slots decoding, the queue full
 
             def probe_all() -> dict[str, list[float]]:
@@ -521,9 +526,9 @@ async def test_probes_answer_within_100ms_while_the_engine_is_saturated(server: 
             took = await asyncio.to_thread(probe_all)
             assert await gauges(c) == {"autoglm_running_requests": 2, "autoglm_queue_depth": 2}   # still saturated
         finally:
-            for task in load:
+            for task in loads:
                 task.cancel()
-            await asyncio.gather(*load, return_exceptions=True)
+            await asyncio.gather(*loads, return_exceptions=True)
         await wait_gauges(c, running=0, queued=0, timeout=10)
     for path, seconds in took.items():
         assert max(seconds) < 0.100, f"{path}: slowest of {len(seconds)} probes took {max(seconds) * 1000:.0f} ms"
