@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
-__all__ = ["build_tiny_model", "load_processor", "BUILDER_VERSION", "MARKER_FILE", "SPECIAL_TOKENS", "CHAT_TEMPLATE"]
+from .atomic_dir import publish_dir
+
+__all__ = ["build_tiny_model", "BUILDER_VERSION", "MARKER_FILE", "SPECIAL_TOKENS", "CHAT_TEMPLATE"]
 
 #: Bump whenever anything written by `build_tiny_model` changes; a cached checkpoint of another version is rebuilt.
 BUILDER_VERSION = 1
@@ -394,77 +394,5 @@ def build_tiny_model(out_dir: str | os.PathLike[str], seed: int = 0, *, force: b
     one (the loser of the rename discards its copy). `force=True` rebuilds even if a matching checkpoint exists.
     Weights are float32 and a pure function of `seed`.
     """
-    out = Path(out_dir)
-    if not force and _complete(out, seed):
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
-    try:
-        _build_into(tmp, seed)
-        for _ in range(5):
-            try:
-                os.rename(tmp, out)  # atomic; fails if `out` exists and is not an empty directory
-                return out
-            except OSError:
-                if not out.exists():
-                    continue
-                if not force and _complete(out, seed):
-                    return out  # another process finished first
-                # stale or forced: move the old directory aside (atomic), then retry the rename
-                trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-                try:
-                    os.rename(out, trash / "old")
-                except OSError:
-                    pass  # someone else moved or replaced it meanwhile
-                shutil.rmtree(trash, ignore_errors=True)
-                force = False  # our copy is about to be the fresh one; accept a racer's equally fresh copy
-        raise OSError(f"could not move the tiny model into place at {out}")
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def load_processor(model_dir: str | os.PathLike[str]):
-    """`AutoProcessor.from_pretrained(model_dir)`, or an image-only `Glm4vProcessor` where torchvision is missing.
-
-    In transformers 5.x `Glm4vProcessor` always loads and type-checks a video processor, and `Glm4vVideoProcessor`
-    needs torchvision: without it both `AutoProcessor.from_pretrained` and `Glm4vProcessor(..., video_processor=None)`
-    raise, for this checkpoint and the real one alike. The fallback is a `Glm4vProcessor` subclass without the video
-    attribute (images and text behave exactly as in the real class; videos are refused).
-    """
-    from transformers import AutoProcessor
-
-    try:
-        return AutoProcessor.from_pretrained(model_dir)
-    except ImportError as e:
-        if "torchvision" not in str(e).lower():
-            raise
-    from transformers import AutoImageProcessor, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    image_processor = AutoImageProcessor.from_pretrained(model_dir)
-    return _image_only_processor_class()(image_processor, tokenizer, chat_template=tokenizer.chat_template)
-
-
-def _image_only_processor_class():
-    from transformers import Glm4vProcessor
-    from transformers.processing_utils import ProcessorMixin
-
-    class Glm4vImageOnlyProcessor(Glm4vProcessor):
-        """`Glm4vProcessor` minus its video processor (which needs torchvision)."""
-
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            self.image_token = getattr(tokenizer, "image_token", "<|image|>")
-            self.video_token = getattr(tokenizer, "video_token", "<|video|>")
-            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
-            self.video_start_id = tokenizer.convert_tokens_to_ids("<|begin_of_video|>")
-            self.video_end_id = tokenizer.convert_tokens_to_ids("<|end_of_video|>")
-
-        def __call__(self, *args, videos=None, **kwargs):
-            if videos is not None:
-                raise ValueError("video input needs torchvision (Glm4vVideoProcessor); it is not installed")
-            return super().__call__(*args, **kwargs)
-
-    return Glm4vImageOnlyProcessor
+    return publish_dir(Path(out_dir), lambda tmp: _build_into(tmp, seed), lambda d: _complete(d, seed),
+                       force=force, what="tiny model")

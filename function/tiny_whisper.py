@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from .atomic_dir import publish_dir
 
 __all__ = ["build_tiny_whisper", "BUILDER_VERSION", "MARKER_FILE", "special_tokens", "TIMESTAMP_TOKENS"]
 
@@ -209,30 +209,5 @@ def build_tiny_whisper(out_dir: str | os.PathLike[str], seed: int = 0, *, force:
     readers never see half a checkpoint and racing builders both end with a complete one. Weights are a pure
     function of `seed`.
     """
-    out = Path(out_dir)
-    if not force and _complete(out, seed):
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
-    try:
-        _build_into(tmp, seed)
-        for _ in range(5):
-            try:
-                os.rename(tmp, out)  # atomic; fails if `out` exists and is not an empty directory
-                return out
-            except OSError:
-                if not out.exists():
-                    continue
-                if not force and _complete(out, seed):
-                    return out  # another process finished first
-                trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-                try:
-                    os.rename(out, trash / "old")
-                except OSError:
-                    pass  # someone else moved or replaced it meanwhile
-                shutil.rmtree(trash, ignore_errors=True)
-                force = False
-        raise OSError(f"could not move the tiny Whisper model into place at {out}")
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    return publish_dir(Path(out_dir), lambda tmp: _build_into(tmp, seed), lambda d: _complete(d, seed),
+                       force=force, what="tiny Whisper model")

@@ -492,7 +492,7 @@ def test_function_without_asr_builds_none():
 # End to end: the real LocalEngine (tiny GLM-4.1V) and the tiny Whisper, through the Function
 async def test_end_to_end_real_engine_and_tiny_whisper(model_cache_dir, whisper_dir):
     from function.engine.client import LocalEngine
-    from function.tiny_model import load_processor
+    from function.engine.loader import load_processor
 
     seen = []
 

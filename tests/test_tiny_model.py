@@ -18,8 +18,8 @@ from function.tiny_model import (
     REAL_CHAT_TEMPLATE,
     SPECIAL_TOKENS,
     build_tiny_model,
-    load_processor,
 )
+from function.engine.loader import load_processor
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

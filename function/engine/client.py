@@ -16,7 +16,7 @@ from typing import AsyncIterator
 
 from .. import metrics
 from ..config import Config
-from .protocol import (ChatInput, CompletionChunk, EngineClient, EngineDead, EngineError, InvalidInput, NotReady,
+from .protocol import (ChatInput, CompletionChunk, EngineClient, EngineDead, EngineError, NotReady,
                        Overloaded, SamplingParams)
 
 log = logging.getLogger(__name__)

@@ -182,6 +182,11 @@ def load_processor(model_path: Path):
                 return None
             return super().check_argument_for_proper_class(argument_name, argument)
 
+        def __call__(self, *args, videos=None, **kwargs):
+            if videos is not None:
+                raise ValueError("video input needs torchvision (Glm4vVideoProcessor), which is not installed")
+            return super().__call__(*args, **kwargs)
+
     log.info("torchvision is not installed: using Glm4vProcessor without its video processor (images only)")
     return ImageOnlyGlm4vProcessor(image_processor=AutoImageProcessor.from_pretrained(model_path), tokenizer=tok,
                                    video_processor=None, chat_template=template or tok.chat_template)
@@ -248,7 +253,7 @@ def load(config: Config, on_phase: Callable[[str], None] = lambda p: None) -> Lo
     choices.source = source
     if choices.device.startswith("cuda"):
         timed("cuda_init", lambda: torch.zeros(1, device=choices.device))
-    from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
+    from transformers import AutoModelForImageTextToText, GenerationConfig
 
     dtype = getattr(torch, choices.dtype)
     placement = None
