@@ -38,8 +38,8 @@ def main(quant: str = "nf4") -> None:
                   "text prompts at 1/8/32/64 concurrent streams; TTFT from 1080x2400 screenshot steps (idle, and 8 "
                   "closed-loop clients; 32 and 64 scaled linearly from 8 - not measured). cold_start_s = process exec "
                   f"-> ready measured ({len(samples)} runs) + {pod_overhead:.0f} s ASSUMED for scheduling and container "
-                  "start from a cached image (not measured: no cluster). cpu_util is NOT measured (kept from the "
-                  "placeholder; only the HPA comparison uses it).",
+                  "start from a cached image (not measured: no cluster). cpu_util is NOT measured (the earlier guessed "
+                  "values, used only by the HPA comparison).",
         "placeholder": False,
         "model": "autoglm-phone-9b",
         "gpu": "NVIDIA H100 80GB HBM3",
