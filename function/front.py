@@ -118,6 +118,9 @@ class CacheLayer:
             request = ChatCompletionRequest.model_validate_json(body)
         except ValidationError:
             return None                           # the app behind answers with the 400
+        except Exception:                         # noqa: BLE001 - a parsing bug must not cost the user an answer
+            log.exception("response cache: cannot parse a request; bypassing the cache")
+            return None
         if request.model not in (None, self.cache.model) or not self.cache.cacheable(request):
             return None
         try:

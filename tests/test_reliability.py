@@ -7,7 +7,6 @@ hook) for faults; every wait has a deadline, so a regression fails instead of ha
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
 import re
@@ -15,6 +14,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -28,11 +28,12 @@ from func_python.http import ASGIApplication
 from test_e2e_servers import Server, command, free_port, wait_ready
 
 from function.api.app import build_app
+from function.api.gate import Drain
 from function.config import Config
 from function.engine import client as engine_client
 from function.engine.client import LocalEngine
-from function.front import install as install_cache
 from function.func import Function
+from function.shutdown import drain_on_sigterm
 
 MODEL = "autoglm-phone-9b"
 CHAT = "/v1/chat/completions"
@@ -75,7 +76,7 @@ def stream_outcome(body: str) -> str:
 async def test_deadline_non_stream_is_504_and_aborts(client, engine):
     engine.hold_after = 2                             # two pieces, then the engine stalls
     t = time.monotonic()
-    r = await client.post(CHAT, json=ask())
+    r = await asyncio.wait_for(client.post(CHAT, json=ask()), 10)      # without a deadline: forever
     error = assert_error(r, 504, "timeout")
     assert "REQUEST_TIMEOUT_S" in error["message"] and time.monotonic() - t < 5
     assert engine.aborted == [engine.calls[0][0]]     # the engine request was stopped, its slot freed
@@ -84,7 +85,7 @@ async def test_deadline_non_stream_is_504_and_aborts(client, engine):
 @pytest.mark.env(REQUEST_TIMEOUT_S="0.3")
 async def test_deadline_mid_stream_is_an_error_event_and_aborts(client, engine):
     engine.hold_after = 3
-    r = await client.post(CHAT, json=ask(stream=True))
+    r = await asyncio.wait_for(client.post(CHAT, json=ask(stream=True)), 10)
     assert r.status_code == 200 and stream_outcome(r.text) == "error"
     error = [e for e in sse_events(r.text) if "error" in e][0]["error"]
     assert error["code"] == "timeout" and error["type"] == "timeout_error"
@@ -94,7 +95,7 @@ async def test_deadline_mid_stream_is_an_error_event_and_aborts(client, engine):
 @pytest.mark.env(REQUEST_TIMEOUT_S="0.3")
 async def test_deadline_before_the_first_token_is_504(client, engine):
     engine.hold_after = 0
-    assert_error(await client.post(CHAT, json=ask(stream=True)), 504, "timeout")
+    assert_error(await asyncio.wait_for(client.post(CHAT, json=ask(stream=True)), 10), 504, "timeout")
     assert engine.aborted == [engine.calls[0][0]]
 
 
@@ -223,6 +224,47 @@ async def test_function_readiness_turns_false_when_draining():
         assert (await c.get("/health/liveness")).status_code == 200
         assert_error(await c.post(CHAT, json=ask()), 503, "shutting_down")
     fn.stop()
+
+
+_SIGTERM_SCRIPT = """
+import asyncio, os, signal, sys
+from function.api.gate import Drain
+from function.shutdown import drain_on_sigterm
+
+async def main(style, then):
+    loop = asyncio.get_running_loop()
+    stopped = asyncio.Event()
+    if style == "loop":       # hypercorn (func-python): loop.add_signal_handler
+        loop.add_signal_handler(signal.SIGTERM, stopped.set)
+    else:                     # uvicorn: signal.signal
+        signal.signal(signal.SIGTERM, lambda *_: loop.call_soon_threadsafe(stopped.set))
+    drain = Drain()
+    assert drain_on_sigterm(drain, timeout_s=60)
+    drain.in_flight = 1                                  # a request is running
+    os.kill(os.getpid(), signal.SIGTERM)
+    await asyncio.sleep(0.3)
+    assert drain.draining and not stopped.is_set()      # draining; the server not told yet
+    if then == "finish":
+        drain.in_flight = 0
+    else:
+        os.kill(os.getpid(), signal.SIGTERM)             # a second SIGTERM: stop waiting
+    await asyncio.wait_for(stopped.wait(), 5)            # the server's own handler ran
+    print("handed over")
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("style,then", [("loop", "finish"), ("signal", "second-sigterm")])
+def test_sigterm_drains_before_the_servers_own_handler_runs(style, then):
+    """function/shutdown.py with each server's way of handling SIGTERM, without a server or a model."""
+    r = subprocess.run([sys.executable, "-c", _SIGTERM_SCRIPT, style, then], cwd=Path(__file__).resolve().parents[1],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "handed over" in r.stdout, r.stderr[-2000:]
+
+
+def test_outside_a_server_sigterm_is_left_alone():
+    assert drain_on_sigterm(Drain(), timeout_s=1) is False           # no running loop
 
 
 # ----------------------------------------------------------------------------------- GPU faults (real engine)
@@ -408,10 +450,10 @@ async def test_a_load_failure_keeps_the_process_up_and_readiness_says_why(name, 
 
 
 # ----------------------------------------------------------------------------------- the real servers
-SERVER_ENV = {"MAX_NUM_SEQS": "2", "MAX_QUEUE_SIZE": "2", "MAX_MODEL_LEN": "16384", "WARMUP": "false",
+SERVER_ENV = {"MAX_NUM_SEQS": "2", "MAX_QUEUE_SIZE": "2", "MAX_MODEL_LEN": "4096", "WARMUP": "false",
               "DEFAULT_MAX_TOKENS": "16", "MAX_REQUEST_BYTES": str(1 << 20), "MAX_IMAGE_BYTES": str(200_000),
               "REQUEST_TIMEOUT_S": "120"}
-LONG = 15000        # tokens: 15 s or more on CPU, so an abort is told apart from a finished request
+LONG = 4000         # tokens: seconds on CPU
 WAIT_S = 120        # for anything that has to finish
 
 
@@ -488,20 +530,28 @@ async def test_overload_every_request_is_answered_whole_or_refused_with_retry_af
 
 
 async def test_client_disconnect_aborts_and_frees_the_slot(server: Server):
+    """A client that leaves (stream or not) frees its batch slot at once: with a twin request started together and
+    still running, `autoglm_running_requests` falling to 1 can only be the abort, however fast the machine is."""
     async with httpx.AsyncClient(base_url=server.url, timeout=WAIT_S) as c:
         await wait_gauges(c, running=0, queued=0, timeout=30)
-        async with c.stream("POST", CHAT, json=ask("stream", max_tokens=LONG, ignore_eos=True, stream=True)) as r:
+        twin = asyncio.create_task(post(c, ask("twin", max_tokens=LONG, ignore_eos=True, stream=True)))
+        async with c.stream("POST", CHAT, json=ask("leaves", max_tokens=LONG, ignore_eos=True, stream=True)) as r:
             lines = r.aiter_lines()
-            while not (await anext(lines)).startswith("data: {\"id\""):
+            while not (await anext(lines)).startswith('data: {"id"'):
                 pass
-            await wait_gauges(c, running=1, queued=0, timeout=10)
+            await wait_gauges(c, running=2, queued=0, timeout=10)
         # leaving the block closes the connection mid-stream
-        await wait_gauges(c, running=0, queued=0, timeout=5)
-        task = asyncio.create_task(c.post(CHAT, json=ask("json", max_tokens=LONG, ignore_eos=True)))
         await wait_gauges(c, running=1, queued=0, timeout=10)
+        assert not twin.done()
+        task = asyncio.create_task(c.post(CHAT, json=ask("json", max_tokens=LONG, ignore_eos=True)))
+        await wait_gauges(c, running=2, queued=0, timeout=10)
         task.cancel()                                 # the client gives up: its connection closes
         await asyncio.gather(task, return_exceptions=True)
-        await wait_gauges(c, running=0, queued=0, timeout=5)
+        await wait_gauges(c, running=1, queued=0, timeout=10)
+        assert not twin.done()
+        twin.cancel()
+        await asyncio.gather(twin, return_exceptions=True)
+        await wait_gauges(c, running=0, queued=0, timeout=10)
 
 
 async def test_probes_answer_within_100ms_while_the_engine_is_saturated(server: Server):

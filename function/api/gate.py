@@ -6,8 +6,10 @@ with 503 `shutting_down` + Retry-After, while the requests already inside run to
 many are left.
 
 `RequestGate` also bounds the body of every POST under /v1/ by MAX_REQUEST_BYTES before any route, JSON parser or
-cache reads it: a declared Content-Length above the limit is refused at once without reading a byte, a body that
-grows past it (chunked) is refused when it does, both with 413; a body that does not arrive within
+cache reads it: a body over the limit (declared by Content-Length or counted as it arrives) is a 413, and nothing of
+it is kept. The rest of a body up to twice the limit is read and dropped before the 413 is sent, so that a client
+still sending gets the answer rather than a reset connection (servers close a connection with unread data);
+a declared Content-Length beyond that is refused at once without reading a byte. A body that does not arrive within
 REQUEST_TIMEOUT_S is a 408. The CloudEvents routes keep their own limit (their errors are events, function/events.py).
 """
 from __future__ import annotations
@@ -75,24 +77,26 @@ class RequestGate:
     async def _read_body(self, scope: Scope, receive: Receive, send: Send) -> Receive | None:
         """A `receive` that replays the whole body, or None when the request was refused here."""
         declared = next((v for k, v in scope["headers"] if k.lower() == b"content-length"), b"")
-        if declared.isdigit() and int(declared) > self.max_body:
+        if declared.isdigit() and int(declared) > 2 * self.max_body:
             await self._too_large(int(declared), scope, receive, send)
             return None
-        chunks, size = [], 0
+        chunks, size, more = [], 0, True
         try:
             async with asyncio.timeout(self.body_timeout_s):
-                while True:
+                while more:
                     message = await receive()
                     if message["type"] != "http.request":      # the client left: the app sees the disconnect
                         return _replay([message], receive)
                     chunk = message.get("body", b"")
                     size += len(chunk)
-                    if size > self.max_body:
+                    more = message.get("more_body", False)
+                    if size <= self.max_body:
+                        chunks.append(chunk)
+                    elif not more or size > 2 * self.max_body:
                         await self._too_large(size, scope, receive, send)
                         return None
-                    chunks.append(chunk)
-                    if not message.get("more_body", False):
-                        break
+                    else:
+                        chunks.clear()                         # over the limit: read on to the end, keep nothing
         except TimeoutError:
             await errors.error_response("request_timeout", f"the request body did not arrive within "
                                         f"{self.body_timeout_s:g} s (REQUEST_TIMEOUT_S)")(scope, receive, send)

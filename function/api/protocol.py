@@ -86,7 +86,10 @@ class AudioPart(OpenAIRequestModel):
 
 def _part_type(v: Any) -> str | None:
     t = v.get("type") if isinstance(v, dict) else getattr(v, "type", None)
-    return {"text": "TextPart", "image_url": "ImagePart", "input_audio": "AudioPart"}.get(t)
+    return _PART_TAGS.get(t) if isinstance(t, str) else None     # any JSON value may come here: [] is unhashable
+
+
+_PART_TAGS = {"text": "TextPart", "image_url": "ImagePart", "input_audio": "AudioPart"}
 
 
 # Capitalised tags: error locations then tell field names (lowercase) from the union member tried.

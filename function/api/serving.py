@@ -80,7 +80,7 @@ class ChatService:
                 request, transcripts = await transcribe_audio_parts(request, self.audio, self.asr)  # audio -> text
                 chat = await self._chat_input(request)
         except TimeoutError:
-            raise self._timed_out("preparing its input") from None
+            raise self._timed_out("a request still preparing its input") from None
         if not (request.return_transcript or (request.return_transcript is None and self.return_transcript)):
             transcripts = []
         gen = _Generation(self.engine, f"chatcmpl-{uuid.uuid4().hex}", chat, params, arrival)
@@ -193,7 +193,8 @@ class ChatService:
                 except TimeoutError:
                     raise self._timed_out(gen.request_id) from None
         except EngineError as e:
-            log.warning("%s failed while streaming: %s", gen.request_id, e.message)
+            if not isinstance(e, RequestTimeout):       # logged where it was raised
+                log.warning("%s failed while streaming: %s", gen.request_id, e.message)
             yield f"data: {error_json(e)}\n\n"
         except Exception:
             log.exception("%s failed while streaming", gen.request_id)
