@@ -222,7 +222,9 @@ class LocalEngine(EngineClient):
         from .detokenizer import OutputText
 
         with self._lock:
-            if not warmup and self._pending >= self.config.queue_limit:
+            # MAX_QUEUE_SIZE counts requests waiting beyond the free batch slots (read without a lock: a heuristic)
+            free = max(0, self.num_slots - (len(self._core.by_id) - len(self._core.scheduler.waiting)))
+            if not warmup and self._pending >= self.config.queue_limit + free:
                 raise Overloaded(f"the server is at capacity ({self._pending} requests waiting); retry later",
                                  retry_after=1.0)
             self._pending += 1

@@ -63,6 +63,9 @@ class EngineCore:
 
     # --- called from other threads
     def submit(self, seq: Sequence) -> None:
+        if self.dead is not None:   # nobody would ever answer it
+            seq.emit([], "error", EngineDead(f"the engine stopped: {self.dead}"))
+            return
         self.inbox.put(("add", seq))
 
     def abort(self, request_id: str) -> None:
@@ -139,8 +142,6 @@ class EngineCore:
 
     def _report(self) -> None:
         now = time.monotonic()
-        if not self.by_id and now - self._since < 1.0:
-            return
         if now - self._since >= 1.0:
             metrics.set_busy_ratio(min(1.0, self._busy_s / max(1e-9, now - self._since)))
             self._busy_s, self._since = 0.0, now
@@ -173,13 +174,19 @@ class EngineCore:
             seq = a.seq
             seq.slot = a.slot
             seq.cached_tokens = a.reuse
-            if a.copy_from is not None:
-                self.runner.copy_prefix(a.copy_from, a.slot, a.reuse)
-            seq.row = self.sampler.reset_slot(a.slot, seq.prompt.token_ids, seq.params)
+            try:   # per-request setup: a failure here fails this request only
+                if a.copy_from is not None:
+                    self.runner.copy_prefix(a.copy_from, a.slot, a.reuse)
+                seq.row = self.sampler.reset_slot(a.slot, seq.prompt.token_ids, seq.params)
+            except Exception as e:  # noqa: BLE001
+                self._step_failed([seq], e)
+                continue
             imgs = [im for im in seq.prompt.images if im[0] >= a.reuse]
             items.append(PrefillItem(slot=a.slot, token_ids=seq.prompt.token_ids, start=a.reuse,
                                      position_ids=seq.prompt.position_ids, images=imgs))
             seqs.append(seq)
+        if not seqs:
+            return
         metrics.observe_prefix_cache(sum(s.cached_tokens for s in seqs), sum(s.prompt.length for s in seqs))
         try:
             if self.fault_hook:

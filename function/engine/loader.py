@@ -67,7 +67,8 @@ def choose(config: Config, model_path: Path) -> Choices:
             raise RuntimeError(f"DEVICE={device} but no CUDA device is visible (check the GPU limit and the "
                                "NVIDIA runtime on the node)")
     if config.require_gpu and not device.startswith("cuda"):
-        raise RuntimeError("REQUIRE_GPU is set but no CUDA device is visible")
+        raise RuntimeError("REQUIRE_GPU is set but no CUDA device is visible: give the pod an nvidia.com/gpu limit "
+                           "on a GPU node (NVIDIA device plugin installed), or unset REQUIRE_GPU to serve on CPU")
     if config.dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
     else:
@@ -284,9 +285,20 @@ def load(config: Config, on_phase: Callable[[str], None] = lambda p: None) -> Lo
             kwargs["quantization_config"] = bnb_config(choices.quantization, config.quantize_vision, dtype)
     phase = "load_prequantized" if load_dir != model_path else (
         "load_and_quantize" if choices.quantization != "none" else "load_weights")
-    model = timed(phase, lambda: AutoModelForImageTextToText.from_pretrained(
-        load_dir, dtype=dtype, device_map=device_map, attn_implementation=choices.attn_implementation,
-        **kwargs).eval())
+    def _from_pretrained():
+        try:
+            return AutoModelForImageTextToText.from_pretrained(
+                load_dir, dtype=dtype, device_map=device_map, attn_implementation=choices.attn_implementation,
+                **kwargs).eval()
+        except Exception as e:  # noqa: BLE001 - safetensors' own error class derives from Exception only
+            if "out of memory" in str(e).lower() or isinstance(e, ImportError):
+                raise
+            fix = ("delete that directory so the next start quantizes again" if load_dir != model_path else
+                   "re-copy the checkpoint (or re-run the model-cache Job)")
+            raise RuntimeError(f"the checkpoint in {load_dir} could not be read; it is corrupt or incomplete "
+                               f"({type(e).__name__}: {e}); {fix}") from e
+
+    model = timed(phase, _from_pretrained)
     if cache_dir is not None and load_dir == model_path and config.prequantized_cache:
         try:
             timed("save_prequantized", lambda: save_prequantized(model, model_path, cache_dir))
