@@ -6,6 +6,7 @@ a complete one.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -43,3 +44,13 @@ def publish_dir(out: Path, build_into: Callable[[Path], None], is_complete: Call
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def marker_matches(d: Path, marker_file: str, **expected) -> bool:
+    """True when `d/marker_file` (JSON) exists and holds every `expected` key with that value: a builder writes its
+    marker last, so a matching marker means a finished directory of that version."""
+    try:
+        marker = json.loads((d / marker_file).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return all(marker.get(k) == v for k, v in expected.items())

@@ -25,7 +25,7 @@ import json
 import os
 from pathlib import Path
 
-from .atomic_dir import publish_dir
+from .atomic_dir import marker_matches, publish_dir
 
 __all__ = ["build_tiny_model", "BUILDER_VERSION", "MARKER_FILE", "SPECIAL_TOKENS", "CHAT_TEMPLATE"]
 
@@ -378,11 +378,7 @@ def _build_into(d: Path, seed: int) -> None:
 
 
 def _complete(d: Path, seed: int) -> bool:
-    try:
-        marker = json.loads((d / MARKER_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return marker.get("builder_version") == BUILDER_VERSION and marker.get("seed") == seed
+    return marker_matches(d, MARKER_FILE, builder_version=BUILDER_VERSION, seed=seed)
 
 
 def build_tiny_model(out_dir: str | os.PathLike[str], seed: int = 0, *, force: bool = False) -> Path:

@@ -6,7 +6,6 @@ against a real redis-server started here on loopback (shared entries, TTL, faili
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import shutil
@@ -19,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import data_url, image_bytes, image_message, sse_events
+from asgi_helpers import call_asgi, until
 from fake_engine import FakeEngine
 
 from function import metrics
@@ -404,29 +404,6 @@ async def test_reencoded_screenshot_hits(client, engine):
     assert (await client.post("/v1/chat/completions", json=ask(data_url(other)))).headers["x-cache"] == "miss"
 
 
-async def call_asgi(app, body: dict, disconnect: asyncio.Event, sent: list[dict]) -> None:
-    request = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
-
-    async def receive():
-        if request:
-            return request.pop()
-        await disconnect.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message):
-        sent.append(message)
-
-    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
-             "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
-             "root_path": "", "query_string": b"", "headers": [(b"content-type", b"application/json")],
-             "client": ("127.0.0.1", 1), "server": ("testserver", 80)}
-    await asyncio.wait_for(app(scope, receive, send), timeout=10)
-
-
-async def until(predicate, timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 async def test_client_gone_mid_stream_is_not_stored(engine):
