@@ -1,4 +1,5 @@
-"""Publishing a generated directory atomically: build it beside its final path, then rename it into place.
+"""Writing generated checkpoint directories: build one beside its final path, then rename it into place
+(atomic publishing), and save models without progress-bar noise.
 
 Used for the self-built tiny checkpoints, which several processes (test workers, server replicas sharing a model
 cache volume) may build at the same moment: readers never see half a directory and racing builders all end with
@@ -54,3 +55,16 @@ def marker_matches(d: Path, marker_file: str, **expected) -> bool:
     except (OSError, ValueError):
         return False
     return all(marker.get(k) == v for k, v in expected.items())
+
+
+def save_model_quietly(model, d: Path) -> None:
+    """`save_pretrained` without transformers' progress bar (noise in test and server logs)."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(d, safe_serialization=True)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()

@@ -25,7 +25,7 @@ import json
 import os
 from pathlib import Path
 
-from .atomic_dir import marker_matches, publish_dir
+from .atomic_dir import marker_matches, publish_dir, save_model_quietly
 
 __all__ = ["build_tiny_model", "BUILDER_VERSION", "MARKER_FILE", "SPECIAL_TOKENS", "CHAT_TEMPLATE"]
 
@@ -344,15 +344,7 @@ def _build_into(d: Path, seed: int) -> None:
         top_k=2,
         top_p=1e-05,
     )
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model.save_pretrained(d, safe_serialization=True)  # config.json, generation_config.json, model.safetensors
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
+    save_model_quietly(model, d)  # config.json, generation_config.json, model.safetensors
 
     tokenizer.save_pretrained(d)
     # as the real tokenizer_config.json names them (transformers 5 writes its backend name, which loads the same)

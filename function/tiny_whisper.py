@@ -27,7 +27,7 @@ import json
 import os
 from pathlib import Path
 
-from .atomic_dir import marker_matches, publish_dir
+from .atomic_dir import marker_matches, publish_dir, save_model_quietly
 
 __all__ = ["build_tiny_whisper", "BUILDER_VERSION", "MARKER_FILE", "special_tokens", "TIMESTAMP_TOKENS"]
 
@@ -169,15 +169,7 @@ def _build_into(d: Path, seed: int) -> None:
         return_timestamps=False,
         alignment_heads=[[1, 0], [1, 1]],
     )
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model.save_pretrained(d, safe_serialization=True)  # config.json, generation_config.json, model.safetensors
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
+    save_model_quietly(model, d)  # config.json, generation_config.json, model.safetensors
     feature_extractor = WhisperFeatureExtractor(feature_size=_DIMS["num_mel_bins"], sampling_rate=16000,
                                                 hop_length=160, chunk_length=30, n_fft=400)
     WhisperProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer).save_pretrained(d)

@@ -6,6 +6,7 @@ Every server start and request has a timeout, and a failing test shows the serve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -14,6 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import openai
@@ -77,15 +79,15 @@ def wait_ready(server: Server) -> None:
     pytest.fail(f"{server.kind} server not ready after {START_TIMEOUT_S} s:\n{server.log()[-5000:]}")
 
 
-@pytest.fixture(scope="module", params=["func-python", "uvicorn"])
-def server(request: pytest.FixtureRequest, model_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    kind = request.param
+@contextlib.contextmanager
+def running_server(kind: str, model_cache_dir: Path, log_dir: Path, settings: dict[str, str]) -> Iterator[Server]:
+    """The real server of `kind` as a subprocess on a free loopback port, with the tiny model (MODEL_PATH unset)
+    and `settings` as its environment; ready when yielded, stopped after."""
     port = free_port()
     cmd, extra = command(kind, port)
     env = {k: v for k, v in os.environ.items() if k != "MODEL_PATH"}      # empty MODEL_PATH: the tiny model
-    env.update(extra, MODEL_CACHE_DIR=str(model_cache_dir), MAX_NUM_SEQS="4", MAX_MODEL_LEN="4096",
-               DEFAULT_MAX_TOKENS="32", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    log_path = tmp_path_factory.mktemp(f"server-{kind}") / "server.log"
+    env.update(extra, **settings, MODEL_CACHE_DIR=str(model_cache_dir), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    log_path = log_dir / "server.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -95,6 +97,13 @@ def server(request: pytest.FixtureRequest, model_cache_dir: Path, tmp_path_facto
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture(scope="module", params=["func-python", "uvicorn"])
+def server(request: pytest.FixtureRequest, model_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    with running_server(request.param, model_cache_dir, tmp_path_factory.mktemp(f"server-{request.param}"),
+                        {"MAX_NUM_SEQS": "4", "MAX_MODEL_LEN": "4096", "DEFAULT_MAX_TOKENS": "32"}) as srv:
+        yield srv
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ import torch
 from conftest import BASE, data_url, image_bytes, image_message, sse_events
 from fake_engine import FakeEngine
 from func_python.http import ASGIApplication
-from test_e2e_servers import Server, command, free_port, wait_ready
+from test_e2e_servers import Server, running_server
 
 from function.api.app import build_app
 from function.api.gate import Drain
@@ -459,21 +459,9 @@ WAIT_S = 120        # for anything that has to finish
 
 @pytest.fixture(scope="module", params=["func-python", "uvicorn"])
 def server(request: pytest.FixtureRequest, model_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    kind = request.param
-    port = free_port()
-    cmd, extra = command(kind, port)
-    env = {k: v for k, v in os.environ.items() if k != "MODEL_PATH"}
-    env.update(**extra, **SERVER_ENV, MODEL_CACHE_DIR=str(model_cache_dir), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    log_path = tmp_path_factory.mktemp(f"reliability-{kind}") / "server.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    srv = Server(kind, f"http://127.0.0.1:{port}", proc, log_path)
-    try:
-        wait_ready(srv)
+    with running_server(request.param, model_cache_dir, tmp_path_factory.mktemp(f"reliability-{request.param}"),
+                        SERVER_ENV) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 async def gauges(c: httpx.AsyncClient) -> dict[str, float]:
