@@ -393,10 +393,13 @@ async def test_not_ready_503_with_retry_after(client, engine):
     assert engine.calls == []
 
 
-async def test_dead_engine_500(client, engine):
+async def test_dead_engine_is_a_retriable_503(client, engine):
+    """A stopped engine turns liveness false and the container is restarted: clients, the activator and the
+    broker retry a 503 with Retry-After (a 500 they would not)."""
     engine.alive, engine.ready, engine.message = False, False, "failed: OSError: no weights"
-    err = assert_error(await client.post("/v1/chat/completions", json=chat()), 500, "internal")
-    assert "no weights" in err["message"]
+    r = await client.post("/v1/chat/completions", json=chat())
+    err = assert_error(r, 503, "engine_stopped")
+    assert "no weights" in err["message"] and int(r.headers["retry-after"]) > 0
 
 
 async def test_engine_not_ready_raised_by_generate(client, engine):

@@ -42,6 +42,7 @@ KINDS: dict[str, Kind] = {
     "not_ready": Kind(503, "service_unavailable_error", retry_after=5),
     "shutting_down": Kind(503, "service_unavailable_error", retry_after=1),   # another replica can take it now
     "unavailable": Kind(503, "service_unavailable_error"),
+    "engine_stopped": Kind(503, "service_unavailable_error", retry_after=5),   # the container is being restarted
     "timeout": Kind(504, "timeout_error"),                         # REQUEST_TIMEOUT_S passed; the work was stopped
     "internal": Kind(500, "server_error"),
 }

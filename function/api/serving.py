@@ -26,7 +26,7 @@ from function import metrics
 from function.asr import SpeechRecognizer, transcribe_audio_parts
 from function.audio import AudioLoader
 from function.config import Config
-from function.engine.protocol import (ChatInput, CompletionChunk, EngineClient, EngineDead, EngineError,
+from function.engine.protocol import (ChatInput, CompletionChunk, EngineClient, EngineDead, EngineError, InternalError,
                                       GenerationFailed, InvalidInput, NotReady, SamplingParams)
 from function.images import ImageLoader
 
@@ -198,7 +198,7 @@ class ChatService:
             yield f"data: {error_json(e)}\n\n"
         except Exception:
             log.exception("%s failed while streaming", gen.request_id)
-            yield f"data: {error_json(EngineDead('internal error while streaming'))}\n\n"
+            yield f"data: {error_json(InternalError('internal error while streaming'))}\n\n"
         finally:
             await gen.close()
         yield SSE_DONE

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +23,13 @@ from .protocol import (ChatInput, CompletionChunk, EngineClient, EngineDead, Eng
 log = logging.getLogger(__name__)
 
 FAILED_GRACE_S = 30.0   # after a fatal load error, liveness stays up this long so readiness can say why
+
+
+def _host_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
 
 
 class LocalEngine(EngineClient):
@@ -99,31 +107,10 @@ class LocalEngine(EngineClient):
         dtype = model.lm_head.weight.dtype
         per_tok = SlotKVCache.bytes_per_token(tcfg.num_hidden_layers, tcfg.num_key_value_heads, head_dim, dtype)
         slots = self.config.max_num_seqs
-        budget = self._kv_budget(torch, loaded.choices.device, slots)
-        if loaded.placement is not None:
-            # split model: each card holds the KV of its own layers; the card with the least room sets the size
-            from .placement import default_reserve_bytes, fit_kv
-
-            budgets = []
-            for d in loaded.placement.devices:
-                free, total = torch.cuda.mem_get_info(d)
-                budgets.append(int(total * self.config.gpu_memory_utilization) - (total - free)
-                               - default_reserve_bytes(slots))
-            fit = fit_kv(loaded.placement.layers_per_device, budgets, per_tok // tcfg.num_hidden_layers, slots,
-                         max_len, device_names=[str(d) for d in loaded.placement.devices])
-            for note in fit.notes:
-                log.warning("%s", note)
-            slots, max_len = fit.slots, fit.max_len
-            budget = slots * (max_len + 1) * per_tok
-        if slots * (max_len + 1) * per_tok > budget:
-            fit_slots = max(1, budget // ((max_len + 1) * per_tok))
-            if fit_slots < slots:
-                log.warning("KV cache budget %.1f GiB holds %d slots of %d tokens, not MAX_NUM_SEQS=%d",
-                            budget / 2**30, fit_slots, max_len, slots)
-                slots = int(fit_slots)
-            if budget < (max_len + 1) * per_tok:
-                max_len = int(budget // per_tok) - 1
-                log.warning("KV cache budget limits MAX_MODEL_LEN to %d", max_len)
+        fit = self._fit_kv(torch, loaded, tcfg.num_hidden_layers, per_tok // tcfg.num_hidden_layers, slots, max_len)
+        for note in fit.notes:
+            log.warning("%s", note)
+        slots, max_len = fit.slots, fit.max_len
         self.max_model_len = max_len
         self._set_phase("loading: kv cache")
         t = time.perf_counter()
@@ -146,13 +133,46 @@ class LocalEngine(EngineClient):
         self.num_slots = slots
         self._core.start()
 
-    def _kv_budget(self, torch, device: str, slots: int) -> int:
-        if device.startswith("cuda"):
-            free, total = torch.cuda.mem_get_info()
-            used = total - free
-            reserve = 2 * 2**30 + 512 * 2**20 * max(1, slots // 8)   # activations, graphs, vision tower, sampler
-            return max(0, int(total * self.config.gpu_memory_utilization) - used - reserve)
-        return 512 * 2**20
+    def _fit_kv(self, torch, loaded, num_layers: int, per_tok_layer: int, slots: int, max_len: int):
+        """One KV sizing path for one card and for several: each card gives its layers' KV what is left of
+        GPU_MEMORY_UTILIZATION x its total memory after this process's own use (weights) and a reserve for
+        activations, cuBLAS/cuDNN workspaces and graph pools; fit_kv turns that into slots x length, or a clear
+        error when not even one sequence fits."""
+        from .placement import fit_kv
+
+        if loaded.placement is not None:
+            devices, layers = list(loaded.placement.devices), list(loaded.placement.layers_per_device)
+        else:
+            devices, layers = [loaded.choices.device], [num_layers]
+        if not devices[0].startswith("cuda"):
+            # CPU: room for every slot at full length, within a quarter of the machine's memory
+            need = num_layers * slots * (max_len + 1) * per_tok_layer
+            budgets = [min(max(512 * 2**20, need), _host_memory_bytes() // 4)]
+        else:
+            budgets = [self._card_kv_budget(torch, d, slots) for d in devices]
+        return fit_kv(layers, budgets, per_tok_layer, slots, max_len, device_names=[str(d) for d in devices])
+
+    def _card_kv_budget(self, torch, device: str, slots: int) -> int:
+        from .placement import PlacementError, default_reserve_bytes
+
+        free, total = torch.cuda.mem_get_info(device)
+        ours = torch.cuda.memory_reserved(device)
+        reserve = default_reserve_bytes(slots)
+        share = int(total * self.config.gpu_memory_utilization)
+        budget = share - ours - reserve
+        if budget > free - reserve:
+            # something outside this engine (another process, a pod still exiting) holds the room the budget
+            # counts on: say so now instead of failing later inside a graph capture or a cuBLAS workspace
+            others = max(0, total - free - ours)
+            g = 2**30
+            raise PlacementError(
+                f"not enough free GPU memory on {device}: GPU_MEMORY_UTILIZATION={self.config.gpu_memory_utilization:g}"
+                f" of {total / g:.1f} GiB gives this engine {share / g:.1f} GiB; it holds {ours / g:.1f} GiB "
+                f"(weights) and needs {reserve / g:.1f} GiB of reserve plus its KV cache, but only {free / g:.1f} GiB "
+                f"are free: {others / g:.1f} GiB are held outside this engine (other processes, CUDA contexts). "
+                f"Free the card or lower GPU_MEMORY_UTILIZATION to "
+                f"{max(0.05, (free + ours) / total - 0.02):.2f}")
+        return max(0, budget)
 
     def _warmup(self) -> None:
         """Capture the decode graphs, then push a text and an image request through the whole path."""
@@ -168,10 +188,15 @@ class LocalEngine(EngineClient):
             plan = runner.graph_plan(min(4096, runner.len_buckets[-1]))
             first = [k for k in plan if (k[0] != "prefill" and k[0] <= 8 and k[1] == runner.len_buckets[0])
                      or (k[0] != "prefill" and k[0] == 1) or k in (("prefill", 1, 256), ("prefill", 1, 512))]
-            for k in first:
-                runner.capture(k)
-            torch.cuda.synchronize()
-            runner.pending = [k for k in plan if k not in runner.graphs]
+
+            def capture_first():
+                # on the engine thread: the one that runs the model, with its cuBLAS handles and capture stream
+                for k in first:
+                    runner.capture(k)
+                torch.cuda.synchronize()
+                runner.pending = [k for k in plan if k not in runner.graphs]
+
+            self._core.call(capture_first).result()
             n = len(first)
         self.timings["graph_capture"] = round(time.perf_counter() - t, 3)
         self.timings["graphs"] = n

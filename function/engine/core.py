@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -28,6 +29,26 @@ log = logging.getLogger(__name__)
 
 # emit(token_ids, finish_reason, error) is called on the engine thread; it must not block
 Emit = Callable[[list[int], "str | None", "Exception | None"], None]
+
+# CUDA errors after which the context is unusable (sticky errors): nothing in this process can run on the GPU
+# again, so the engine stops, readiness and liveness turn false, and the kubelet restarts the container.
+_FATAL_CUDA = ("device-side assert", "illegal memory access", "illegal instruction", "unspecified launch failure",
+               "launch failure", "misaligned address", "uncorrectable ecc", "ecc error", "hardware stack error",
+               "cudaerrorlaunchfailure", "cudaerrorillegaladdress", "cudaerrorassert", "gpu has fallen off the bus",
+               "an illegal", "invalid program counter", "unrecoverable")
+
+
+def is_fatal_device_error(e: BaseException) -> bool:
+    """A CUDA fault that poisons the context, as opposed to one a step can survive (out of memory)."""
+    if isinstance(e, getattr(torch, "OutOfMemoryError", ())):
+        return False
+    msg = str(e).lower()
+    return ("cuda" in msg or "cublas" in msg or "cudnn" in msg or "accelerator" in msg or
+            isinstance(e, getattr(torch, "AcceleratorError", ()))) and any(p in msg for p in _FATAL_CUDA)
+
+
+class FatalDeviceError(RuntimeError):
+    """Raised out of a step to stop the engine loop: the device cannot run anything any more."""
 
 
 @dataclass
@@ -71,6 +92,16 @@ class EngineCore:
     def abort(self, request_id: str) -> None:
         self.inbox.put(("abort", request_id))
 
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run `fn` on the engine thread between steps (graph capture must happen on the thread and stream
+        that run the model). The future holds its result or exception."""
+        fut: Future = Future()
+        if self.dead is not None:
+            fut.set_exception(EngineDead(f"the engine stopped: {self.dead}", retry_after=5.0))
+        else:
+            self.inbox.put(("call", (fn, fut)))
+        return fut
+
     def waiting_count(self) -> int:
         return len(self.scheduler.waiting)
 
@@ -89,28 +120,43 @@ class EngineCore:
 
     # --- the loop
     def _loop(self) -> None:
+        self.runner.engine_thread = threading.get_ident()
         try:
             while not self._stop.is_set():
                 idle = not self.by_id
-                pending_graphs = idle and bool(self.runner.pending)
+                pending_graphs = idle and self.runner.has_idle_work()
                 self._drain(block=idle and not pending_graphs)
                 if not self.by_id:
                     self._report()   # gauges fall back to idle values (after aborts too)
-                    if pending_graphs:
-                        self.runner.capture_pending()
+                    if pending_graphs and self.inbox.empty():
+                        self._capture_idle()
                     continue
                 t = time.perf_counter()
                 self.step()
                 self._busy_s += time.perf_counter() - t
                 self._report()
         except BaseException as e:  # noqa: BLE001 - the loop must never die silently
-            log.exception("engine loop crashed")
-            self.dead = e
-            err = EngineDead(f"the engine stopped: {type(e).__name__}: {e}")
+            cause = e.__cause__ if isinstance(e, FatalDeviceError) and e.__cause__ else e
+            running = sorted(self.by_id)
+            log.critical("engine stopped: %s: %s (requests in flight: %s); the process must be restarted",
+                         type(cause).__name__, cause, ", ".join(running[:16]) or "none", exc_info=cause)
+            self.dead = cause
+            err = EngineDead(f"the engine stopped ({type(cause).__name__}: {str(cause)[:200]}); "
+                             "this replica is restarting, retry", retry_after=5.0)
             for seq in list(self.by_id.values()):
                 seq.emit([], "error", err)
             self.by_id.clear()
             self._fail_inbox(err)
+
+    def _capture_idle(self) -> None:
+        """Capture one pending graph. A capture that fails for a reason the device survives leaves that bucket
+        to run eagerly; a fault that poisons the context stops the engine."""
+        try:
+            self.runner.capture_pending()
+        except Exception as e:  # noqa: BLE001
+            if is_fatal_device_error(e):
+                raise FatalDeviceError(str(e)) from e
+            log.warning("idle graph capture failed (that bucket runs eagerly): %s: %s", type(e).__name__, e)
 
     def _fail_inbox(self, err: Exception) -> None:
         while True:
@@ -120,6 +166,8 @@ class EngineCore:
                 return
             if kind == "add":
                 item.emit([], "error", err)
+            elif kind == "call":
+                item[1].set_exception(err)
 
     def _drain(self, block: bool) -> None:
         try:
@@ -135,6 +183,14 @@ class EngineCore:
                 seq = self.by_id.get(obj)
                 if seq is not None:
                     self._finish(seq, "abort")
+            elif kind == "call":
+                fn, fut = obj
+                try:
+                    fut.set_result(fn())
+                except Exception as e:  # noqa: BLE001
+                    fut.set_exception(e)
+                    if is_fatal_device_error(e):
+                        raise FatalDeviceError(str(e)) from e
             try:
                 item = self.inbox.get_nowait()
             except queue.Empty:
@@ -253,6 +309,8 @@ class EngineCore:
         seq.emit([], "error", err)
 
     def _step_failed(self, seqs: list[Sequence], e: Exception) -> None:
+        if is_fatal_device_error(e):   # every later step would fail too: stop serving, get restarted
+            raise FatalDeviceError(str(e)) from e
         oom = isinstance(e, torch.OutOfMemoryError) if hasattr(torch, "OutOfMemoryError") else False
         log.error("step failed for %d request(s): %s: %s", len(seqs), type(e).__name__, e)
         err = GenerationFailed("out of GPU memory while serving this request; retry later" if oom else

@@ -85,7 +85,13 @@ class GenerationFailed(EngineError):
 
 
 class EngineDead(EngineError):
-    """The engine thread died; the process will be restarted: 500."""
+    """The engine stopped (a device fault that poisons the CUDA context, a crashed loop): liveness turns false and
+    the container is restarted, so the request is retriable elsewhere or later: 503 with Retry-After."""
+    kind = "engine_stopped"
+
+
+class InternalError(EngineError):
+    """A bug on our side while serving one request: 500."""
     kind = "internal"
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
@@ -98,10 +99,15 @@ class ModelRunner:
         self.len_buckets = _buckets(max_len + 1, (1024, 4096) + tuple(2 ** i for i in range(13, 20)))
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
+        # every warm run and capture happens on this one stream of the engine thread, so cuBLAS/cuBLASLt/cuDNN
+        # handles and workspaces for (thread, stream) exist before a capture needs them (creating one inside a
+        # capture fails: CUBLAS_STATUS_NOT_INITIALIZED)
+        self._capture_stream = torch.cuda.Stream(self.device) if self.use_graphs else None
+        self.engine_thread: int | None = None   # set by the engine loop; captures anywhere else are refused
         self._pf = None
-        self.static_prefill = False   # tests: run the graphed prefill's static-buffer path eagerly
+        # tests: run the graphed paths (static buffers, idle-time captures' warm runs) eagerly on CPU
+        self.static_prefill = False
         self.pending: list[tuple] = []   # graphs to capture when the engine is idle
-        self._warmed: set[int] = set()
         self.capture_seconds = 0.0
 
     # ------------------------------------------------------------------ prefill
@@ -185,6 +191,9 @@ class ModelRunner:
     def _prefill_graphed(self, bucket, items, qlens, embeds, pos) -> torch.Tensor:
         nb, qb = bucket
         n, q = embeds.shape[0], embeds.shape[1]
+        key = ("prefill", nb, qb)
+        if self.use_graphs and key not in self.graphs:
+            self.capture(key)   # on idle inputs, before this step's inputs are staged
         pf = self._prefill_static()
         T = nb * qb
         e = pf["embeds"][:T].view(nb, qb, -1)
@@ -204,10 +213,7 @@ class ModelRunner:
         pf["last"][:nb].copy_(last, non_blocking=True)
         if not self.use_graphs:   # the same static-buffer path, run eagerly (CPU tests)
             return self._prefill_forward(nb, qb)[:n]
-        key = ("prefill", nb, qb)
-        g = self.graphs.get(key)
-        if g is None:
-            g = self._capture_fn(key, lambda: self._prefill_forward(nb, qb))
+        g = self.graphs[key]
         g[0].replay()
         return g[1][:n]
 
@@ -236,6 +242,8 @@ class ModelRunner:
         All host->device copies go through pinned buffers before the graph launch: a copy from pageable memory
         would wait for the GPU and put a bubble between steps."""
         B, Ln = self.bucket(max(tokens), max(positions.values()))
+        if self.use_graphs and (B, Ln) not in self.graphs:
+            self.capture((B, Ln))   # on idle inputs, before this step's inputs are staged
         h = self._host[:, :B]
         h[0].zero_()
         h[1].fill_(self.scratch_pos)
@@ -250,39 +258,52 @@ class ModelRunner:
         self.in_delta[:B].copy_(h[2], non_blocking=True)
         if not self.use_graphs:
             return self._decode_forward(B, Ln)
-        g = self.graphs.get((B, Ln))
-        if g is None:
-            g = self._capture(B, Ln)
+        g = self.graphs[(B, Ln)]
         g[0].replay()
         return g[1]
 
-    def _capture(self, B: int, Ln: int):
-        # idle inputs: every row writes to its scratch position
-        saved = (self.in_ids.clone(), self.in_pos.clone(), self.in_delta.clone())
-        self.in_pos[:B].fill_(self.scratch_pos)
-        try:
-            return self._capture_fn((B, Ln), lambda: self._decode_forward(B, Ln), warm=B not in self._warmed)
-        finally:
-            self._warmed.add(B)
-            self.in_ids.copy_(saved[0])
-            self.in_pos.copy_(saved[1])
-            self.in_delta.copy_(saved[2])
+    # ------------------------------------------------------------------ graph capture
+    def _idle_inputs(self, key: tuple) -> None:
+        """Set every static input that graph `key` reads to values that touch no live state: the warm run and the
+        capture execute the forward for real, so whatever an earlier step left in these buffers would be read
+        (an out-of-range `last` from a bigger bucket) and written (K/V through a stale slot/position into a
+        running sequence or a kept prefix). Idle inputs write only the scratch position of slot 0."""
+        if key[0] == "prefill":
+            pf = self._prefill_static()
+            pf["embeds"].zero_()
+            pf["pos"].zero_()
+            pf["wslot"].zero_()
+            pf["wpos"].fill_(self.scratch_pos)
+            pf["last"].zero_()
+        else:
+            self.in_ids.zero_()
+            self.in_pos.fill_(self.scratch_pos)
+            self.in_delta.zero_()
 
-    def _capture_fn(self, key, fn, warm: bool = True):
-        """Capture `fn` (which reads only static buffers) as a CUDA graph in the shared pool."""
+    def _graph_fn(self, key: tuple):
+        if key[0] == "prefill":
+            _, nb, qb = key
+            return lambda: self._prefill_forward(nb, qb)
+        B, Ln = key
+        return lambda: self._decode_forward(B, Ln)
+
+    def _capture_fn(self, key, fn):
+        """Capture `fn` (which reads only static buffers, set to idle values) as a CUDA graph in the shared pool,
+        after an eager run of the same shapes on the same thread and stream (lazy kernel init, cuBLAS/cuDNN
+        handles and workspaces all happen outside the graph)."""
         t = time.perf_counter()
-        if warm:
-            # an eager run first: kernels' lazy init and workspaces happen outside the graph
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                fn()
-            torch.cuda.current_stream().wait_stream(s)
+        s = self._capture_stream
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self._pool):
+        # thread_local: another thread's CUDA call (a pinned allocation while preparing a request) neither
+        # invalidates this capture nor fails
+        with torch.cuda.graph(g, pool=self._pool, stream=s, capture_error_mode="thread_local"):
             out = fn()
+        torch.cuda.current_stream().wait_stream(s)
         self.graphs[key] = (g, out)
         dt = time.perf_counter() - t
         self.capture_seconds += dt
@@ -300,13 +321,19 @@ class ModelRunner:
 
     @torch.inference_mode()
     def capture(self, key: tuple) -> None:
-        if key in self.graphs or not self.use_graphs:
+        """Capture graph `key` on idle inputs. On CPU with `static_prefill` (tests) the warm run that a capture
+        makes is run eagerly, so the order of events real traffic produces can be walked without a GPU."""
+        if key in self.graphs:
             return
-        if key[0] == "prefill":
-            _, nb, qb = key
-            self._capture_fn(key, lambda: self._prefill_forward(nb, qb))
-        else:
-            self._capture(*key)
+        if self.engine_thread is not None and threading.get_ident() != self.engine_thread:
+            raise RuntimeError("CUDA graphs are captured on the engine thread only")
+        if not self.use_graphs:
+            if self.static_prefill:
+                self._idle_inputs(key)
+                self._graph_fn(key)()
+            return
+        self._idle_inputs(key)
+        self._capture_fn(key, self._graph_fn(key))
 
     @torch.inference_mode()
     def capture_pending(self) -> bool:
@@ -318,6 +345,9 @@ class ModelRunner:
                 self.capture(key)
                 return True
         return False
+
+    def has_idle_work(self) -> bool:
+        return bool(self.pending) and (self.use_graphs or self.static_prefill)
 
     def stage_rows(self, slots: list[int]) -> torch.Tensor:
         """The slots of a step as a device index tensor, copied without a sync (see decode)."""
