@@ -77,8 +77,11 @@ class Config:
     max_model_len: int = env("MAX_MODEL_LEN", "Longest prompt + completion in tokens (0: min(model limit, 16384)).",
                              default=0)
     max_num_seqs: int = env("MAX_NUM_SEQS", "Sequences decoded together (continuous-batching slots).", default=32)
-    max_prefill_tokens: int = env("MAX_PREFILL_TOKENS", "Prompt tokens prefilled together in one step.",
-                                  default=16384)
+    max_prefill_tokens: int = env("MAX_PREFILL_TOKENS", "Prompt tokens prefilled together in one step while "
+                                  "nothing decodes.", default=16384)
+    prefill_chunk_tokens: int = env("PREFILL_CHUNK_TOKENS", "Prompt tokens prefilled per step while sequences "
+                                    "decode (chunked prefill: bounds the inter-token gap of running streams).",
+                                    default=2048)
     gpu_memory_utilization: float = env("GPU_MEMORY_UTILIZATION", "Fraction of GPU memory the engine may use "
                                         "(weights + KV cache + activations).", default=0.90)
     cuda_graphs: bool = env("CUDA_GRAPHS", "Capture decode steps as CUDA graphs (CUDA only).", default=True)
@@ -192,6 +195,9 @@ class Config:
             bad("MAX_NUM_SEQS", "must be at least 1")
         if self.max_model_len < 0:
             bad("MAX_MODEL_LEN", "must be 0 (auto) or positive")
+        if self.max_prefill_tokens < 256 or self.prefill_chunk_tokens < 256:
+            bad("MAX_PREFILL_TOKENS" if self.max_prefill_tokens < 256 else "PREFILL_CHUNK_TOKENS",
+                "must be at least 256")
         if not 0.05 <= self.gpu_memory_utilization <= 0.99:
             bad("GPU_MEMORY_UTILIZATION", "must be between 0.05 and 0.99")
         if self.response_cache not in ("memory", "off"):

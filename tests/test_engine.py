@@ -275,34 +275,18 @@ def test_scheduler_prefix_match_stops_at_images_and_leaves_one_token():
     s = Scheduler(num_slots=2, max_prefill_tokens=1000)
     base = list(range(100))
     s.waiting.append(_Seq(base))
-    (a,) = s.admit()
-    s.prefilled(a.slot)
+    (a,) = s.schedule()
+    s.chunk_done(a)
     s.release(a.slot, [500, 501])
     # identical prompt: everything but the last token is reusable, from the free slot, without a copy
     s.waiting.append(_Seq(base))
-    (b,) = s.admit()
-    assert (b.slot, b.reuse, b.copy_from) == (a.slot, 99, None)
+    (b,) = s.schedule()
+    assert (b.slot, b.reuse, b.start, b.copy_from) == (a.slot, 99, 99, None)
+    s.chunk_done(b)
     # an image spanning 40..60 that differs: reuse stops at its start
     s.waiting.append(_Seq(base[:40] + [-7] * 20 + base[60:], images=[(40, 60)]))
-    (c,) = s.admit()
+    (c,) = s.schedule()
     assert c.reuse == 40 and c.copy_from == b.slot     # b's slot is running: its KV is copied
-
-
-def test_scheduler_budget_and_prefix_reuse_prefills_alone():
-    s = Scheduler(num_slots=4, max_prefill_tokens=150)
-    for n in (100, 100, 20):
-        s.waiting.append(_Seq(list(range(1000 * n, 1000 * n + n))))
-    first = s.admit()
-    assert len(first) == 1                       # 100 + 100 > 150: the second waits for the next step
-    assert len(s.admit()) == 2                   # 100 + 20 fit together
-    s2 = Scheduler(num_slots=4, max_prefill_tokens=10_000)
-    s2.waiting.append(_Seq(list(range(50))))
-    (x,) = s2.admit()
-    s2.prefilled(x.slot)
-    s2.waiting.append(_Seq(list(range(50)) + [7, 8]))    # reuses 50 tokens
-    s2.waiting.append(_Seq(list(range(900, 960))))       # fresh
-    batch = s2.admit()
-    assert len(batch) == 1 and batch[0].reuse == 50
 
 
 def test_output_text_holds_back_partial_stop_strings(engine):

@@ -184,3 +184,58 @@ async def test_out_of_memory_and_failed_idle_captures_keep_the_engine_serving(mo
         assert out[-1].finish_reason == "length"
     finally:
         e.shutdown()
+
+
+def test_chunked_prefill_with_a_boundary_inside_the_image_equals_one_piece(loaded, preparer):
+    """Chunks [0, a), [a, b), [b, L) where a and b fall inside the screenshot's tokens: the image is encoded once
+    and its features are sliced; lower-right causal attention over the slot gives the one-piece logits."""
+    from PIL import Image
+
+    shot = Image.new("RGB", (112, 252), (30, 140, 90))
+    c = ChatInput(messages=[{"role": "system", "content": "You are a phone agent. " * 20},
+                            {"role": "user", "content": [{"type": "image", "image": shot},
+                                                         {"type": "text", "text": "tap the green button"}]}])
+    p = preparer.prepare(c, GREEDY)
+    (s0, e0, *_), = p.images
+    a, b = s0 + (e0 - s0) // 3, s0 + 2 * (e0 - s0) // 3
+    assert s0 < a < b < e0 < p.length
+    whole = ModelRunner(loaded.model, num_slots=2, max_len=2048, use_graphs=False)
+    want = whole.prefill([PrefillItem(slot=0, token_ids=p.token_ids, start=0, position_ids=p.position_ids,
+                                      images=p.images)])
+    runner = ModelRunner(loaded.model, num_slots=2, max_len=2048, use_graphs=False)
+    feats: dict = {}
+    for start, end in ((0, a), (a, b), (b, p.length)):
+        got = runner.prefill([PrefillItem(slot=1, token_ids=p.token_ids, start=start, end=end,
+                                          position_ids=p.position_ids, images=p.images, features=feats)])
+    assert list(feats) == [s0]                              # encoded once, in the first chunk that touched it
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    for x, y in zip(kv_of(whole, 0, p.length), kv_of(runner, 1, p.length)):
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+
+
+async def test_chunked_prefill_in_the_engine_gives_the_same_tokens(model_cache_dir):
+    """A small chunk budget while others decode: the same greedy outputs as one request at a time."""
+    e = LocalEngine(Config.from_env({"MODEL_CACHE_DIR": str(model_cache_dir), "MAX_NUM_SEQS": "4",
+                                     "MAX_MODEL_LEN": "2048", "WARMUP": "false", "PREFILL_CHUNK_TOKENS": "256"}))
+    e.start_loading()
+    t = time.time()
+    while not e.status()[1]:
+        assert e.error is None and time.time() - t < 120
+        await asyncio.sleep(0.05)
+    try:
+        chats = [chat(f"agent {i}: " + "scroll down and open the message " * (20 + 15 * i)) for i in range(4)]
+        p = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+        alone = [[t for ch in await _collect(e, f"alone{i}", c, p) for t in ch.token_ids] for i, c in enumerate(chats)]
+        gen = e.generate("decoding", chat("keep decoding"), SamplingParams(max_tokens=200, temperature=0.0,
+                                                                            ignore_eos=True))
+        await gen.__anext__()                                   # a stream is decoding: prefill is chunked now
+        before = dict(e._core.stats)
+        e._core.scheduler.prefix_caching = False               # every prompt prefilled in full, in chunks
+        together = await asyncio.gather(*(_collect(e, f"tog{i}", c, p) for i, c in enumerate(chats)))
+        await gen.aclose()
+        assert [[t for ch in r for t in ch.token_ids] for r in together] == alone
+        steps = e._core.stats["prefills"] - before["prefills"]
+        tokens = e._core.stats["prefill_tokens"] - before["prefill_tokens"]
+        assert tokens > 3 * 256 and steps >= -(-tokens // 256)   # no step took more than the chunk budget
+    finally:
+        e.shutdown()

@@ -1,6 +1,7 @@
 """The engine loop: one dedicated thread owns the model and the GPU. Each iteration takes new requests and aborts
-from a thread-safe inbox, admits waiting requests into free cache slots (one batched prefill), then runs one
-decode step for every running sequence, and hands each sequence's new token to its owner through a callback.
+from a thread-safe inbox, prefills the prompt chunks the scheduler picks within its token budget (new requests
+admitted into free cache slots), then runs one decode step for every running sequence, and hands each
+sequence's new token to its owner through a callback.
 
 Continuous batching: requests join at step boundaries and leave when they finish; each row samples with its
 own parameters. A failing step fails only the requests in it; a crash of the loop fails everyone and marks the
@@ -64,6 +65,7 @@ class Sequence:
     row: RowState | None = None
     cached_tokens: int = 0
     arrival: float = field(default_factory=time.monotonic)
+    image_features: dict = field(default_factory=dict)   # vision features kept across prefill chunks
 
 
 class EngineCore:
@@ -208,13 +210,14 @@ class EngineCore:
     # --- one iteration
     def step(self) -> None:
         st = self.stats
-        admitted = self.scheduler.admit()
-        if admitted:
+        decoding = any(s.slot >= 0 and s.generated for s in self.by_id.values())
+        chunks = self.scheduler.schedule(decoding=decoding)
+        if chunks:
             t = time.perf_counter()
-            self._prefill(admitted)
+            self._prefill(chunks)
             st["prefills"] += 1
-            st["prefill_seqs"] += len(admitted)
-            st["prefill_tokens"] += sum(a.seq.prompt.length - a.reuse for a in admitted)
+            st["prefill_seqs"] += sum(c.final for c in chunks)
+            st["prefill_tokens"] += sum(c.tokens for c in chunks)
             st["prefill_s"] += time.perf_counter() - t
         running = [s for s in self.by_id.values() if s.slot >= 0 and s.generated]
         if running:
@@ -224,38 +227,52 @@ class EngineCore:
             st["decode_rows"] += len(running)
             st["decode_s"] += time.perf_counter() - t
 
-    def _prefill(self, admitted) -> None:
-        items, seqs = [], []
-        for a in admitted:
-            seq = a.seq
-            seq.slot = a.slot
-            seq.cached_tokens = a.reuse
-            try:   # per-request setup: a failure here fails this request only
-                if a.copy_from is not None:
-                    self.runner.copy_prefix(a.copy_from, a.slot, a.reuse)
-                seq.row = self.sampler.reset_slot(a.slot, seq.prompt.token_ids, seq.params)
-            except Exception as e:  # noqa: BLE001
-                self._step_failed([seq], e)
-                continue
-            imgs = [im for im in seq.prompt.images if im[0] >= a.reuse]
-            items.append(PrefillItem(slot=a.slot, token_ids=seq.prompt.token_ids, start=a.reuse,
-                                     position_ids=seq.prompt.position_ids, images=imgs))
-            seqs.append(seq)
-        if not seqs:
-            return
-        metrics.observe_prefix_cache(sum(s.cached_tokens for s in seqs), sum(s.prompt.length for s in seqs))
+    def _prefill(self, chunks) -> None:
+        """Run this step's prefill chunks: those from position 0 batched in one forward, each continuing chunk
+        (after a reused prefix or an earlier chunk) in its own forward with flash-capable causal attention."""
+        ready = []
+        for c in chunks:
+            seq = c.seq
+            if c.first:
+                seq.slot = c.slot
+                seq.cached_tokens = c.reuse
+                try:   # per-request setup: a failure here fails this request only
+                    if c.copy_from is not None:
+                        self.runner.copy_prefix(c.copy_from, c.slot, c.reuse)
+                    seq.row = self.sampler.reset_slot(c.slot, seq.prompt.token_ids, seq.params)
+                except Exception as e:  # noqa: BLE001
+                    self._step_failed([seq], e)
+                    continue
+                metrics.observe_prefix_cache(c.reuse, seq.prompt.length)
+            ready.append(c)
+        fresh = [c for c in ready if c.start == 0]
+        groups = ([fresh] if fresh else []) + [[c] for c in ready if c.start > 0]
+        for group in groups:
+            self._prefill_group(group)
+
+    def _prefill_group(self, chunks) -> None:
+        seqs = [c.seq for c in chunks]
+        items = [PrefillItem(slot=c.slot, token_ids=c.seq.prompt.token_ids, start=c.start, end=c.end,
+                             position_ids=c.seq.prompt.position_ids, images=c.seq.prompt.images,
+                             features=c.seq.image_features) for c in chunks]
         try:
             if self.fault_hook:
                 self.fault_hook("prefill")
-            rows = self.runner.stage_rows([s.slot for s in seqs])
             logits = self.runner.prefill(items)
-            toks = self.sampler.sample(logits, rows, [s.row for s in seqs])
+            done = [i for i, c in enumerate(chunks) if c.final]
+            if done:
+                rows = self.runner.stage_rows([chunks[i].slot for i in done])
+                sel = logits if len(done) == len(chunks) else logits[torch.tensor(done, device=logits.device)]
+                toks = self.sampler.sample(sel, rows, [seqs[i].row for i in done])
         except Exception as e:  # noqa: BLE001
             self._step_failed(seqs, e)
             return
-        for seq in seqs:
-            self.scheduler.prefilled(seq.slot)
-        self._accept(seqs, toks, rows)
+        for c in chunks:
+            self.scheduler.chunk_done(c)
+            if c.final:
+                c.seq.image_features = {}
+        if done:
+            self._accept([seqs[i] for i in done], toks, rows)
 
     def _decode(self, seqs: list[Sequence]) -> None:
         tokens = {s.slot: s.generated[-1] for s in seqs}

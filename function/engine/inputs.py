@@ -102,10 +102,3 @@ def _append_tokens(enc, extra: list[int]):
         enc["mm_token_type_ids"] = torch.cat([enc["mm_token_type_ids"], torch.zeros_like(add)], dim=1)
     return enc
 
-
-def longest_common_prefix(a: np.ndarray, b: np.ndarray) -> int:
-    m = min(len(a), len(b))
-    if m == 0:
-        return 0
-    neq = np.flatnonzero(a[:m] != b[:m])
-    return int(neq[0]) if len(neq) else m

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 ATTN_NAME = "autoglm_slots"
 _GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
@@ -18,8 +19,13 @@ _GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
 def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """query [B,H,q,D]; key/value [B,Hkv,L,D] straight from the slot cache; attention_mask bool [B,1,q,L], or None
-    for a prefill from position 0 where plain causal attention is exact (and lets SDPA pick its flash kernel)."""
-    causal = attention_mask is None and query.shape[2] > 1
+    for a prefill where causal attention is exact: from position 0 (q == L), or one sequence's chunk after the
+    part of its prompt already in the cache (q < L: the causal diagonal aligned to the lower right). Both let SDPA
+    pick a flash kernel instead of materializing a [q, L] mask."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    causal = attention_mask is None and q_len > 1 and q_len == kv_len
+    if attention_mask is None and 1 < q_len < kv_len:
+        attention_mask = causal_lower_right(q_len, kv_len)
     if _GQA:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling,
                                              is_causal=causal, enable_gqa=key.shape[1] != query.shape[1])
@@ -61,6 +67,7 @@ class SlotKVCache:
         self._read_len = 0
         self._positions: torch.Tensor | None = None   # decode: [B]
         self._slot_ids: torch.Tensor | None = None    # prefill: [n]
+        self._row_slot: int | None = None             # prefill of one sequence's chunk: its slot (a view, no gather)
         self._w_slots: torch.Tensor | None = None     # prefill: [n, q]
         self._w_pos: torch.Tensor | None = None       # prefill: [n, q]
 
@@ -82,11 +89,13 @@ class SlotKVCache:
         self._moved.clear()
 
     def set_prefill(self, slot_ids: torch.Tensor | None, write_pos: torch.Tensor, read_len: int, fresh: bool,
-                    write_slots: torch.Tensor | None = None) -> None:
+                    write_slots: torch.Tensor | None = None, row_slot: int | None = None) -> None:
         """Rows write `write_pos[r]` positions of slot `slot_ids[r]` (or per token, `write_slots`); a fresh
-        prefill (from position 0) attends to its own keys, else rows read their slots up to `read_len`."""
+        prefill (from position 0) attends to its own keys, else rows read their slots up to `read_len` (one row:
+        `row_slot`, read as a view of its slot)."""
         n, q = write_pos.shape
         self._fresh = fresh
+        self._row_slot = row_slot
         self._mode, self._read_len = "prefill", read_len
         self._slot_ids = slot_ids
         self._w_slots = write_slots if write_slots is not None else slot_ids.view(n, 1).expand(n, q)
@@ -108,6 +117,9 @@ class SlotKVCache:
         V[ws, :, wp] = value_states.transpose(1, 2)
         if self._fresh:   # prefill from position 0: the keys are exactly what was just computed
             return key_states, value_states
+        if self._row_slot is not None:
+            r = self._row_slot
+            return K[r:r + 1, :, : self._read_len], V[r:r + 1, :, : self._read_len]
         sl = self._on(self._slot_ids, d)
         return K[sl, :, : self._read_len], V[sl, :, : self._read_len]
 

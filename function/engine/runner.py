@@ -53,9 +53,15 @@ PREFILL_GRAPH_TOKENS = 2048   # larger prefills are compute-bound: eager costs l
 class PrefillItem:
     slot: int
     token_ids: list[int]          # the whole prompt
-    start: int                    # tokens already in the slot's cache (reused prefix)
+    start: int                    # tokens already in the slot's cache (reused prefix, earlier chunks)
     position_ids: torch.Tensor    # [3, L] for the whole prompt
-    images: list                  # images whose span lies at or after `start`: (s, e, pixels, grid)
+    images: list                  # the prompt's images: (s, e, pixels, grid); those overlapping [start, end) are used
+    end: int | None = None        # prefill up to here (None: the whole prompt)
+    features: dict | None = None  # image start -> vision features, kept across the chunks of one prompt
+
+    @property
+    def stop(self) -> int:
+        return len(self.token_ids) if self.end is None else self.end
 
 
 class ModelRunner:
@@ -113,53 +119,78 @@ class ModelRunner:
     # ------------------------------------------------------------------ prefill
     @torch.inference_mode()
     def prefill(self, items: list[PrefillItem]) -> torch.Tensor:
-        """Fill the slots of `items` and return the last-position logits [n, V].
+        """Write the KV of prompt tokens [start, end) of each item into its slot and return each item's logits at
+        `end - 1` [n, V]. Items either all start at 0 (batched with right padding, plain causal attention), or
+        one item continues its slot's cache (a chunk after a reused prefix or an earlier chunk: lower-right
+        causal attention over a view of the slot); several continuing items fall back to a dense mask.
 
         Prefills from position 0 of up to PREFILL_GRAPH_TOKENS tokens replay a CUDA graph captured per (rows, length)
         bucket: there, the eager forward is bound by the CPU launching ~1600 kernels, not by the GPU."""
         dev = self.device
         n = len(items)
-        qlens = [len(it.token_ids) - it.start for it in items]
+        ends = [it.stop for it in items]
+        qlens = [e - it.start for it, e in zip(items, ends)]
         q = max(qlens)
         ids = torch.full((n, q), self.pad_token_id, dtype=torch.long)
         pos = torch.zeros(3, n, q, dtype=torch.long)
-        for i, it in enumerate(items):
-            L = len(it.token_ids)
-            ids[i, : L - it.start] = torch.tensor(it.token_ids[it.start:])
-            p = it.position_ids[:, it.start:L]
-            pos[:, i, : L - it.start] = p
-            if L - it.start < q:  # padding continues the positions; its outputs are discarded
-                pos[:, i, L - it.start:] = p[:, -1:] + torch.arange(1, q - (L - it.start) + 1)
-        ids_d = ids.to(dev)
-        embeds = self.lm.embed_tokens(ids_d)
-        pixels = [img[2] for it in items for img in it.images]
-        if pixels:
-            grids = torch.stack([img[3] for it in items for img in it.images]).to(dev)
-            feats = self.model.model.get_image_features(torch.cat(pixels).to(dev), grids, return_dict=True)
-            feats = torch.cat(feats.pooler_output, dim=0).to(embeds.dtype)
-            mask = (ids_d == self.image_token_id).unsqueeze(-1)
-            embeds = embeds.masked_scatter(mask, feats)
+        for i, (it, e) in enumerate(zip(items, ends)):
+            ql = qlens[i]
+            ids[i, :ql] = torch.tensor(it.token_ids[it.start:e])
+            p = it.position_ids[:, it.start:e]
+            pos[:, i, :ql] = p
+            if ql < q:  # padding continues the positions; its outputs are discarded
+                pos[:, i, ql:] = p[:, -1:] + torch.arange(1, q - ql + 1)
+        embeds = self.lm.embed_tokens(ids.to(dev))
+        self._place_images(items, ends, embeds)
         fresh = all(it.start == 0 for it in items)
         bucket = self._prefill_bucket(n, q) if (fresh and (self.use_graphs or self.static_prefill)) else None
         if bucket is not None:
             return self._prefill_graphed(bucket, items, qlens, embeds, pos)
         pos = pos.to(dev)
         starts = torch.tensor([it.start for it in items], device=dev)
-        write_pos = starts.unsqueeze(1) + torch.arange(q, device=dev).unsqueeze(0)       # [n, q]
+        steps = torch.arange(q, device=dev).unsqueeze(0)
+        real = steps < torch.tensor(qlens, device=dev).unsqueeze(1)
+        write_pos = torch.where(real, starts.unsqueeze(1) + steps, self.scratch_pos)   # padding writes scratch
         read_len = int(max(it.start for it in items)) + q
-        if fresh:
-            attn = None   # right padding + causal is exact for every real token: no mask, flash-capable SDPA
-        else:
+        attn, row_slot = None, None
+        if not fresh and n == 1:
+            row_slot = items[0].slot   # lower-right causal over the slot's first start + q positions
+        elif not fresh:
             keys = torch.arange(read_len, device=dev)
             attn = (keys.view(1, 1, read_len) <= write_pos.unsqueeze(-1)).unsqueeze(1)  # [n,1,q,read_len]
         slots = torch.tensor([it.slot for it in items], device=dev)
-        self.cache.set_prefill(slots, write_pos, read_len, fresh)
+        self.cache.set_prefill(slots, write_pos, read_len, fresh, row_slot=row_slot)
         out = self.lm(inputs_embeds=embeds, position_ids=pos, attention_mask=attn, use_cache=True,
                       **{self._cache_kw: self.cache})
         hs = out.last_hidden_state
         last = torch.tensor([ql - 1 for ql in qlens], device=hs.device)
         h = hs[torch.arange(n, device=hs.device), last]
         return self.lm_head(h).to(dev)
+
+    def _place_images(self, items: list[PrefillItem], ends: list[int], embeds: torch.Tensor) -> None:
+        """Put vision features where the image tokens of [start, end) are. An image is encoded once per prompt
+        (all images new in this step in one vision-tower call) and its features kept for the prompt's later
+        chunks, so a chunk boundary may fall inside an image."""
+        todo = []
+        stores = []
+        for it, e in zip(items, ends):
+            store = it.features if it.features is not None else {}
+            stores.append(store)
+            for img in it.images:
+                if img[0] < e and img[1] > it.start and img[0] not in store:
+                    todo.append((store, img))
+        if todo:
+            dev = self.device
+            grids = torch.stack([img[3] for _, img in todo]).to(dev)
+            pixels = torch.cat([img[2] for _, img in todo]).to(dev)
+            feats = self.model.model.get_image_features(pixels, grids, return_dict=True).pooler_output
+            for (store, img), f in zip(todo, feats):
+                store[img[0]] = f.to(embeds.dtype)
+        for i, (it, e, store) in enumerate(zip(items, ends, stores)):
+            for s0, e0, *_ in it.images:
+                a, b = max(s0, it.start), min(e0, e)
+                if a < b:
+                    embeds[i, a - it.start:b - it.start] = store[s0][a - s0:b - s0]
 
     # --- graphed prefill (from position 0, small batches): static inputs, one graph per (rows, length) bucket
     def _prefill_bucket(self, n: int, q: int) -> tuple[int, int] | None:

@@ -1,6 +1,6 @@
-"""Slot bookkeeping and admission policy, as plain data (no torch): which waiting request gets which cache slot,
-how much of its prompt is already in some slot's cache (prefix reuse), and how many prompt tokens one prefill
-step may take. Unit-tested without a model.
+"""Slot bookkeeping and prefill scheduling, as plain data (no torch): which waiting request gets which cache slot,
+how much of its prompt is already in some slot's cache (prefix reuse), and which pieces of which prompts one
+engine step prefills (chunked prefill under a token budget). Unit-tested without a model.
 """
 from __future__ import annotations
 
@@ -10,9 +10,16 @@ from typing import Any
 
 import numpy as np
 
-from .inputs import longest_common_prefix
 
 MIN_PREFIX_REUSE = 16   # shorter shared prefixes are not worth a copy or a constrained slot choice
+
+
+def longest_common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    m = min(len(a), len(b))
+    if m == 0:
+        return 0
+    neq = np.flatnonzero(a[:m] != b[:m])
+    return int(neq[0]) if len(neq) else m
 
 
 @dataclass
@@ -25,19 +32,45 @@ class SlotState:
 
 
 @dataclass
-class Admission:
+class Chunk:
+    """One piece of prefill work for one engine step: write the KV of prompt tokens [start, end) into `slot`.
+    The first chunk of a sequence may first copy `start` tokens of KV from the running slot `copy_from` (prefix
+    reuse); the chunk that reaches the end of the prompt gives the sequence its first token."""
     seq: Any
     slot: int
-    reuse: int               # prompt tokens already in the slot's cache
-    copy_from: int | None    # copy `reuse` tokens of KV from this running slot first
+    start: int
+    end: int
+    copy_from: int | None = None
+    first: bool = False      # the sequence was admitted to its slot in this step
+    reuse: int = 0           # prompt tokens taken from a cached prefix (first chunk only)
+
+    @property
+    def final(self) -> bool:
+        return self.end >= len(self.seq.prompt.keys)
+
+    @property
+    def tokens(self) -> int:
+        return self.end - self.start
+
+
+MIN_CHUNK = 256   # smaller pieces cost a forward's fixed overhead for little work
 
 
 class Scheduler:
-    def __init__(self, num_slots: int, max_prefill_tokens: int, prefix_caching: bool = True):
+    """Prefill is chunked: each engine step gives prompts at most `chunk_tokens` tokens while sequences are
+    decoding (so running streams keep a bounded inter-token gap while screenshots arrive), or
+    `max_prefill_tokens` when nothing decodes (one big step is the fastest first token). Started prefills go
+    first, shortest remaining first, then new admissions in arrival order: the earliest request reaches its
+    first token first instead of every arrival waiting for all of them."""
+
+    def __init__(self, num_slots: int, max_prefill_tokens: int, prefix_caching: bool = True,
+                 chunk_tokens: int = 2048):
         self.slots = [SlotState() for _ in range(num_slots)]
         self.waiting: deque = deque()
         self.max_prefill_tokens = max_prefill_tokens
+        self.chunk_tokens = max(MIN_CHUNK, min(chunk_tokens, max_prefill_tokens))
         self.prefix_caching = prefix_caching
+        self.partial: dict[int, int] = {}    # slot -> prompt tokens whose KV is written (prefill under way)
         self._clock = 0
         self.prefix_query_tokens = 0
         self.prefix_hit_tokens = 0
@@ -72,24 +105,33 @@ class Scheduler:
             return 0, None
         return best, best_slot
 
-    # --- admission
-    def admit(self) -> list[Admission]:
-        """Pop waiting sequences into free slots within the prefill token budget (FIFO; the first one always fits
-        so a long prompt is never starved)."""
-        out: list[Admission] = []
-        budget = self.max_prefill_tokens
+    # --- scheduling
+    def schedule(self, decoding: bool = False) -> list[Chunk]:
+        """The prefill work of one step within its token budget; the first chunk of a step always gets at least
+        MIN_CHUNK tokens, so no prompt is starved."""
+        budget = self.chunk_tokens if decoding else self.max_prefill_tokens
+        out: list[Chunk] = []
+        order = sorted(self.partial.items(), key=lambda kv: (len(self.slots[kv[0]].keys) - kv[1],
+                                                              self.slots[kv[0]].last_used))
+        for slot, done in order:
+            take = self._take(budget, out)
+            if take <= 0:
+                return out
+            st = self.slots[slot]
+            end = min(len(st.keys), done + take)
+            out.append(Chunk(seq=st.owner, slot=slot, start=done, end=end))
+            budget -= end - done
         while self.waiting:
             free = self.free_slots()
             if not free:
                 break
-            seq = self.waiting[0]
+            take = self._take(budget, out)
+            if take <= 0:
+                break
+            seq = self.waiting.popleft()
             keys = seq.prompt.keys
             spans = [(s, e) for s, e, *_ in seq.prompt.images]
             reuse, src = self.best_prefix(keys, spans)
-            cost = len(keys) - reuse
-            if out and (cost > budget or reuse > 0 or out[0].reuse > 0):
-                break   # prefix-reuse prefills run alone (masked attention); fresh ones batch (causal attention)
-            self.waiting.popleft()
             self.prefix_query_tokens += len(keys)
             self.prefix_hit_tokens += reuse
             if src is not None and self.slots[src].owner is None:
@@ -102,9 +144,25 @@ class Scheduler:
             st.valid = reuse
             self._clock += 1
             st.last_used = self._clock
-            out.append(Admission(seq=seq, slot=slot, reuse=reuse, copy_from=copy_from))
-            budget -= cost
+            end = min(len(keys), reuse + take)
+            out.append(Chunk(seq=seq, slot=slot, start=reuse, end=end, copy_from=copy_from, first=True,
+                             reuse=reuse))
+            budget -= end - reuse
         return out
+
+    def _take(self, budget: int, out: list) -> int:
+        if not out:
+            return max(budget, MIN_CHUNK)
+        return budget if budget >= MIN_CHUNK else 0
+
+    def chunk_done(self, chunk: Chunk) -> None:
+        """The chunk's KV is written: later requests may reuse it, and the next chunk starts after it."""
+        st = self.slots[chunk.slot]
+        st.valid = chunk.end
+        if chunk.final:
+            self.partial.pop(chunk.slot, None)
+        else:
+            self.partial[chunk.slot] = chunk.end
 
     def _pick_free(self, free: list[int]) -> int:
         """Decode runs rows 0..B-1 of a batch bucket, so a slot above the highest running one makes every step
@@ -117,15 +175,13 @@ class Scheduler:
             return min(free)
         return min(inside, key=lambda i: (self.slots[i].valid >= MIN_PREFIX_REUSE, self.slots[i].last_used, i))
 
-    def prefilled(self, slot: int) -> None:
-        st = self.slots[slot]
-        st.valid = len(st.keys)
-
     def release(self, slot: int, generated: list[int] | None = None) -> None:
-        """Free a slot, keeping its KV for reuse: the prompt plus the generated tokens whose KV was written
-        (`generated`, without the last sampled token). `generated=None` drops the content (failed step)."""
+        """Free a slot, keeping its KV for reuse: the prompt tokens whose KV was written plus the generated tokens
+        whose KV was written (`generated`, without the last sampled token). `generated=None` drops the content
+        (failed step)."""
         st = self.slots[slot]
         st.owner = None
+        self.partial.pop(slot, None)
         self._clock += 1
         st.last_used = self._clock
         if generated is None:

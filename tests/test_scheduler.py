@@ -1,0 +1,114 @@
+"""The scheduler as plain data (no torch, no model): chunked prefill under a token budget, the order in which
+prompts get their first token, prefix reuse across chunks, and slot release in the middle of a prefill."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+
+from function.engine.scheduler import MIN_CHUNK, Scheduler
+
+
+class Seq:
+    def __init__(self, name, keys, images=()):
+        self.name = name
+        self.prompt = type("P", (), {"keys": np.asarray(keys, dtype=np.int64), "images": list(images)})()
+
+
+def prompt(tag: int, n: int) -> list[int]:
+    return [tag * 100_000 + i for i in range(n)]
+
+
+def drain(s: Scheduler, decoding=False, steps=100):
+    """Run steps until nothing is left to prefill; returns [(step, seq name)] in the order prompts completed."""
+    done = []
+    for step in range(steps):
+        chunks = s.schedule(decoding=decoding)
+        if not chunks:
+            return done
+        for c in chunks:
+            s.chunk_done(c)
+            if c.final:
+                done.append((step, c.seq.name))
+    raise AssertionError("prefill never finished")
+
+
+def test_a_long_prompt_is_chunked_while_others_decode_and_whole_when_idle():
+    s = Scheduler(num_slots=4, max_prefill_tokens=16384, chunk_tokens=2048)
+    s.waiting.append(Seq("agent", prompt(1, 5500)))
+    (c,) = s.schedule(decoding=False)
+    assert (c.start, c.end, c.final) == (0, 5500, True)       # nothing decodes: one step, fastest first token
+    s2 = Scheduler(num_slots=4, max_prefill_tokens=16384, chunk_tokens=2048)
+    s2.waiting.append(Seq("agent", prompt(1, 5500)))
+    pieces = []
+    while True:
+        chunks = s2.schedule(decoding=True)
+        if not chunks:
+            break
+        assert sum(x.tokens for x in chunks) <= 2048
+        for x in chunks:
+            pieces.append((x.start, x.end))
+            s2.chunk_done(x)
+    assert pieces == [(0, 2048), (2048, 4096), (4096, 5500)]
+    assert s2.slots[c.slot].valid == 5500 and not s2.partial
+
+
+def test_a_burst_of_screenshots_finishes_in_arrival_order_one_at_a_time():
+    """8 agents at once under a 2048-token budget: the first arrival gets its first token after ~3 steps, not
+    after all 8 prompts (SRPF over started prefills, then arrival order)."""
+    s = Scheduler(num_slots=8, max_prefill_tokens=16384, chunk_tokens=2048)
+    for i in range(8):
+        s.waiting.append(Seq(f"a{i}", prompt(i + 1, 5500)))
+    done = drain(s, decoding=True)
+    assert [name for _, name in done] == [f"a{i}" for i in range(8)]
+    assert done[0][0] <= 2 and done[-1][0] >= 20           # the first is not held back by the last
+
+
+def test_the_first_chunk_of_a_step_always_progresses_and_tiny_leftovers_wait():
+    s = Scheduler(num_slots=4, max_prefill_tokens=16384, chunk_tokens=256)
+    s.waiting.append(Seq("a", prompt(1, 1000)))
+    s.waiting.append(Seq("b", prompt(2, 1000)))
+    (c,) = s.schedule(decoding=True)
+    assert c.tokens == MIN_CHUNK and c.seq.name == "a"
+
+
+def test_prefix_reuse_starts_after_the_cached_part_and_copies_from_a_running_slot():
+    s = Scheduler(num_slots=3, max_prefill_tokens=16384, chunk_tokens=2048)
+    system = prompt(9, 1500)
+    s.waiting.append(Seq("t1", system + prompt(1, 3000)))
+    (a,) = s.schedule()
+    s.chunk_done(a)                                         # a is decoding now
+    s.waiting.append(Seq("t2", system + prompt(2, 3000)))
+    (b,) = s.schedule(decoding=True)
+    assert (b.reuse, b.start, b.copy_from) == (1500, 1500, a.slot) and b.slot != a.slot
+    assert b.end == 1500 + 2048 and not b.final
+    s.chunk_done(b)
+    (b2,) = s.schedule(decoding=True)
+    assert (b2.start, b2.end, b2.final, b2.first, b2.copy_from) == (3548, 4500, True, False, None)
+
+
+def test_releasing_a_slot_mid_prefill_keeps_only_what_was_written():
+    s = Scheduler(num_slots=2, max_prefill_tokens=16384, chunk_tokens=1024)
+    keys = prompt(3, 3000)
+    s.waiting.append(Seq("gone", keys))
+    c = s.schedule(decoding=True)[0]
+    s.chunk_done(c)
+    s.release(c.slot, [])                                   # the client disconnected after one chunk
+    assert not s.partial and s.slots[c.slot].valid == 1024 and s.slots[c.slot].owner is None
+    s.waiting.append(Seq("again", keys))                   # the retry reuses the written part
+    (r,) = s.schedule(decoding=True)
+    assert (r.slot, r.reuse, r.copy_from) == (c.slot, 1024, None)
+
+
+def test_waiting_requests_wait_for_a_free_slot():
+    s = Scheduler(num_slots=1, max_prefill_tokens=16384)
+    s.waiting.extend([Seq("a", prompt(1, 100)), Seq("b", prompt(2, 100))])
+    assert [c.seq.name for c in s.schedule()] == ["a"]
+    assert len(s.waiting) == 1
+
+
+def test_the_scheduler_imports_no_torch():
+    code = "import sys; import function.engine.scheduler; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr
