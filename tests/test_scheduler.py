@@ -112,3 +112,15 @@ def test_the_scheduler_imports_no_torch():
     code = "import sys; import function.engine.scheduler; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_fresh_prompts_share_a_forward_only_when_padding_is_cheap():
+    from function.engine.core import _prefill_groups
+    from function.engine.scheduler import Chunk
+
+    def ch(n, start=0):
+        return Chunk(seq=None, slot=0, start=start, end=start + n)
+
+    groups = _prefill_groups([ch(300), ch(5500), ch(250), ch(2000), ch(5400), ch(100, start=900)])
+    sizes = [[c.tokens for c in g] for g in groups]
+    assert sizes == [[5500, 5400], [2000], [300, 250], [100]]

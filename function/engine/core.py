@@ -22,7 +22,7 @@ import torch
 from .. import metrics
 from .inputs import PreparedPrompt
 from .protocol import EngineDead, GenerationFailed, SamplingParams
-from .runner import ModelRunner, PrefillItem
+from .runner import PREFILL_GRAPH_TOKENS, ModelRunner, PrefillItem
 from .sampling import RowState, Sampler
 from .scheduler import Scheduler
 
@@ -46,6 +46,22 @@ def is_fatal_device_error(e: BaseException) -> bool:
     msg = str(e).lower()
     return ("cuda" in msg or "cublas" in msg or "cudnn" in msg or "accelerator" in msg or
             isinstance(e, getattr(torch, "AcceleratorError", ()))) and any(p in msg for p in _FATAL_CUDA)
+
+
+def _prefill_groups(chunks) -> list[list]:
+    """Forwards for one step's chunks. Chunks from position 0 share a forward (rows right-padded to the longest)
+    when that is cheap: small enough for a graphed prefill, or of nearly equal length; long prompts of different
+    lengths run one per forward, where a forward is GPU-bound anyway and padding would be wasted work. Chunks
+    that continue a slot's cache run one per forward (their attention reads that slot)."""
+    fresh = sorted((c for c in chunks if c.start == 0), key=lambda c: -c.tokens)
+    groups: list[list] = []
+    for c in fresh:
+        g = groups[-1] if groups else None
+        if g is not None and ((len(g) + 1) * g[0].tokens <= PREFILL_GRAPH_TOKENS or c.tokens >= 0.9 * g[0].tokens):
+            g.append(c)
+        else:
+            groups.append([c])
+    return groups + [[c] for c in chunks if c.start > 0]
 
 
 class FatalDeviceError(RuntimeError):
@@ -245,9 +261,7 @@ class EngineCore:
                     continue
                 metrics.observe_prefix_cache(c.reuse, seq.prompt.length)
             ready.append(c)
-        fresh = [c for c in ready if c.start == 0]
-        groups = ([fresh] if fresh else []) + [[c] for c in ready if c.start > 0]
-        for group in groups:
+        for group in _prefill_groups(ready):
             self._prefill_group(group)
 
     def _prefill_group(self, chunks) -> None:
