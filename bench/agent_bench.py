@@ -668,7 +668,12 @@ def naive_section(args, tag: str) -> None:
     t = time.perf_counter()
     model = AutoModelForImageTextToText.from_pretrained(mdir, dtype=dtype, attn_implementation="sdpa").to(dev)
     model.eval()
-    proc = AutoProcessor.from_pretrained(mdir)
+    try:
+        proc = AutoProcessor.from_pretrained(mdir)
+    except ImportError:     # no torchvision (the CPU venv): the same processor without its video part
+        from pathlib import Path
+        from function.engine.loader import load_processor
+        proc = load_processor(Path(mdir))
     res = {"load_s": round(time.perf_counter() - t, 1), "device": dev, "dtype": str(dtype),
            "max_new_tokens": args.max_tokens, "turns": []}
     wl = Workload(mdir)
@@ -743,16 +748,6 @@ def _engine(args, graphs: bool):
     return e, round(time.time() - t, 1)
 
 
-def _free(e):
-    import gc
-    import torch
-    e.shutdown()
-    del e
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def _script(args, wl: Workload):
     """The request-level cases (a list of batches; each batch is submitted at once): text, screenshot, prefix hit,
     a mixed batch, and concurrent batches for the decode buckets at the short and the long length bucket."""
@@ -792,10 +787,11 @@ def _run_script(e, cases, new_tokens: int) -> dict:
     out: dict = {}
 
     async def one(rid, chat):
-        toks = []
+        toks, cached = [], 0
         async for c in e.generate(rid, chat, p):
             toks += c.token_ids
-        return toks
+            cached = c.cached_prompt_tokens
+        return [toks, cached]
 
     async def go():
         for name, batches in cases:
@@ -810,7 +806,8 @@ def _run_script(e, cases, new_tokens: int) -> dict:
 def _compare_tokens(a: dict, b: dict) -> dict:
     res = {}
     for name in a:
-        pairs = [(x, y) for ba, bb in zip(a[name], b[name]) for x, y in zip(ba, bb)]
+        pairs = [(x[0], y[0]) for ba, bb in zip(a[name], b[name]) for x, y in zip(ba, bb)]
+        cached = [[x[1] for x in ba] for ba in a[name]]
         common = []
         for x, y in pairs:
             k = 0
@@ -820,7 +817,8 @@ def _compare_tokens(a: dict, b: dict) -> dict:
         res[name] = {"requests": len(pairs), "first_token_agree": round(sum(x[:1] == y[:1] for x, y in pairs)
                                                                          / max(1, len(pairs)), 3),
                      "identical": sum(x == y for x, y in pairs),
-                     "mean_common_prefix_frac": round(statistics.mean(common), 3) if common else None}
+                     "mean_common_prefix_frac": round(statistics.mean(common), 3) if common else None,
+                     "cached_prompt_tokens_graphed": cached if len(cached) <= 4 else "-"}
     return res
 
 
@@ -872,7 +870,10 @@ def _runner_checks(args, e, tag, res) -> None:
             return fn().float().clone()
         finally:
             runner.use_graphs, runner.static_prefill = saved
-    keys = sorted(runner.graphs, key=str) if runner.use_graphs else []
+    if runner.use_graphs:
+        keys = sorted(runner.graphs, key=str)
+    else:   # CPU: the graphed prefill's static-buffer path, run eagerly, stands in for the graph
+        keys = [("prefill", nb, qb) for nb in (1, 2, 4) for qb in (64, 256) if qb <= runner.max_len]
     res["runner_graphs"] = len(keys)
     out = {}
     for key in keys:
@@ -880,7 +881,7 @@ def _runner_checks(args, e, tag, res) -> None:
             if key[0] == "prefill":
                 _, nb, qb = key
                 its = items_for(nb, qb)
-                g = with_mode(True, False, lambda: runner.prefill(its))
+                g = with_mode(runner.use_graphs, not runner.use_graphs, lambda: runner.prefill(its))
                 s = with_mode(False, True, lambda: runner.prefill(its))
                 ea = with_mode(False, False, lambda: runner.prefill(its))
                 eb2 = with_mode(False, False, lambda: runner.prefill(its))
@@ -947,40 +948,56 @@ def _runner_checks(args, e, tag, res) -> None:
 
 
 def graphcheck_section(args, tag: str) -> None:
-    res: dict = {"new_tokens": args.check_tokens}
-    eg, load_g = _engine(args, graphs=True)
-    wl = Workload(model_dir(args))      # after the load: --tiny builds its checkpoint there
-    cases = _script(args, wl)
-    t = time.time()
-    while eg._core.runner.pending and time.time() - t < 120:     # every planned graph captured first
-        time.sleep(0.1)
-    res["graphs_engine"] = {"load_s": load_g, "idle_capture_wait_s": round(time.time() - t, 1),
-                            "pending_left": len(eg._core.runner.pending), "use_graphs": eg._core.runner.use_graphs}
-    toks_g = _run_script(eg, cases, args.check_tokens)
-    res["graphs_captured"] = sorted(str(k) for k in eg._core.runner.graphs)
-    log(tag, res)
-    _runner_checks(args, eg, tag, res)
-    _free(eg)
-    ee, load_e = _engine(args, graphs=False)
-    res["eager_engine_load_s"] = load_e
-    toks_e = _run_script(ee, cases, args.check_tokens)
-    _free(ee)
-    res["requests_graph_vs_eager"] = _compare_tokens(toks_g, toks_e)
-    log(tag, res)
+    """Graphs on, then graphs off, each engine in its own child process (so the second gets the whole card);
+    the same scripted requests through both, greedy tokens compared; the runner-level logit checks run in the
+    graphed child."""
+    if args.phase:
+        graphs = args.phase == "graphs"
+        e, load_s = _engine(args, graphs=graphs)
+        res: dict = {"load_s": load_s}
+        wl = Workload(model_dir(args))      # after the load: --tiny builds its checkpoint there
+        cases = _script(args, wl)
+        t = time.time()
+        while e._core.runner.pending and time.time() - t < 120:     # every planned graph captured first
+            time.sleep(0.1)
+        res.update(idle_capture_wait_s=round(time.time() - t, 1), pending_left=len(e._core.runner.pending),
+                   use_graphs=e._core.runner.use_graphs, slots=e.num_slots)
+        toks = _run_script(e, cases, args.check_tokens)
+        res["graphs_captured"] = sorted(str(k) for k in e._core.runner.graphs)
+        with open(os.path.join(LOGS, f"graphcheck-{args.phase}.json"), "w") as f:
+            json.dump(toks, f)
+        log(tag, res)
+        if graphs:
+            _runner_checks(args, e, tag, res)
+        return
+    extra = common_args(args) + ["--check-tokens", str(args.check_tokens), "--quant", args.quant]
+    for phase in ("graphs", "eager"):
+        path = os.path.join(LOGS, f"graphcheck-{phase}.json")
+        if os.path.exists(path):
+            os.remove(path)
+        subsection(args, "graphcheck", extra + ["--phase", phase], 300, name=f"graphcheck_{phase}")
+    try:
+        toks = [json.load(open(os.path.join(LOGS, f"graphcheck-{p}.json"))) for p in ("graphs", "eager")]
+    except OSError as ex:
+        log(tag + "_requests", {"error": f"a phase wrote no tokens: {ex}"})
+        return
+    log(tag + "_requests_graph_vs_eager", _compare_tokens(*toks))
 
 
 # ------------------------------------------------------------------------------------------------ orchestration
-def subsection(args, what: str, extra: list[str], budget: float) -> None:
+def subsection(args, what: str, extra: list[str], budget: float, name: str | None = None) -> None:
     """Run a section in a child process (GPU memory is freed when it exits); merge its JSON into ours."""
+    name = name or what
     secs = min(budget, left() - 10)
     if secs < 20:
-        log(what + "_skipped", "no time left")
+        log(name + "_skipped", "no time left")
         return
-    child_out = os.path.join(LOGS, f"child-{what}")
+    child_out = os.path.join(LOGS, f"child-{name}")
+    shutil.rmtree(child_out, ignore_errors=True)
     os.makedirs(child_out, exist_ok=True)
     cmd = [sys.executable, os.path.abspath(__file__), what, "--deadline", str(int(secs - 5))] + extra
     env = dict(os.environ, OUT=child_out, PYTHONUNBUFFERED="1")
-    logf = os.path.join(OUT, f"{what}.log")
+    logf = os.path.join(OUT, f"{name}.log")
     with open(logf, "w") as f:
         try:
             rc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=secs, cwd=ROOT).returncode
@@ -989,11 +1006,12 @@ def subsection(args, what: str, extra: list[str], budget: float) -> None:
     try:
         with open(os.path.join(child_out, JSON_NAME)) as f:
             for k, v in json.load(f).items():
-                log(k, v)
+                if k not in ("args", "done"):
+                    log(k, v)
     except (OSError, ValueError):
         pass
     if rc != 0:
-        log(what + "_error", {"rc": rc, "log_tail": tail(logf, 2500)})
+        log(name + "_error", {"rc": rc, "log_tail": tail(logf, 2500)})
     with open(logf) as f:
         text = f.read()
     if len(text) > 30_000:
@@ -1043,6 +1061,7 @@ def main():
     ap.add_argument("--ready-timeout", type=float, default=300.0)
     ap.add_argument("--env", action="append", default=[], help="extra server setting K=V (repeatable)")
     ap.add_argument("--sections", default="naive,agent,short,soak", help="all: which sections after build")
+    ap.add_argument("--phase", default="", help=argparse.SUPPRESS)   # graphcheck's children
     ap.add_argument("--deadline", type=float, default=540.0, help="seconds for the whole run")
     args = ap.parse_args()
     DEADLINE = args.deadline
@@ -1063,7 +1082,7 @@ def main():
             eb.MODEL_DIR, eb.log = args.model_dir, log
             eb.build()
         elif what == "naive":
-            naive_section(args, "naive_bf16")
+            naive_section(args, f"naive_{q}")
         elif what == "agent":
             with_server(args, f"agent-{q}", lambda s: agent_section(args, s, f"agent_{q}"))
         elif what == "short":
@@ -1074,7 +1093,7 @@ def main():
         elif what == "starts":
             starts_section(args, f"starts_{q}")
         elif what == "graphcheck":
-            graphcheck_section(args, f"graphcheck_{q}")
+            graphcheck_section(args, f"graphcheck_{q}" + (f"_{args.phase}" if args.phase else ""))
         elif what == "all":
             sections = args.sections.split(",")
             if not args.tiny and not os.path.exists(os.path.join(args.model_dir, "config.json")):
