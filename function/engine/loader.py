@@ -385,12 +385,19 @@ def load(config: Config, on_phase: Callable[[str], None] = lambda p: None) -> Lo
 
     state = None
     if reader is not None:
-        state = timed("weights_wait", reader.result)
+        def _wait():
+            try:
+                return reader.result()
+            except Exception as e:  # noqa: BLE001 - from_pretrained reads the files itself and says what is wrong
+                log.warning("reading the weights ahead failed (%s: %s)", type(e).__name__, e)
+                return None
+
+        state = timed("weights_wait", _wait)
         if reader.stats.get("cuda_init_s") is not None:
             timings["cuda_init"] = reader.stats["cuda_init_s"]
-        if state is None:
+        if state is None and reader.declined:
             log.info("weights are read by from_pretrained (%s)", reader.declined)
-        else:
+        elif state is not None:
             timings["read_weights"] = reader.stats["read_s"]
             choices.weights = dict(reader.stats)
             log.info("read %.2f GB of weights into %s in %.2fs (%.2f GB/s, %d threads)", reader.stats["bytes"] / 1e9,
