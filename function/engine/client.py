@@ -75,6 +75,8 @@ class LocalEngine(EngineClient):
             self._ready = True
             self._set_phase("ready")
             log.info("engine ready in %.1fs: %s", self.timings["total"], self.timings)
+            if self.config.warmup:
+                threading.Thread(target=self._warmup_rest, name="engine-warmup-rest", daemon=True).start()
         except Exception as e:  # noqa: BLE001 - reported through readiness, then liveness
             log.exception("model load failed")
             self.error = f"{type(e).__name__}: {e}"
@@ -176,7 +178,7 @@ class LocalEngine(EngineClient):
         return max(0, budget)
 
     def _warmup(self) -> None:
-        """Capture the decode graphs, then push a text and an image request through the whole path."""
+        """Capture the graphs a first request uses, then push one small image request through the whole path."""
         from PIL import Image
 
         runner = self._core.runner
@@ -201,18 +203,41 @@ class LocalEngine(EngineClient):
             n = len(first)
         self.timings["graph_capture"] = round(time.perf_counter() - t, 3)
         self.timings["graphs"] = n
-        side = 1080 if runner.device.type == "cuda" else 224
+        # before ready, one request shaped like a phone agent's first (a small screenshot and text): the vision
+        # tower, a prefill and decode steps run once; full-size screenshots and batched prompts in _warmup_rest
+        img = Image.new("RGB", (224, 224 * 20 // 9), (40, 120, 200))
+        t = time.perf_counter()
+        self._run_warmup([ChatInput(messages=[{"role": "user", "content": [{"type": "image", "image": img},
+                                                                           {"type": "text", "text": "warm up"}]}])])
+        self.timings["warmup_request"] = round(time.perf_counter() - t, 3)
+
+    def _warmup_rest(self) -> None:
+        """After ready, beside real requests: several text prompts (a batched prefill) and a full-size screenshot,
+        whose first run would otherwise fall on a client's request."""
+        from PIL import Image
+
+        side = 1080 if self._core.runner.device.type == "cuda" else 224
         img = Image.new("RGB", (side, side * 20 // 9), (40, 120, 200))
-        # several text prompts (a batched prefill) and a screenshot (the vision tower)
         chats = [ChatInput(messages=[{"role": "user", "content": f"warm up {i} " + "tap the button " * 60}])
                  for i in range(4)]
         chats.append(ChatInput(messages=[{"role": "user", "content": [{"type": "image", "image": img},
                                                                       {"type": "text", "text": "warm up"}]}]))
+        t = time.perf_counter()
+        try:
+            self._run_warmup(chats)
+        except Exception as e:  # noqa: BLE001 - serving goes on; a real request would meet the same error
+            log.warning("warm-up after ready failed: %s: %s", type(e).__name__, e)
+            return
+        self.timings["warmup_after_ready"] = round(time.perf_counter() - t, 3)
+        metrics.set_cold_start_phase("warmup_after_ready", self.timings["warmup_after_ready"])
+        log.info("warm-up after ready done in %.1fs", self.timings["warmup_after_ready"])
+
+    def _run_warmup(self, chats: list[ChatInput]) -> None:
         params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
 
         async def run_all():
             async def one(i, chat):
-                async for _ in self._generate(f"warmup-{i}", chat, params, warmup=True):
+                async for _ in self._generate(f"warmup-{id(chat)}-{i}", chat, params, warmup=True):
                     pass
             await asyncio.gather(*(one(i, c) for i, c in enumerate(chats)))
 

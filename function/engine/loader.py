@@ -6,10 +6,12 @@ Works the same for the real AutoGLM-Phone-9B directory and the embedded tiny mod
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +37,7 @@ class Choices:
     attn_implementation: str
     source: str = ""            # "checkpoint" | "prequantized-cache" | "tiny"
     timings: dict[str, float] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)    # read-ahead: bytes, read_s, gbps (empty: not used)
 
     def labels(self) -> dict[str, str]:
         return {"model_path": self.model_path, "device": self.device, "dtype": self.dtype,
@@ -82,15 +85,12 @@ def choose(config: Config, model_path: Path) -> Choices:
         if not device.startswith("cuda"):
             raise RuntimeError(f"QUANTIZATION={quant} needs a CUDA device (bitsandbytes); use QUANTIZATION=none "
                                "on CPU")
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise RuntimeError(f"QUANTIZATION={quant} needs the bitsandbytes package, which is not installed") \
-                from None
+        if importlib.util.find_spec("bitsandbytes") is None:   # imported later, by the quantizer itself
+            raise RuntimeError(f"QUANTIZATION={quant} needs the bitsandbytes package, which is not installed")
     attn = config.attn_implementation
     if attn == "auto":
         attn = "sdpa"
-        if device.startswith("cuda"):
+        if device.startswith("cuda") and importlib.util.find_spec("flash_attn") is not None:
             try:
                 import flash_attn  # noqa: F401
                 attn = "flash_attention_2"
@@ -115,21 +115,26 @@ def bnb_config(quant: str, quantize_vision: bool, dtype):
 def _checkpoint_fingerprint(model_path: Path, choices: Choices, quantize_vision: bool) -> str:
     """Identifies (checkpoint contents, quantization settings, library versions) cheaply: file names, sizes and
     mtimes, not contents (hashing 20 GB would cost more than quantizing)."""
-    import transformers
-
-    try:
-        import bitsandbytes
-        bnb_v = bitsandbytes.__version__
-    except ImportError:
-        bnb_v = "none"
+    tf_v, bnb_v = _version("transformers"), _version("bitsandbytes")
     h = hashlib.sha256()
     for p in sorted(model_path.iterdir()):
         if p.is_file():
             st = p.stat()
             h.update(f"{p.name}:{st.st_size}:{int(st.st_mtime)}".encode())
-    h.update(f"{choices.quantization}:{choices.dtype}:{quantize_vision}:{transformers.__version__}:{bnb_v}:"
+    h.update(f"{choices.quantization}:{choices.dtype}:{quantize_vision}:{tf_v}:{bnb_v}:"
              f"{PREQUANT_FORMAT}".encode())
     return h.hexdigest()[:16]
+
+
+def _version(dist: str) -> str:
+    """An installed package's version from its metadata (importing bitsandbytes or transformers for it would put
+    seconds on the start's critical path); "none" where it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "none"
 
 
 def prequantized_dir(config: Config, model_path: Path, choices: Choices) -> Path:
@@ -160,17 +165,40 @@ def save_prequantized(model, model_path: Path, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_processor(model_path: Path):
-    """AutoProcessor, or, where torchvision is missing (its video processor needs it; images do not), the same
-    Glm4vProcessor assembled from its image processor, tokenizer and chat template without the video part."""
-    from transformers import AutoProcessor
-
+def _model_type(model_dir: Path) -> str:
     try:
+        return str(json.loads((Path(model_dir) / "config.json").read_text()).get("model_type", ""))
+    except (OSError, ValueError):
+        return ""
+
+
+def model_classes(model_dir: Path):
+    """(config class, model class). For GLM-4.1V (AutoGLM-Phone-9B, the tiny model) its own modules, imported
+    directly: the Auto classes' import graph and name mapping cost start-up time and buy nothing for one known
+    architecture. Any other checkpoint goes through the Auto classes."""
+    if _model_type(model_dir) == "glm4v":
+        from transformers.models.glm4v.configuration_glm4v import Glm4vConfig
+        from transformers.models.glm4v.modeling_glm4v import Glm4vForConditionalGeneration
+        return Glm4vConfig, Glm4vForConditionalGeneration
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    return AutoConfig, AutoModelForImageTextToText
+
+
+def load_processor(model_path: Path):
+    """Glm4vProcessor from its tokenizer, its PIL image processor and the chat template, without a video processor:
+    the API takes no video, and the video processor (and transformers' torchvision image backend, which AutoProcessor
+    picks where torchvision is installed) would make the processor depend on torchvision. The PIL backend is what the
+    product image (no torchvision) always serves, so every image serves the same preprocessing. Checkpoints of
+    another architecture go through AutoProcessor."""
+    if _model_type(model_path) != "glm4v":
+        from transformers import AutoProcessor
         return AutoProcessor.from_pretrained(model_path)
-    except ImportError as e:
-        if "orchvision" not in str(e):
-            raise
-    from transformers import AutoImageProcessor, AutoTokenizer, Glm4vProcessor
+    from transformers import AutoTokenizer
+    from transformers.models.glm4v.processing_glm4v import Glm4vProcessor
+    try:
+        from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil as ImageProcessor
+    except ImportError:     # transformers before the backend split: the slow class is the PIL one
+        from transformers.models.glm4v.image_processing_glm4v import Glm4vImageProcessor as ImageProcessor
 
     tok = AutoTokenizer.from_pretrained(model_path)
     template = None
@@ -185,11 +213,10 @@ def load_processor(model_path: Path):
 
         def __call__(self, *args, videos=None, **kwargs):
             if videos is not None:
-                raise ValueError("video input needs torchvision (Glm4vVideoProcessor), which is not installed")
+                raise ValueError("video input is not served (Glm4vProcessor without its video processor)")
             return super().__call__(*args, **kwargs)
 
-    log.info("torchvision is not installed: using Glm4vProcessor without its video processor (images only)")
-    return ImageOnlyGlm4vProcessor(image_processor=AutoImageProcessor.from_pretrained(model_path), tokenizer=tok,
+    return ImageOnlyGlm4vProcessor(image_processor=ImageProcessor.from_pretrained(model_path), tokenizer=tok,
                                    video_processor=None, chat_template=template or tok.chat_template)
 
 
@@ -229,8 +256,51 @@ class Loaded:
     placement: Any = None      # placement.Placement when the model is split over several GPUs
 
 
+def quantization_kwargs(config: Config, choices: Choices, dtype) -> dict:
+    """The from_pretrained arguments that quantize a full-precision checkpoint while it loads (one branch per
+    QUANTIZATION method); {} for none. A pre-quantized checkpoint needs none: its config carries the method."""
+    if choices.quantization in ("nf4", "int8"):
+        return {"quantization_config": bnb_config(choices.quantization, config.quantize_vision, dtype)}
+    return {}
+
+
+def _process_age_s() -> float | None:
+    """Seconds since this process was exec'd (from /proc), so the log can say exec -> phase; None where unknown."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return round(uptime - start_ticks / os.sysconf("SC_CLK_TCK"), 2)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _preload_eligible(config: Config, choices: Choices, quantize_now: bool, load_dir: Path) -> str | None:
+    """Why the weights are not read ahead (None: they are). Reading ahead holds the whole checkpoint in memory
+    before from_pretrained consumes it: fine on the GPU (checked against free memory by the reader), not for a
+    checkpoint that is quantized while it loads (its full-precision copy would not fit where the quantized one
+    does), a model split over several cards, or a large checkpoint on CPU (it would sit in RAM twice)."""
+    from . import weights
+
+    if quantize_now:
+        return "quantized while loading"
+    if config.gpus_per_pod > 1:
+        return "split over several GPUs"
+    files = weights.shard_files(load_dir)
+    if not files:
+        return "no safetensors shards"
+    if not choices.device.startswith("cuda") and weights.checkpoint_bytes(load_dir) > 2 << 30:
+        return "large checkpoint on CPU"
+    return None
+
+
 def load(config: Config, on_phase: Callable[[str], None] = lambda p: None) -> Loaded:
-    """Load model + processor. Phases are reported through `on_phase` and timed in `choices.timings`."""
+    """Load model + processor. Phases are reported through `on_phase` and timed in `choices.timings`.
+
+    What overlaps (a cold start is mostly waiting on imports): after `import torch`, a reader thread creates the
+    CUDA context and reads the safetensors shards into device memory (weights.WeightReader) while this thread
+    imports transformers' GLM-4.1V modules and loads the processor; from_pretrained then takes the tensors that are
+    already on the device. `import`, `processor` and `read_weights` overlap, so the phases add up to more than
+    the wall time; `weights_wait` is how long this thread waited for the reader."""
     timings: dict[str, float] = {}
 
     def timed(phase, fn):
@@ -240,56 +310,116 @@ def load(config: Config, on_phase: Callable[[str], None] = lambda p: None) -> Lo
         timings[phase] = round(time.perf_counter() - t, 3)
         return r
 
+    age = _process_age_s()
+    if age is not None:
+        timings["exec_to_load_start"] = age
     model_path, source = resolve_model_path(config, on_phase)
     prefetch_weights(config, model_path)
-
-    def _imports():
-        import torch
-        import transformers  # noqa: F401
-        from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig  # noqa: F401
-        return torch
-
-    torch = timed("import", _imports)
+    torch = timed("import_torch", lambda: importlib.import_module("torch"))
     choices = choose(config, model_path)
     choices.source = source
-    if choices.device.startswith("cuda"):
-        timed("cuda_init", lambda: torch.zeros(1, device=choices.device))
-    from transformers import AutoModelForImageTextToText, GenerationConfig
-
     dtype = getattr(torch, choices.dtype)
-    placement = None
-    device_map = choices.device
-    if choices.device.startswith("cuda"):
-        from .placement import check_devices, plan, visible_gpu_bytes, weight_bytes_per_param
+    cuda = choices.device.startswith("cuda")
+    if cuda:
+        from .placement import check_devices
 
         check_devices(config.gpus_per_pod, torch.cuda.device_count(), device=config.device,
                       cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
-        if config.gpus_per_pod > 1:
-            from transformers import AutoConfig
-
-            itemsize = torch.finfo(dtype).bits // 8
-            placement = plan(AutoConfig.from_pretrained(model_path), config.gpus_per_pod, visible_gpu_bytes(),
-                             weight_bytes_per_param(choices.quantization, itemsize),
-                             max_num_seqs=config.max_num_seqs, max_model_len=config.max_model_len,
-                             utilization=config.gpu_memory_utilization, dtype_bytes=itemsize,
-                             quantize_vision=config.quantize_vision, device=config.device)
-            device_map = placement.device_map
-            log.info("placement over %d GPUs: %s", config.gpus_per_pod, placement.summary())
-    load_dir, kwargs = model_path, {}
-    cache_dir = None
+    load_dir, cache_dir = model_path, None
     if choices.quantization != "none":
         cache_dir = prequantized_dir(config, model_path, choices)
         if config.prequantized_cache and _complete(cache_dir):
             load_dir, choices.source = cache_dir, "prequantized-cache"
-        else:
-            kwargs["quantization_config"] = bnb_config(choices.quantization, config.quantize_vision, dtype)
+    quantize_now = choices.quantization != "none" and load_dir == model_path
+
+    from .weights import WeightReader
+
+    reader = None
+    why_not = _preload_eligible(config, choices, quantize_now, load_dir)
+    if why_not is None:
+        reader = WeightReader(load_dir, choices.device).start()     # CUDA init + reading, beside the imports
+    else:
+        log.info("weights are read by from_pretrained (%s)", why_not)
+    cuda_init = None
+    if cuda and reader is None:
+        cuda_init = _Background(lambda: torch.zeros(1, device=choices.device))
+
+    def _imports():
+        classes = model_classes(model_path)
+        # what the processor thread uses, imported here: two threads importing one package's modules can deadlock
+        from transformers import AutoTokenizer, GenerationConfig  # noqa: F401
+        if _model_type(model_path) == "glm4v":
+            from transformers.models.glm4v import processing_glm4v  # noqa: F401
+            try:
+                from transformers.models.glm4v import image_processing_pil_glm4v  # noqa: F401
+            except ImportError:
+                pass
+        return classes
+
+    config_cls, model_cls = timed("import_transformers", _imports)
+    timings["import"] = round(timings["import_torch"] + timings["import_transformers"], 3)
+    processor_job = _Background(lambda: load_processor(model_path))   # tokenizer files, beside from_pretrained
+    from transformers import GenerationConfig
+
+    if cuda_init is not None:
+        timed("cuda_init", cuda_init.result)
+    placement = None
+    device_map = choices.device
+    if cuda and config.gpus_per_pod > 1:
+        from transformers import AutoConfig
+
+        from .placement import plan, visible_gpu_bytes, weight_bytes_per_param
+
+        itemsize = torch.finfo(dtype).bits // 8
+        placement = plan(AutoConfig.from_pretrained(model_path), config.gpus_per_pod, visible_gpu_bytes(),
+                         weight_bytes_per_param(choices.quantization, itemsize),
+                         max_num_seqs=config.max_num_seqs, max_model_len=config.max_model_len,
+                         utilization=config.gpu_memory_utilization, dtype_bytes=itemsize,
+                         quantize_vision=config.quantize_vision, device=config.device)
+        device_map = placement.device_map
+        log.info("placement over %d GPUs: %s", config.gpus_per_pod, placement.summary())
+    kwargs = quantization_kwargs(config, choices, dtype) if quantize_now else {}
     phase = "load_prequantized" if load_dir != model_path else (
         "load_and_quantize" if choices.quantization != "none" else "load_weights")
+    common = dict(dtype=dtype, device_map=device_map, attn_implementation=choices.attn_implementation)
+
+    state = None
+    if reader is not None:
+        def _wait():
+            try:
+                return reader.result()
+            except Exception as e:  # noqa: BLE001 - from_pretrained reads the files itself and says what is wrong
+                log.warning("reading the weights ahead failed (%s: %s)", type(e).__name__, e)
+                return None
+
+        state = timed("weights_wait", _wait)
+        if reader.stats.get("cuda_init_s") is not None:
+            timings["cuda_init"] = reader.stats["cuda_init_s"]
+        if state is None and reader.declined:
+            log.info("weights are read by from_pretrained (%s)", reader.declined)
+        elif state is not None:
+            timings["read_weights"] = reader.stats["read_s"]
+            choices.weights = dict(reader.stats)
+            log.info("read %.2f GB of weights into %s in %.2fs (%.2f GB/s, %d threads)", reader.stats["bytes"] / 1e9,
+                     choices.device, reader.stats["read_s"], reader.stats["gbps"], reader.threads)
+
     def _from_pretrained():
+        nonlocal state
+        if state is not None:
+            try:
+                cfg = config_cls.from_pretrained(load_dir)
+                model = model_cls.from_pretrained(None, config=cfg, state_dict=state, **common, **kwargs)
+                model.config._name_or_path = str(load_dir)
+                return model.eval()
+            except Exception as e:  # noqa: BLE001 - the plain path below reads the files itself
+                log.warning("loading the weights read ahead failed (%s: %s); reading them again with "
+                            "from_pretrained", type(e).__name__, e)
+            finally:
+                state = None
+                if cuda:
+                    torch.cuda.empty_cache()
         try:
-            return AutoModelForImageTextToText.from_pretrained(
-                load_dir, dtype=dtype, device_map=device_map, attn_implementation=choices.attn_implementation,
-                **kwargs).eval()
+            return model_cls.from_pretrained(load_dir, **common, **kwargs).eval()
         except Exception as e:  # noqa: BLE001 - safetensors' own error class derives from Exception only
             if "out of memory" in str(e).lower() or isinstance(e, ImportError):
                 raise
@@ -299,12 +429,23 @@ def load(config: Config, on_phase: Callable[[str], None] = lambda p: None) -> Lo
                                f"({type(e).__name__}: {e}); {fix}") from e
 
     model = timed(phase, _from_pretrained)
-    if cache_dir is not None and load_dir == model_path and config.prequantized_cache:
+    if cuda:
+        torch.cuda.empty_cache()    # from_pretrained's allocator warm-up block, where the weights were read ahead
+    if cache_dir is not None and quantize_now and config.prequantized_cache:
         try:
             timed("save_prequantized", lambda: save_prequantized(model, model_path, cache_dir))
         except Exception as e:  # a read-only or full volume must not stop serving
             log.warning("could not write the pre-quantized checkpoint to %s: %s", cache_dir, e)
-    processor = timed("processor", lambda: load_processor(model_path))
+    def _processor():
+        try:
+            return processor_job.result()
+        except Exception as e:  # noqa: BLE001 - once more on this thread: a real error raises again here
+            log.warning("loading the processor beside the model failed (%s: %s); loading it again", type(e).__name__,
+                        e)
+            return load_processor(model_path)
+
+    processor = timed("processor_wait", _processor)
+    timings["processor"] = processor_job.seconds
     if config.image_max_pixels:
         size = dict(getattr(processor.image_processor, "size", {}) or {})
         size["longest_edge"] = config.image_max_pixels
@@ -314,6 +455,30 @@ def load(config: Config, on_phase: Callable[[str], None] = lambda p: None) -> Lo
     except OSError:
         gen_cfg = model.generation_config
     choices.timings = timings
-    log.info("model loaded: %s", json.dumps({**choices.labels(), "timings": timings}))
+    log.info("model loaded: %s", json.dumps({**choices.labels(), "timings": timings,
+                                              "weights": choices.weights}))
     return Loaded(model=model, processor=processor, tokenizer=processor.tokenizer, generation_config=gen_cfg,
                   choices=choices, placement=placement)
+
+
+class _Background:
+    """Runs `fn` on a daemon thread; `result()` waits and returns its value or raises its exception."""
+
+    def __init__(self, fn: Callable[[], Any]):
+        self._fn, self._value, self._error, self.seconds = fn, None, None, 0.0
+        self._thread = threading.Thread(target=self._run, name="load-background", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        t = time.perf_counter()
+        try:
+            self._value = self._fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised in result()
+            self._error = e
+        self.seconds = round(time.perf_counter() - t, 3)
+
+    def result(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
