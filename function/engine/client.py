@@ -164,7 +164,7 @@ class LocalEngine(EngineClient):
             used = total - free
             reserve = 2 * 2**30 + 512 * 2**20 * max(1, slots // 8)   # activations, graphs, vision tower, sampler
             return max(0, int(total * self.config.gpu_memory_utilization) - used - reserve)
-        return 512 * 2**20
+        return 640 * 2**20    # CPU: the tiny model's default 32 slots x 16384 tokens (537 MB) fit
 
     def _warmup(self) -> None:
         """Capture the decode graphs, then push a text and an image request through the whole path."""
