@@ -291,6 +291,8 @@ class ResponseCache:
                    cache_all=config.response_cache_all)
 
     def cacheable(self, request: ChatCompletionRequest) -> bool:
+        if (request.n or 1) > 1 or request.logprobs:     # an entry holds one choice, without logprobs
+            return False
         return self.cache_all or deterministic(request)
 
     def key(self, request: ChatCompletionRequest, image_digests: Sequence[str]) -> str:

@@ -94,6 +94,9 @@ class Config:
     max_queue_size: int = env("MAX_QUEUE_SIZE", "Requests waiting for a batch slot before 429 (0: 4 x MAX_NUM_SEQS).",
                               default=0)
     request_timeout_s: float = env("REQUEST_TIMEOUT_S", "Per-request deadline in seconds.", default=600.0)
+    generation_config: str = env("GENERATION_CONFIG", "auto | vllm. auto: the checkpoint's generation_config.json "
+                                 "gives the defaults of sampling fields a request omits (as vLLM's --generation-config "
+                                 "auto); vllm: vLLM's own defaults (temperature 1, no top-k/top-p).", default="auto")
     default_max_tokens: int = env("DEFAULT_MAX_TOKENS", "max_tokens when the request gives none (0: up to the "
                                   "context).", default=0)
 
@@ -191,6 +194,8 @@ class Config:
             bad("DTYPE", f"{self.dtype!r} is not one of auto, bfloat16, float16, float32")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             bad("DEVICE", f"{self.device!r} is not one of auto, cpu, cuda, cuda:N")
+        if self.generation_config not in ("auto", "vllm"):
+            bad("GENERATION_CONFIG", f"{self.generation_config!r} is not one of auto, vllm")
         if self.max_num_seqs < 1:
             bad("MAX_NUM_SEQS", "must be at least 1")
         if self.max_model_len < 0:

@@ -27,10 +27,10 @@ from pathlib import Path
 
 from .atomic_dir import marker_matches, publish_dir, save_model_quietly
 
-__all__ = ["build_tiny_model", "BUILDER_VERSION", "MARKER_FILE", "SPECIAL_TOKENS", "CHAT_TEMPLATE"]
+__all__ = ["build_tiny_model", "BUILDER_VERSION", "MARKER_FILE", "SPECIAL_TOKENS", "TEXT_TOKENS", "CHAT_TEMPLATE"]
 
 #: Bump whenever anything written by `build_tiny_model` changes; a cached checkpoint of another version is rebuilt.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2     # 2: <|begin_of_box|>, <|end_of_box|>, <answer>, </answer>, <think>, </think> not special
 #: Written last into a finished checkpoint; names the builder version and seed.
 MARKER_FILE = "tiny_model.json"
 
@@ -61,6 +61,9 @@ SPECIAL_TOKENS = [
     "<think>",
     "</think>",
 ]
+#: The added tokens the real tokenizer does NOT mark special (tokenizer.json "special": false): they are text the
+#: model writes and clients parse, so `skip_special_tokens` (vLLM's default) keeps them in the output.
+TEXT_TOKENS = frozenset({"<|begin_of_box|>", "<|end_of_box|>", "<answer>", "</answer>", "<think>", "</think>"})
 
 # zai-org/GLM-4.1V-9B-Thinking chat_template.jinja, verbatim, except the `enable_thinking` branch on the last line.
 _REAL_TEMPLATE_BODY = (
@@ -280,7 +283,8 @@ def _build_tokenizer():
         special_tokens=[],
     )
     tok.train_from_iterator(_corpus_lines(), trainer=trainer)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    # one call, in order, so the ids follow SPECIAL_TOKENS' order whatever their `special` flag
+    tok.add_tokens([AddedToken(t, special=t not in TEXT_TOKENS, normalized=False) for t in SPECIAL_TOKENS])
 
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -291,7 +295,7 @@ def _build_tokenizer():
         do_lower_case=False,
         remove_space=False,
         model_max_length=128000,
-        extra_special_tokens=list(SPECIAL_TOKENS),
+        extra_special_tokens=[t for t in SPECIAL_TOKENS if t not in TEXT_TOKENS],
     )
 
 

@@ -15,7 +15,10 @@ from function.engine.protocol import (ChatInput, CompletionChunk, EngineClient, 
 
 
 def answer_for(chat: ChatInput) -> tuple[str, str]:
-    """(reasoning, answer) the fake writes for `chat`: it names the image count and echoes the last user text."""
+    """(reasoning, answer) the fake writes for `chat`: it names the image count and echoes the last user text (a
+    raw prompt's token ids, for /v1/completions)."""
+    if chat.prompt_token_ids is not None:
+        return "I see 0 image(s).", f'do(action="Type", text="{" ".join(map(str, chat.prompt_token_ids[:8]))}")'
     last = chat.messages[-1]["content"]
     text = last if isinstance(last, str) else " ".join(p["text"] for p in last if p["type"] == "text")
     return f"I see {len(chat.image_digests)} image(s).", f'do(action="Type", text="{text}")'
@@ -57,7 +60,7 @@ class FakeEngine(EngineClient):
     @staticmethod
     def prompt_tokens(chat: ChatInput) -> int:
         """A deterministic prompt size: one token per 4 characters of text, 16 per image."""
-        n = 0
+        n = len(chat.prompt_token_ids or ())
         for m in chat.messages:
             parts = [m["content"]] if isinstance(m["content"], str) else m["content"]
             for p in parts:

@@ -304,7 +304,7 @@ def _raw_binary(body: bytes, content_type: str | None = "application/json") -> d
     (_raw_binary(b""), "data", "no data"),
     (_raw_binary(b"hello", "text/plain"), "datacontenttype", "not JSON"),
     (_raw_binary(b'{"messages": []}'), "messages", "at least 1"),
-    (_raw_binary(b'{"messages": [{"role": "user", "content": "x"}], "n": 2}'), "n", "n=2"),
+    (_raw_binary(b'{"messages": [{"role": "user", "content": "x"}], "n": 17}'), "n", "16"),
     (_raw_binary(json.dumps({"messages": [image_message("data:image/png;base64,not-base64!")]}).encode()),
      "messages[0].content[0].image_url", "image"),
     (_raw_binary(json.dumps({**HELLO, "stream": True, "stream_options": {"include_usage": True}}).encode()),

@@ -22,7 +22,7 @@ CASES = [
 NO_THINK = [
     ("<answer>do(action=\"Back\")</answer>", "do(action=\"Back\")"),      # enable_thinking=false
     ("plain text", "plain text"),
-    ("text then <think>late</think>", "text then <think>late</think>"),  # a think block counts only at the start
+    ("text then <think>late</think>", "text then late"),   # a think block counts only at the start; no tags left
     ("<thinking>not a tag</thinking>", "<thinking>not a tag</thinking>"),
     ("<thi", "<thi"),                                                     # a partial tag at the very end is text
     ("", ""),

@@ -13,6 +13,7 @@ import pytest
 from function import tiny_model
 from function.tiny_model import (
     BUILDER_VERSION,
+    TEXT_TOKENS,
     CHAT_TEMPLATE,
     MARKER_FILE,
     REAL_CHAT_TEMPLATE,
@@ -115,7 +116,13 @@ def test_special_token_ids_agree(tiny_dir, processor):
     assert len(set(ids.values())) == len(SPECIAL_TOKENS)
     for t, i in ids.items():
         assert tok.encode(t, add_special_tokens=False) == [i], t  # one token each, never split
-    assert set(tok.all_special_ids) >= set(ids.values())
+    # marked special exactly as the real tokenizer marks them: the think/answer/box tags are text
+    assert set(tok.all_special_ids) >= {i for t, i in ids.items() if t not in TEXT_TOKENS}
+    assert not set(tok.all_special_ids) & {ids[t] for t in TEXT_TOKENS}
+    added = tok.backend_tokenizer.get_added_tokens_decoder()
+    assert {t: added[i].special for t, i in ids.items()} == {t: t not in TEXT_TOKENS for t in SPECIAL_TOKENS}
+    assert tok.decode([ids[t] for t in SPECIAL_TOKENS], skip_special_tokens=True) == \
+        "<|begin_of_box|><|end_of_box|><answer></answer><think></think>"
 
     assert config.image_token_id == ids["<|image|>"] == processor.image_token_id
     assert config.video_token_id == ids["<|video|>"]

@@ -28,6 +28,9 @@ from .errors import ModelNotFound
 from .gate import Drain, RequestGate
 from .protocol import ChatCompletionRequest, ChatCompletionResponse, ErrorResponse, ModelCard, ModelList
 from .serving import ChatService
+from .completions import CompletionService, version
+from .protocol import (CompletionRequest, CompletionResponse, DetokenizeRequest, DetokenizeResponse, TokenizeRequest,
+                       TokenizeResponse, VersionResponse)
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -58,7 +61,8 @@ def build_app(config: Config, engine: EngineClient, lifespan: Lifespan[FastAPI] 
     def model_card() -> ModelCard:
         _, ready, _ = engine.status()
         return ModelCard(id=model_name, created=started, root=config.model_path or str(config.tiny_model_dir),
-                         max_model_len=engine.max_model_len if ready else None)
+                         max_model_len=engine.max_model_len if ready else None,
+                         default_sampling_params=dict(engine.default_sampling) if ready else None)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERROR_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -68,6 +72,31 @@ def build_app(config: Config, engine: EngineClient, lifespan: Lifespan[FastAPI] 
         if isinstance(result, ChatCompletionResponse):
             return JSONResponse(result.model_dump(mode="json"))
         return StreamingResponse(result, media_type="text/event-stream", headers=_SSE_HEADERS)
+
+    # --- vLLM's other endpoints: legacy completions, tokenizer, version (function/api/completions.py)
+    completions = CompletionService(chat)
+
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=_ERROR_RESPONSES)
+    async def text_completions(body: CompletionRequest, request: Request) -> Response:
+        result = await completions.create(body, partial(_until_disconnect, request))
+        if result is None:
+            return Response(status_code=CLIENT_CLOSED)
+        if isinstance(result, CompletionResponse):
+            return JSONResponse(result.model_dump(mode="json"))
+        return StreamingResponse(result, media_type="text/event-stream", headers=_SSE_HEADERS)
+
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERROR_RESPONSES)
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        return await completions.tokenize(body)
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=_ERROR_RESPONSES)
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        return await completions.detokenize(body)
+
+    @app.get("/version", response_model=VersionResponse)
+    async def get_version() -> VersionResponse:
+        return version()
+    # --- end of vLLM's other endpoints
 
     events = EventService(config, chat)      # CloudEvents (a Broker's Trigger): docs/events.md
     for path in EVENT_ROUTES:

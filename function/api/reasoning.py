@@ -4,8 +4,9 @@ Used only when a request asks for `return_reasoning`; by default clients get the
 serves AutoGLM and as phone-agent clients parse it. The streaming parser is the only implementation: the full-text
 split feeds it the whole text, so both modes give the same result by construction.
 
-Rules: a think block counts only at the start of the output (after whitespace); `<answer>`/`</answer>` tags are
-dropped from the content; reasoning and content are trimmed of surrounding whitespace. Tags may arrive split across
+Rules: a think block counts only at the start of the output (after whitespace); the content carries no tags at all
+(`<answer>`, `</answer>` and any stray `<think>`/`</think>` after the think block are dropped); reasoning and
+content are trimmed of surrounding whitespace. Tags may arrive split across
 increments: a suffix that could still become a tag is held back until the next increment decides it.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
-ANSWER_TAGS = ("<answer>", "</answer>")
+ANSWER_TAGS = ("<answer>", "</answer>", THINK_OPEN, THINK_CLOSE)   # dropped from the content
 
 
 @dataclass

@@ -13,6 +13,7 @@ error here. Errors before the first chunk become HTTP errors (a deadline: 504); 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import time
@@ -27,12 +28,14 @@ from function.asr import SpeechRecognizer, transcribe_audio_parts
 from function.audio import AudioLoader
 from function.config import Config
 from function.engine.protocol import (ChatInput, CompletionChunk, EngineClient, EngineDead, EngineError, InternalError,
-                                      GenerationFailed, InvalidInput, NotReady, SamplingParams)
+                                      GenerationFailed, InvalidInput, NotReady, SamplingParams, TokenLogprob)
 from function.images import ImageLoader
 
 from .errors import ModelNotFound, RequestTimeout, error_json
 from .protocol import (AssistantMessage, AudioTranscript, ChatCompletionChunk, ChatCompletionRequest,
-                       ChatCompletionResponse, Choice, Delta, ImagePart, PromptTokensDetails, StreamChoice, Usage)
+                       ChatCompletionResponse, ChatMessage, Choice, ChoiceLogprobs, Delta, ImagePart,
+                       PromptTokensDetails, SamplingRequest, StreamChoice, TextPart, TokenLogprobInfo, TopLogprob,
+                       Usage)
 from .reasoning import ReasoningParser, split_reasoning
 
 log = logging.getLogger(__name__)
@@ -48,6 +51,8 @@ def system_fingerprint(config: Config) -> str:
     """Changes whenever the settings that shape outputs change (OpenAI: backend configuration)."""
     key = "|".join(map(str, (config.model_path or "tiny", config.quantization, config.quantize_vision,
                              config.dtype, config.attn_implementation, config.image_max_pixels)))
+    if config.generation_config != "auto":     # other sampling defaults: other outputs
+        key += f"|generation_config={config.generation_config}"
     return "fp_" + hashlib.sha256(key.encode()).hexdigest()[:10]
 
 
@@ -65,45 +70,165 @@ class ChatService:
         self.fingerprint = system_fingerprint(config)
         self.timeout_s = config.request_timeout_s
 
+    # --- shared by chat and text completions
+    def check_model(self, model: str | None) -> None:
+        if model not in (None, self.model_name):
+            raise ModelNotFound(f"The model `{model}` does not exist; this server serves `{self.model_name}`.",
+                                param="model")
+
+    def sampling_params(self, request: SamplingRequest) -> SamplingParams:
+        """The request's params over the checkpoint's defaults (EngineClient.default_sampling, {} with
+        GENERATION_CONFIG=vllm), with token ids checked against the vocabulary."""
+        vocab = self.engine.vocab_size
+        if vocab:
+            for name, ids in request.token_ids_named().items():
+                bad = [i for i in ids if i >= vocab]
+                if bad:
+                    raise InvalidInput(f"token ids {bad[:5]} in {name} are outside the vocabulary (0..{vocab - 1})",
+                                       param=name)
+        return request.to_sampling_params(self.default_max_tokens, self.engine.default_sampling)
+
+    async def start(self, request_id: str, inputs: list[tuple[ChatInput, SamplingParams]], arrival: float,
+                    deadline: float, disconnected: Disconnected) -> tuple[list[_Generation], list[CompletionChunk]] | None:
+        """Start every choice's engine request and wait for each one's first chunk (so refusals become HTTP
+        errors). The first choice goes alone: the others then reuse its prefilled prompt (prefix reuse). None
+        when the client left first; on an error every started request is closed."""
+        gens: list[_Generation] = []
+
+        async def begin() -> list[CompletionChunk]:
+            rid = lambda i: request_id if i == 0 else f"{request_id}-{i}"   # noqa: E731
+            gens.append(_Generation(self.engine, rid(0), *inputs[0], arrival))
+            first = [await gens[0].next()]
+            gens.extend(_Generation(self.engine, rid(i), chat, params, arrival)
+                        for i, (chat, params) in enumerate(inputs[1:], 1))
+            return first + list(await asyncio.gather(*(g.next() for g in gens[1:])))
+
+        try:
+            async with asyncio.timeout_at(deadline):
+                firsts = await _unless_disconnected(begin(), disconnected)
+        except BaseException as e:
+            await _close_all(gens)
+            if isinstance(e, TimeoutError):
+                raise self._timed_out(request_id) from None
+            raise
+        if firsts is None:
+            await _close_all(gens)
+            return None
+        return gens, firsts
+
+    async def collect(self, gens: list[_Generation], firsts: list[CompletionChunk], deadline: float,
+                      disconnected: Disconnected) -> list[_Output] | None:
+        """Every choice to its end (non-streaming); the engine requests are closed after."""
+        async def one(gen: _Generation, chunk: CompletionChunk) -> _Output:
+            out = _Output()
+            while True:
+                out.add(chunk)
+                if chunk.finish_reason:
+                    return out
+                chunk = await gen.next()
+
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await _unless_disconnected(
+                    asyncio.gather(*(one(g, f) for g, f in zip(gens, firsts))), disconnected)
+        except TimeoutError:
+            raise self._timed_out(gens[0].request_id) from None
+        finally:
+            await _close_all(gens)
+
+    async def merged(self, gens: list[_Generation], firsts: list[CompletionChunk],
+                     deadline: float) -> AsyncIterator[tuple[int, CompletionChunk]]:
+        """(choice index, chunk) of every choice as they come; raises the first error."""
+        if len(gens) == 1:
+            chunk = firsts[0]
+            while True:
+                yield 0, chunk
+                if chunk.finish_reason:
+                    return
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        chunk = await gens[0].next()
+                except TimeoutError:
+                    raise self._timed_out(gens[0].request_id) from None
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, gen: _Generation, chunk: CompletionChunk) -> None:
+            try:
+                while True:
+                    await queue.put((i, chunk, None))
+                    if chunk.finish_reason:
+                        return
+                    chunk = await gen.next()
+            except Exception as e:  # noqa: BLE001 - handed to the stream
+                await queue.put((i, None, e))
+
+        tasks = [asyncio.ensure_future(pump(i, g, f)) for i, (g, f) in enumerate(zip(gens, firsts))]
+        try:
+            left = len(gens)
+            while left:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        i, chunk, error = await queue.get()
+                except TimeoutError:
+                    raise self._timed_out(gens[0].request_id) from None
+                if error is not None:
+                    raise error
+                yield i, chunk
+                left -= chunk.finish_reason is not None
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def token_logprobs(self, lps: list[TokenLogprob]) -> list[TokenLogprobInfo]:
+        """Engine logprobs -> OpenAI chat logprobs entries (token texts decoded one token at a time)."""
+        ids = sorted({t for lp in lps for t in (lp.token_id, *(i for i, _ in lp.top))})
+        text = dict(zip(ids, self.engine.token_texts(ids)))
+
+        def top(i: int, v: float) -> TopLogprob:
+            return TopLogprob(token=text[i], logprob=max(v, -9999.0), bytes=list(text[i].encode()))
+        return [TokenLogprobInfo(**top(lp.token_id, lp.logprob).model_dump(),
+                                 top_logprobs=[top(i, v) for i, v in lp.top]) for lp in lps]
+
+    # --- chat completions
     async def create(self, request: ChatCompletionRequest,
                      disconnected: Disconnected) -> ChatCompletionResponse | AsyncIterator[str] | None:
         """The response, the SSE stream (strings to send), or None when the client left before an answer."""
         arrival = time.monotonic()
         deadline = asyncio.get_running_loop().time() + self.timeout_s
-        if request.model not in (None, self.model_name):
-            raise ModelNotFound(f"The model `{request.model}` does not exist; this server serves "
-                                f"`{self.model_name}`.", param="model")
+        self.check_model(request.model)
         self._check_ready()
-        params = request.to_sampling_params(self.default_max_tokens)
+        params = self.sampling_params(request)
         try:
             async with asyncio.timeout_at(deadline):
                 request, transcripts = await transcribe_audio_parts(request, self.audio, self.asr)  # audio -> text
-                chat = await self._chat_input(request)
+                chat = await self.chat_input(request.messages, request.template_kwargs())
         except TimeoutError:
             raise self._timed_out("a request still preparing its input") from None
         if not (request.return_transcript or (request.return_transcript is None and self.return_transcript)):
             transcripts = []
-        gen = _Generation(self.engine, f"chatcmpl-{uuid.uuid4().hex}", chat, params, arrival)
-        if not request.stream:
-            try:
-                async with asyncio.timeout_at(deadline):
-                    return await _unless_disconnected(self._complete(gen, request, transcripts), disconnected)
-            except TimeoutError:
-                raise self._timed_out(gen.request_id) from None
-            finally:
-                await gen.close()                                          # aborts it unless it finished
-        try:
-            async with asyncio.timeout_at(deadline):
-                first = await _unless_disconnected(gen.next(), disconnected)   # refusals become HTTP errors
-        except BaseException as e:
-            await gen.close()
-            if isinstance(e, TimeoutError):
-                raise self._timed_out(gen.request_id) from None
-            raise
-        if first is None:
-            await gen.close()
+        started = await self.start(f"chatcmpl-{uuid.uuid4().hex}", [(chat, p) for p in choice_params(params, request.n)],
+                                   arrival, deadline, disconnected)
+        if started is None:
             return None
-        return self._stream(gen, first, request, transcripts, deadline)
+        gens, firsts = started
+        if not request.stream:
+            outs = await self.collect(gens, firsts, deadline, disconnected)
+            return None if outs is None else self._response(gens[0], outs, request, transcripts)
+        return self._stream(gens, firsts, request, transcripts, deadline)
+
+    def _response(self, gen: _Generation, outs: list[_Output], request: ChatCompletionRequest,
+                  transcripts: list[AudioTranscript]) -> ChatCompletionResponse:
+        choices = []
+        for i, out in enumerate(outs):
+            reasoning, content = split_reasoning(out.text) if request.return_reasoning_enabled else (None, out.text)
+            choices.append(Choice(index=i, message=AssistantMessage(content=content, reasoning_content=reasoning),
+                                  logprobs=ChoiceLogprobs(content=self.token_logprobs(out.logprobs))
+                                  if request.logprobs else None,
+                                  finish_reason=_finish_reason(out.last), stop_reason=out.last.stop_reason))
+        return ChatCompletionResponse(
+            id=gen.request_id, created=gen.created, model=self.model_name, system_fingerprint=self.fingerprint,
+            choices=choices, usage=_usage_of([o.last for o in outs], 1), transcripts=transcripts or None)
 
     def _timed_out(self, what: str) -> RequestTimeout:
         log.warning("%s: stopped after REQUEST_TIMEOUT_S=%g s", what, self.timeout_s)
@@ -117,18 +242,18 @@ class ChatService:
         if not ready:
             raise NotReady(message)
 
-    async def _chat_input(self, request: ChatCompletionRequest) -> ChatInput:
+    async def chat_input(self, messages: list[ChatMessage], template_kwargs: dict) -> ChatInput:
         """OpenAI messages -> transformers chat format with decoded images (and their digests)."""
-        n_images = sum(isinstance(p, ImagePart) for m in request.messages if isinstance(m.content, list)
+        n_images = sum(isinstance(p, ImagePart) for m in messages if isinstance(m.content, list)
                        for p in m.content)
         if n_images > self.max_images:
             raise InvalidInput(f"{n_images} images in one request; the limit is {self.max_images} "
                                "(MAX_IMAGES_PER_REQUEST)", param="messages")
-        messages, digests = [], []
-        for i, m in enumerate(request.messages):
+        out, digests = [], []
+        for i, m in enumerate(messages):
             role = "system" if m.role == "developer" else m.role   # the chat template knows no developer role
             if m.role != "user" or not isinstance(m.content, list):
-                messages.append({"role": role, "content": m.text()})
+                out.append({"role": role, "content": m.text()})
                 continue
             parts = []
             for j, p in enumerate(m.content):
@@ -136,31 +261,20 @@ class ChatService:
                     img = await self.images.load(p.image_url.url, param=f"messages[{i}].content[{j}].image_url")
                     parts.append({"type": "image", "image": img.image})
                     digests.append(img.digest)
-                else:
+                elif isinstance(p, TextPart):
                     parts.append({"type": "text", "text": p.text})
-            messages.append({"role": role, "content": parts})
-        return ChatInput(messages=messages, chat_template_kwargs=request.template_kwargs(), image_digests=digests)
+                else:
+                    raise InvalidInput("audio parts are transcribed only by /v1/chat/completions",
+                                       param=f"messages[{i}].content[{j}]")
+            out.append({"role": role, "content": parts})
+        return ChatInput(messages=out, chat_template_kwargs=template_kwargs, image_digests=digests)
 
-    async def _complete(self, gen: _Generation, request: ChatCompletionRequest,
-                        transcripts: list[AudioTranscript]) -> ChatCompletionResponse:
-        pieces = []
-        while True:
-            chunk = await gen.next()
-            pieces.append(chunk.text)
-            if chunk.finish_reason:
-                break
-        finish = _finish_reason(chunk)
-        text = "".join(pieces)
-        reasoning, content = split_reasoning(text) if request.return_reasoning_enabled else (None, text)
-        return ChatCompletionResponse(
-            id=gen.request_id, created=gen.created, model=self.model_name, system_fingerprint=self.fingerprint,
-            choices=[Choice(message=AssistantMessage(content=content, reasoning_content=reasoning),
-                            finish_reason=finish, stop_reason=chunk.stop_reason)],
-            usage=_usage(chunk), transcripts=transcripts or None)
-
-    async def _stream(self, gen: _Generation, first: CompletionChunk, request: ChatCompletionRequest,
+    async def _stream(self, gens: list[_Generation], firsts: list[CompletionChunk], request: ChatCompletionRequest,
                       transcripts: list[AudioTranscript], deadline: float) -> AsyncIterator[str]:
-        parser = ReasoningParser() if request.return_reasoning_enabled else None
+        n = len(gens)
+        parsers = [ReasoningParser() if request.return_reasoning_enabled else None for _ in range(n)]
+        lasts: list[CompletionChunk | None] = [None] * n
+        gen = gens[0]
 
         def event(choices: list[StreamChoice], usage: Usage | None = None,
                   transcripts: list[AudioTranscript] | None = None) -> str:
@@ -170,28 +284,28 @@ class ChatService:
             return f"data: {chunk.model_dump_json()}\n\n"
 
         try:
-            yield event([StreamChoice(delta=Delta(role="assistant", content=""))], transcripts=transcripts or None)
-            chunk = first
-            while True:
+            for i in range(n):
+                yield event([StreamChoice(index=i, delta=Delta(role="assistant", content=""))],
+                            transcripts=(transcripts or None) if i == 0 else None)
+            async for i, chunk in self.merged(gens, firsts, deadline):
+                lasts[i] = chunk
                 final = chunk.finish_reason is not None
+                parser = parsers[i]
                 if parser is None:
                     delta = Delta(content=chunk.text or None)
                 else:
                     d = parser.feed(chunk.text, final=final)
                     delta = Delta(reasoning_content=d.reasoning or None, content=d.content or None)
+                lp = ChoiceLogprobs(content=self.token_logprobs(chunk.logprobs)) \
+                    if request.logprobs and chunk.logprobs else None
+                usage = _usage_of([chunk], 1) if request.continuous_usage else None
                 if final:
-                    yield event([StreamChoice(delta=delta, finish_reason=_finish_reason(chunk),
-                                              stop_reason=chunk.stop_reason)])
-                    if request.include_usage:
-                        yield event([], usage=_usage(chunk))
-                    break
-                if delta.content or delta.reasoning_content:
-                    yield event([StreamChoice(delta=delta)])
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        chunk = await gen.next()
-                except TimeoutError:
-                    raise self._timed_out(gen.request_id) from None
+                    yield event([StreamChoice(index=i, delta=delta, logprobs=lp, finish_reason=_finish_reason(chunk),
+                                              stop_reason=chunk.stop_reason)], usage=usage)
+                elif delta.content or delta.reasoning_content or lp:
+                    yield event([StreamChoice(index=i, delta=delta, logprobs=lp)], usage=usage)
+            if request.include_usage:
+                yield event([], usage=_usage_of(lasts, 1))
         except EngineError as e:
             if not isinstance(e, RequestTimeout):       # logged where it was raised
                 log.warning("%s failed while streaming: %s", gen.request_id, e.message)
@@ -200,8 +314,49 @@ class ChatService:
             log.exception("%s failed while streaming", gen.request_id)
             yield f"data: {error_json(InternalError('internal error while streaming'))}\n\n"
         finally:
-            await gen.close()
+            await _close_all(gens)
         yield SSE_DONE
+
+
+def choice_params(params: SamplingParams, n: int | None) -> list[SamplingParams]:
+    """One SamplingParams per choice: with a seed, choice i samples with seed + i (as vLLM's parallel sampling)."""
+    n = n or 1
+    if n == 1 or params.seed is None:
+        return [params] * n
+    return [dataclasses.replace(params, seed=(params.seed + i + 2**63) % 2**64 - 2**63) for i in range(n)]
+
+
+class _Output:
+    """One choice's whole output."""
+
+    def __init__(self) -> None:
+        self.pieces: list[str] = []
+        self.logprobs: list[TokenLogprob] = []
+        self.last: CompletionChunk | None = None
+
+    def add(self, chunk: CompletionChunk) -> None:
+        self.pieces.append(chunk.text)
+        self.logprobs.extend(chunk.logprobs or ())
+        self.last = chunk
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+
+async def _close_all(gens: list[_Generation]) -> None:
+    for g in gens:
+        await g.close()
+
+
+def _usage_of(lasts: list[CompletionChunk | None], n: int) -> Usage:
+    """Usage of a request's choices: the prompt counted once per `n` choices that share it, completions summed."""
+    done = [c for c in lasts if c is not None]
+    prompt = sum(c.prompt_tokens for c in done[::n]) if done else 0
+    cached = sum(c.cached_prompt_tokens for c in done[::n]) if done else 0
+    completion = sum(c.completion_tokens for c in done)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
 
 class _Generation:
@@ -249,12 +404,6 @@ def _finish_reason(chunk: CompletionChunk) -> str:
     if chunk.finish_reason in ("stop", "length"):
         return chunk.finish_reason
     raise GenerationFailed(f"generation ended with {chunk.finish_reason!r}; retry the request")
-
-
-def _usage(chunk: CompletionChunk) -> Usage:
-    return Usage(prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens,
-                 total_tokens=chunk.prompt_tokens + chunk.completion_tokens,
-                 prompt_tokens_details=PromptTokensDetails(cached_tokens=chunk.cached_prompt_tokens))
 
 
 async def _unless_disconnected(work: Awaitable[T], disconnected: Disconnected) -> T | None:

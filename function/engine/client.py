@@ -17,8 +17,8 @@ from typing import AsyncIterator
 
 from .. import metrics
 from ..config import Config
-from .protocol import (ChatInput, CompletionChunk, EngineClient, EngineDead, EngineError, NotReady,
-                       Overloaded, SamplingParams)
+from .protocol import (ChatInput, CompletionChunk, EngineClient, EngineDead, EngineError, InvalidInput, NotReady,
+                       Overloaded, SamplingParams, TokenLogprob)
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,8 @@ class LocalEngine(EngineClient):
         self._lock = threading.Lock()
         self.choices = None
         self.timings: dict[str, float] = {}
+        self.default_sampling: dict = {}
+        self.vocab_size = 0
 
     # ------------------------------------------------------------------ lifecycle
     def start_loading(self) -> None:
@@ -134,6 +136,16 @@ class LocalEngine(EngineClient):
             eos.append(tok.eos_token_id)
         self._eos = frozenset(int(e) for e in eos)
         self.num_slots = slots
+        self.vocab_size = int(runner.vocab)
+        if self.config.generation_config == "auto":
+            from .protocol import generation_defaults
+            self.default_sampling = generation_defaults(loaded.generation_config)
+            if self.default_sampling:
+                log.info("default sampling parameters from the checkpoint's generation_config.json: %s "
+                         "(set GENERATION_CONFIG=vllm to use vLLM's defaults instead)", self.default_sampling)
+        else:
+            self.default_sampling = {}
+            log.info("GENERATION_CONFIG=vllm: the checkpoint's generation_config.json sampling values are not used")
         self._core.start()
 
     def _fit_kv(self, torch, loaded, num_layers: int, per_tok_layer: int, slots: int, max_len: int):
@@ -293,23 +305,24 @@ class LocalEngine(EngineClient):
         max_new = min(max_new, self.max_model_len - prompt.length)
         out: asyncio.Queue = asyncio.Queue()
 
-        def emit(tokens, finish, error):
+        def emit(tokens, finish, error, logprobs=None):
             try:
-                loop.call_soon_threadsafe(out.put_nowait, (tokens, finish, error))
+                loop.call_soon_threadsafe(out.put_nowait, (tokens, finish, error, logprobs))
             except RuntimeError:  # the requester's event loop is gone; nobody is listening
                 pass
 
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self._eos)
         seq = Sequence(request_id=request_id, prompt=prompt, params=params, emit=emit, max_new=max_new,
                        stop_ids=stop_ids)
-        text = OutputText(self._tokenizer, params.stop, params.skip_special_tokens)
+        text = OutputText(self._tokenizer, params.stop, params.skip_special_tokens, stop_token_ids=stop_ids,
+                          include_stop=params.include_stop_str_in_output, min_tokens=params.min_tokens)
         core = self._core
         core.submit(seq)
         finished = False
         n_out = 0
         try:
             while True:
-                tokens, finish, error = await out.get()
+                tokens, finish, error, packed = await out.get()
                 if not admitted:
                     admitted = True
                     with self._lock:
@@ -319,7 +332,8 @@ class LocalEngine(EngineClient):
                     finished = True
                     raise error if isinstance(error, EngineError) else EngineDead(str(error))
                 n_out += len(tokens)
-                delta = text.add(tokens)
+                delta = text.add(tokens, final=finish is not None)
+                lps = self._logprobs(tokens, packed) if packed is not None else None
                 if text.stop_hit is not None and finish is None:
                     core.abort(request_id)
                     finish = "stop"
@@ -333,10 +347,11 @@ class LocalEngine(EngineClient):
                         delta += text.flush()
                     yield CompletionChunk(text=delta, token_ids=tokens, finish_reason=finish,
                                           prompt_tokens=prompt.length, completion_tokens=n_out,
-                                          cached_prompt_tokens=seq.cached_tokens, stop_reason=stop_reason)
+                                          cached_prompt_tokens=seq.cached_tokens, stop_reason=stop_reason,
+                                          logprobs=lps)
                     return
                 yield CompletionChunk(text=delta, token_ids=tokens, prompt_tokens=prompt.length,
-                                      completion_tokens=n_out, cached_prompt_tokens=seq.cached_tokens)
+                                      completion_tokens=n_out, cached_prompt_tokens=seq.cached_tokens, logprobs=lps)
         finally:
             if not admitted:
                 with self._lock:
@@ -344,6 +359,41 @@ class LocalEngine(EngineClient):
                     metrics.set_queue_depth(self._pending)
             if not finished:
                 core.abort(request_id)
+
+    @staticmethod
+    def _logprobs(tokens: list[int], packed: list[float]) -> list[TokenLogprob]:
+        from .sampling import Sampler
+        lp, top = Sampler.unpack_logprobs(tokens[-1], packed)
+        return [TokenLogprob(token_id=tokens[-1], logprob=lp, top=top)]
+
+    # --- tokenizer endpoints (vLLM's /tokenize, /detokenize) and logprobs' token texts
+    async def tokenize(self, chat: ChatInput | None = None, prompt: str | None = None,
+                       add_special_tokens: bool = True) -> list[int]:
+        self._require_ready()
+        loop = asyncio.get_running_loop()
+        if chat is not None:
+            params = SamplingParams(max_tokens=1)
+            prepared = await loop.run_in_executor(self._pool, self._preparer.prepare, chat, params, False)
+            return prepared.token_ids
+        return await loop.run_in_executor(
+            self._pool, lambda: self._tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        self._require_ready()
+        bad = [t for t in token_ids if not 0 <= t < len(self._tokenizer)]
+        if bad:
+            raise InvalidInput(f"token ids {bad[:5]} are not in the vocabulary (0..{len(self._tokenizer) - 1})",
+                               param="tokens")
+        return self._tokenizer.decode(token_ids)
+
+    def token_texts(self, token_ids: list[int]) -> list[str]:
+        return [self._tokenizer.decode([t]) for t in token_ids]
+
+    def _require_ready(self) -> None:
+        alive, ready, msg = self.status()
+        if not ready:
+            raise NotReady(f"the model is not ready ({msg})", retry_after=5.0) if alive else \
+                EngineDead(f"the engine is not running ({msg})")
 
     async def abort(self, request_id: str) -> None:
         if self._core is not None:

@@ -28,8 +28,8 @@ from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
-# emit(token_ids, finish_reason, error) is called on the engine thread; it must not block
-Emit = Callable[[list[int], "str | None", "Exception | None"], None]
+# emit(token_ids, finish_reason, error[, packed logprobs]) is called on the engine thread; it must not block
+Emit = Callable[..., None]
 
 # CUDA errors after which the context is unusable (sticky errors): nothing in this process can run on the GPU
 # again, so the engine stops, readiness and liveness turn false, and the kubelet restarts the container.
@@ -255,7 +255,7 @@ class EngineCore:
                 try:   # per-request setup: a failure here fails this request only
                     if c.copy_from is not None:
                         self.runner.copy_prefix(c.copy_from, c.slot, c.reuse)
-                    seq.row = self.sampler.reset_slot(c.slot, seq.prompt.token_ids, seq.params)
+                    seq.row = self.sampler.reset_slot(c.slot, seq.prompt.token_ids, seq.params, seq.stop_ids)
                 except Exception as e:  # noqa: BLE001
                     self._step_failed([seq], e)
                     continue
@@ -305,8 +305,8 @@ class EngineCore:
 
     def _accept(self, seqs: list[Sequence], toks: torch.Tensor, slots_t: torch.Tensor) -> None:
         self.sampler.record(slots_t, toks.clamp(min=0))
-        host = toks.tolist()   # the one device->host sync of the step
-        for seq, tok in zip(seqs, host):
+        host, lps = self.sampler.to_host(toks)   # the one device->host sync of the step (logprobs ride along)
+        for seq, tok, lp in zip(seqs, host, lps):
             if tok < 0:
                 self._fail(seq, GenerationFailed("the model produced non-finite logits for this request"))
                 continue
@@ -316,7 +316,10 @@ class EngineCore:
                 finish = "stop"
             elif len(seq.generated) >= seq.max_new:
                 finish = "length"
-            seq.emit([tok], finish, None)
+            if lp is not None and seq.params.logprobs is not None:
+                seq.emit([tok], finish, None, lp)
+            else:
+                seq.emit([tok], finish, None)
             if finish:
                 self._finish(seq, finish, emitted=True)
 

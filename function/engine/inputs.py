@@ -45,7 +45,9 @@ class InputPreparer:
             return enc
         return _append_tokens(enc, empty)
 
-    def prepare(self, chat: ChatInput, params: SamplingParams) -> PreparedPrompt:
+    def prepare(self, chat: ChatInput, params: SamplingParams, check_length: bool = True) -> PreparedPrompt:
+        if chat.prompt_token_ids is not None:
+            return self._raw(chat.prompt_token_ids, params, check_length)
         try:
             enc = self.processor.apply_chat_template(
                 chat.messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
@@ -59,7 +61,7 @@ class InputPreparer:
         ids = enc["input_ids"][0]
         L = ids.shape[0]
         want = params.max_tokens or 1
-        if L + want > self.max_model_len:
+        if check_length and L + want > self.max_model_len:
             raise InvalidInput(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
                 f"{L + want} tokens ({L} in the messages, {want} in the completion). Please reduce the length of "
@@ -91,6 +93,27 @@ class InputPreparer:
                 offset += n_patches
         return PreparedPrompt(token_ids=ids.tolist(), position_ids=pos[:, 0], rope_delta=int(delta.view(-1)[0]),
                               keys=keys, images=images)
+
+
+    def _raw(self, token_ids: list[int], params: SamplingParams, check_length: bool) -> PreparedPrompt:
+        """A prompt of token ids as given (/v1/completions): no template, text positions (M-RoPE t=h=w)."""
+        vocab = len(self.tokenizer)
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad or not token_ids:
+            raise InvalidInput(f"prompt token ids {bad[:5]} are not in the vocabulary (0..{vocab - 1})" if bad else
+                               "the prompt is empty", param="prompt")
+        if self.image_token_id in token_ids:
+            raise InvalidInput("a raw prompt cannot hold image placeholder tokens; send images through "
+                               "/v1/chat/completions", param="prompt")
+        L, want = len(token_ids), params.max_tokens or 1
+        if check_length and L + want > self.max_model_len:
+            raise InvalidInput(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{L + want} tokens ({L} in the prompt, {want} in the completion). Please reduce the length of "
+                "the prompt or completion.", param="prompt" if L >= self.max_model_len else "max_tokens")
+        pos = torch.arange(L, dtype=torch.long).unsqueeze(0).expand(3, L).clone()
+        return PreparedPrompt(token_ids=list(token_ids), position_ids=pos, rope_delta=0,
+                              keys=np.asarray(token_ids, dtype=np.int64))
 
 
 def _append_tokens(enc, extra: list[int]):

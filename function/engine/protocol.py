@@ -24,11 +24,32 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
-    skip_special_tokens: bool = False      # AutoGLM's <think>/<answer> tags are part of its text
+    skip_special_tokens: bool = True       # as vLLM; GLM-4.1V's <think>/<answer> tags are not special tokens
+    include_stop_str_in_output: bool = False   # keep the text of the stop string / end token that ended it
+    min_p: float = 0.0                     # drop tokens below min_p x the top token's probability (0: off)
+    min_tokens: int = 0                    # end tokens and stop strings are ignored before this many tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias added to its logit)
+    allowed_token_ids: tuple[int, ...] | None = None   # sample only among these ids (None: all)
+    logprobs: int | None = None            # None: none; k: the sampled token's logprob and the top k (raw logits)
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 1e-5 or self.top_k == 1
+
+
+#: generation_config.json keys that become default sampling fields (vLLM's list; max_new_tokens -> max_tokens)
+GENERATION_CONFIG_KEYS = ("repetition_penalty", "temperature", "top_k", "top_p", "min_p", "max_new_tokens")
+
+
+def generation_defaults(gen_config: Any) -> dict[str, Any]:
+    """The sampling defaults a checkpoint's GenerationConfig sets, as vLLM's `--generation-config auto` reads them:
+    the values that differ from transformers' defaults, among GENERATION_CONFIG_KEYS."""
+    if gen_config is None:
+        return {}
+    diff = gen_config.to_diff_dict() if hasattr(gen_config, "to_diff_dict") else dict(gen_config)
+    out = {("max_tokens" if k == "max_new_tokens" else k): diff[k] for k in GENERATION_CONFIG_KEYS
+           if diff.get(k) is not None}
+    return out
 
 
 @dataclass
@@ -39,6 +60,16 @@ class ChatInput:
     messages: list[dict[str, Any]]
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     image_digests: list[str] = field(default_factory=list)
+    prompt_token_ids: list[int] | None = None   # a raw prompt (/v1/completions): no chat template, no images
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability (log-softmax of the model's raw logits, as vLLM's default
+    raw_logprobs) and the `top` most likely tokens at that step as (token id, logprob), best first."""
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -51,6 +82,7 @@ class CompletionChunk:
     completion_tokens: int = 0
     cached_prompt_tokens: int = 0
     stop_reason: str | int | None = None   # the stop string or token id that ended it (as vLLM reports)
+    logprobs: list[TokenLogprob] | None = None   # one per token of `token_ids` when params.logprobs is set
 
 
 class EngineError(Exception):
@@ -99,6 +131,10 @@ class EngineClient(abc.ABC):
     """The async face of the engine that the serving layer uses."""
 
     max_model_len: int
+    #: sampling defaults for fields a request omits: the checkpoint's generation_config.json (as vLLM's
+    #: --generation-config auto), filled once the model is loaded; {} with GENERATION_CONFIG=vllm
+    default_sampling: dict[str, Any] = {}
+    vocab_size: int = 0    # token ids the model can produce (0: unknown)
 
     @abc.abstractmethod
     def generate(self, request_id: str, chat: ChatInput, params: SamplingParams) -> AsyncIterator[CompletionChunk]:
@@ -108,6 +144,18 @@ class EngineClient(abc.ABC):
     @abc.abstractmethod
     async def abort(self, request_id: str) -> None:
         """Stop a running request at the next step boundary."""
+
+    async def tokenize(self, chat: ChatInput | None = None, prompt: str | None = None,
+                       add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a chat (its rendered prompt, images expanded) or of a plain prompt string."""
+        raise InvalidInput("this engine cannot tokenize")
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        raise InvalidInput("this engine cannot detokenize")
+
+    def token_texts(self, token_ids: list[int]) -> list[str]:
+        """The text of each token alone (logprobs' `token`)."""
+        return [str(t) for t in token_ids]
 
     @abc.abstractmethod
     def status(self) -> tuple[bool, bool, str]:
