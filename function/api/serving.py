@@ -71,7 +71,7 @@ class ChatService:
         arrival = time.monotonic()
         deadline = asyncio.get_running_loop().time() + self.timeout_s
         if request.model not in (None, self.model_name):
-            raise ModelNotFound(f"The model `{request.model}` does not exist; this server serves "
+            raise ModelNotFound(f"The model `{request.model[:100]}` does not exist; this server serves "
                                 f"`{self.model_name}`.", param="model")
         self._check_ready()
         params = request.to_sampling_params(self.default_max_tokens)
@@ -119,11 +119,10 @@ class ChatService:
 
     async def _chat_input(self, request: ChatCompletionRequest) -> ChatInput:
         """OpenAI messages -> transformers chat format with decoded images (and their digests)."""
-        n_images = sum(isinstance(p, ImagePart) for m in request.messages if isinstance(m.content, list)
-                       for p in m.content)
-        if n_images > self.max_images:
-            raise InvalidInput(f"{n_images} images in one request; the limit is {self.max_images} "
-                               "(MAX_IMAGES_PER_REQUEST)", param="messages")
+        # all images together: count, bytes, headers (pixel caps), then decodes (function/images.py)
+        loaded = iter(await self.images.load_many([
+            (p.image_url.url, f"messages[{i}].content[{j}].image_url") for i, m in enumerate(request.messages)
+            if isinstance(m.content, list) for j, p in enumerate(m.content) if isinstance(p, ImagePart)]))
         messages, digests = [], []
         for i, m in enumerate(request.messages):
             role = "system" if m.role == "developer" else m.role   # the chat template knows no developer role
@@ -133,7 +132,7 @@ class ChatService:
             parts = []
             for j, p in enumerate(m.content):
                 if isinstance(p, ImagePart):
-                    img = await self.images.load(p.image_url.url, param=f"messages[{i}].content[{j}].image_url")
+                    img = next(loaded)
                     parts.append({"type": "image", "image": img.image})
                     digests.append(img.digest)
                 else:
