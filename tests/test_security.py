@@ -674,3 +674,20 @@ async def test_hostile_bodies_against_the_real_front(front_server, body):
     latencies.sort()
     assert latencies and latencies[len(latencies) // 2] < 0.1
     assert _rss_kib(proc.pid) - before < 2 * 64 * 1024
+
+
+def test_uvicorn_bounds_request_headers_like_func_python(front_server):
+    """Headers that never complete: the connection is closed after HEADER_TIMEOUT_S; headers over 16 KiB: 400."""
+    import socket
+
+    from function.uvicorn_http import HEADER_TIMEOUT_S
+    url = front_server[0]
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=HEADER_TIMEOUT_S + 10) as s:
+        s.sendall(b"GET /health/liveness HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        started = time.monotonic()
+        assert s.recv(1024) == b""                                    # closed by the server, not by our timeout
+        assert time.monotonic() - started < HEADER_TIMEOUT_S + 10
+    r = httpx.get(f"{url}/health/liveness", headers={"X-Big": "a" * 50_000}, timeout=10)
+    assert r.status_code == 431
+    assert httpx.get(f"{url}/health/liveness", timeout=10).status_code == 200
