@@ -45,7 +45,11 @@ volume's files by renaming a directory) is read again."""
 
 
 def key_hash(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
 
 
 def _split(text: str) -> list[str]:
@@ -56,7 +60,7 @@ class ApiKeys:
     """The configured keys: API_KEY's and API_KEY_FILE's, the file re-read when it changes."""
 
     def __init__(self, keys: str = "", path: str = "", clock=time.monotonic):
-        self._static = [k.encode() for k in _split(keys)]
+        self._static = [_digest(k) for k in _split(keys)]
         self._path = path
         self._clock = clock
         self._file_keys: list[bytes] = []
@@ -102,13 +106,13 @@ class ApiKeys:
                 keys = []
             if self._stamp is not None:
                 log.info("API_KEY_FILE changed: %d key(s) now", len(keys))      # how many, never which
-            self._stamp, self._file_keys = stamp, [k.encode() for k in keys]
+            self._stamp, self._file_keys = stamp, [_digest(k) for k in keys]
 
     def match(self, presented: str) -> bool:
         """Whether `presented` is one of the keys; constant time in the keys' contents."""
         if self._path:
             self._reload()
-        candidate = presented.encode()
+        candidate = _digest(presented)         # equal lengths: compare_digest leaks nothing, not even the length
         found = False
         for key in self._static + self._file_keys:
             found |= hmac.compare_digest(candidate, key)

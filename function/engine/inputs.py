@@ -52,7 +52,7 @@ class InputPreparer:
     def prepare(self, chat: ChatInput, params: SamplingParams) -> PreparedPrompt:
         chars = sum(len(p) if isinstance(p, str) else len(p.get("text") or "") for m in chat.messages
                     for p in ([m["content"]] if isinstance(m["content"], str) else m["content"]))
-        if -(-chars // self.max_token_chars) + (params.max_tokens or 1) > self.max_model_len:
+        if -(-chars // self.max_token_chars) >= self.max_model_len:     # the messages alone cannot fit
             raise InvalidInput(f"This model's maximum context length is {self.max_model_len} tokens; the messages "
                                f"have {chars} characters, at least {-(-chars // self.max_token_chars)} tokens. Please "
                                "reduce the length of the messages.", param="messages")
