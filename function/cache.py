@@ -9,8 +9,14 @@ Knows no HTTP and no engine (function.front is its HTTP face). Two stores, usabl
 Key: the SHA-256 of the canonical request: the served model name, the whole validated request (messages with every
 image replaced by the digest of its decoded pixels, every sampling parameter, template flags such as
 enable_thinking, return_reasoning, max tokens, unknown extra fields too) minus only what cannot change the answer
-(`stream`, `stream_options`, `user`, `n`, which must be 1). A stored `Entry` is the answer itself (content,
+(`stream`, `stream_options`, `user`, `n`, which must be 1), plus the SHA-256 of the caller's API key when keys are
+configured (function/api/auth.py), so that entries never cross keys (X-Cache and Age would tell one caller what
+another asked) unless RESPONSE_CACHE_SHARE_KEYS says they may. A stored `Entry` is the answer itself (content,
 reasoning, finish and stop reason, usage), so one entry serves streamed and non-streamed requests alike.
+
+An entry read back is checked field by field (`Entry.from_bytes`): one that is malformed (written by another
+version, by hand, or corrupted) is a miss, deleted from its store and logged once per store; it is never copied
+into the tiers above.
 
 What the key cannot see is the deployment: a changed checkpoint, quantization or DEFAULT_MAX_TOKENS behind the same
 SERVED_MODEL_NAME. The in-process cache dies with its revision; a shared Redis keeps entries until their TTL, so
@@ -75,8 +81,11 @@ def canonical_request(request: ChatCompletionRequest, model: str, image_digests:
     return {"model": model, "request": body}
 
 
-def request_key(request: ChatCompletionRequest, model: str, image_digests: Sequence[str]) -> str:
+def request_key(request: ChatCompletionRequest, model: str, image_digests: Sequence[str], caller: str = "") -> str:
+    """`caller`: the hash of the caller's API key ("" without keys, or when entries may cross keys)."""
     canon = canonical_request(request, model, image_digests)
+    if caller:
+        canon["caller"] = caller
     blob = json.dumps(canon, sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     return KEY_PREFIX + hashlib.sha256(blob.encode()).hexdigest()
 
@@ -105,7 +114,24 @@ class Entry:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Entry:
-        return cls(**json.loads(data))
+        """The stored entry; ValueError unless every field has its type (and the usage is a valid usage)."""
+        raw = json.loads(data)
+        if not isinstance(raw, dict) or set(raw) != {f for f in cls.__dataclass_fields__}:
+            raise ValueError("not an entry object")
+        ok = (isinstance(raw["content"], str) and isinstance(raw["reasoning_content"], (str, type(None)))
+              and raw["finish_reason"] in FINISHED
+              and (raw["stop_reason"] is None or (isinstance(raw["stop_reason"], (str, int))
+                                                  and not isinstance(raw["stop_reason"], bool)))
+              and isinstance(raw["usage"], dict) and isinstance(raw["model"], str)
+              and isinstance(raw["system_fingerprint"], str)
+              and isinstance(raw["stored_at"], (int, float)) and not isinstance(raw["stored_at"], bool))
+        if not ok:
+            raise ValueError("an entry field has the wrong type")
+        try:
+            Usage.model_validate(raw["usage"])
+        except Exception:       # pydantic's ValidationError is a ValueError; anything else is malformed too
+            raise ValueError("invalid usage") from None
+        return cls(**raw)
 
     @classmethod
     def from_response(cls, body: dict[str, Any]) -> Entry | None:
@@ -142,6 +168,9 @@ class Store(Protocol):
 
     async def set(self, key: str, value: bytes, ttl_s: float) -> None:
         """Store with a time to live (never raises)."""
+
+    async def delete(self, key: str) -> None:
+        """Remove (never raises)."""
 
     async def aclose(self) -> None: ...
 
@@ -183,6 +212,11 @@ class MemoryStore:
                 self._drop(next(iter(self._data)))
             metrics.observe_cache_write(self.name, len(value))
         self._report()
+
+    async def delete(self, key: str) -> None:
+        if key in self._data:
+            self._drop(key)
+            self._report()
 
     def _drop(self, key: str) -> None:
         _, value = self._data.pop(key)
@@ -257,6 +291,9 @@ class RedisStore:
         if done:
             metrics.observe_cache_write(self.name, len(value))
 
+    async def delete(self, key: str) -> None:
+        await self._call("delete", lambda r: r.delete(key))
+
     async def aclose(self) -> None:
         if self._client is not None:
             client, self._client = self._client, None
@@ -270,11 +307,14 @@ class RedisStore:
 class ResponseCache:
     """Stores as tiers (memory before Redis), the caching policy, and single flight."""
 
-    def __init__(self, stores: Sequence[Store], *, model: str, ttl_s: float, cache_all: bool = False):
+    def __init__(self, stores: Sequence[Store], *, model: str, ttl_s: float, cache_all: bool = False,
+                 share_keys: bool = False):
         self.stores = list(stores)
         self.model = model
         self.ttl_s = ttl_s
         self.cache_all = cache_all
+        self.share_keys = share_keys
+        self._malformed_logged: set[str] = set()
         self._flights: dict[str, asyncio.Future[Entry | None]] = {}
 
     @classmethod
@@ -288,15 +328,16 @@ class ResponseCache:
         if not stores:
             return None
         return cls(stores, model=config.served_model_name, ttl_s=config.response_cache_ttl_s,
-                   cache_all=config.response_cache_all)
+                   cache_all=config.response_cache_all, share_keys=config.response_cache_share_keys)
 
     def cacheable(self, request: ChatCompletionRequest) -> bool:
         if (request.n or 1) > 1 or request.logprobs:     # an entry holds one choice, without logprobs
             return False
         return self.cache_all or deterministic(request)
 
-    def key(self, request: ChatCompletionRequest, image_digests: Sequence[str]) -> str:
-        return request_key(request, self.model, image_digests)
+    def key(self, request: ChatCompletionRequest, image_digests: Sequence[str], caller: str = "") -> str:
+        """`caller`: the hash of the request's API key (function/api/auth.py); ignored with share_keys."""
+        return request_key(request, self.model, image_digests, "" if self.share_keys else caller)
 
     async def get(self, key: str) -> tuple[Entry, str] | None:
         """(entry, name of the store that had it); a lower tier's hit is copied into the tiers above it."""
@@ -306,8 +347,12 @@ class ResponseCache:
                 continue
             try:
                 entry = Entry.from_bytes(data)
-            except (TypeError, ValueError):
-                log.warning("response cache: dropping an unreadable %s entry", store.name)
+            except (TypeError, ValueError, KeyError, RecursionError) as e:
+                if store.name not in self._malformed_logged:       # once per store: it may hold many
+                    self._malformed_logged.add(store.name)
+                    log.warning("response cache: a malformed %s entry (%s) is a miss and is deleted; further ones "
+                                "are deleted without a log line", store.name, e)
+                await store.delete(key)
                 continue
             for upper in self.stores[:i]:
                 await upper.set(key, data, self.ttl_s)

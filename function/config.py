@@ -125,6 +125,32 @@ class Config:
     max_request_bytes: int = env("MAX_REQUEST_BYTES", "Largest request body accepted (413 above).",
                                  default=64 * 1024 * 1024)
 
+    # --- security (docs/security.md)
+    api_key: str = env("API_KEY", "API key(s) clients must send as Authorization: Bearer <key> on /v1/* and the "
+                       "tokenizer routes; several comma-separated (empty, with no API_KEY_FILE: no authentication).",
+                       default="")
+    api_key_file: str = env("API_KEY_FILE", "File with API keys, one per line or comma-separated (a mounted Secret); "
+                            "re-read when it changes, so keys rotate without a restart.", default="")
+    api_key_protects_health: bool = env("API_KEY_PROTECTS_HEALTH", "With keys configured, /health and /metrics need "
+                                        "the key too (the Kubernetes probes stay open).", default=False)
+    events_trust_network: bool = env("EVENTS_TRUST_NETWORK", "With keys configured, accept CloudEvents on / and "
+                                     "/events without a key (only where the Service is cluster-local and a "
+                                     "NetworkPolicy admits only the broker).", default=False)
+    response_cache_share_keys: bool = env("RESPONSE_CACHE_SHARE_KEYS", "Let cached answers cross API keys (default: "
+                                          "each key has its own entries).", default=False)
+    max_json_depth: int = env("MAX_JSON_DEPTH", "Deepest nesting of arrays and objects in a request body (400 "
+                              "above), checked before the body is parsed.", default=32)
+    max_json_elements: int = env("MAX_JSON_ELEMENTS", "Most JSON values (array items, object members) in a request "
+                                 "body (400 above), checked before the body is parsed.", default=200_000)
+    max_request_image_pixels: int = env("MAX_REQUEST_IMAGE_PIXELS", "Most image pixels (width x height, summed over "
+                                        "a request's images) decoded for one request; checked from the headers "
+                                        "before any image is decoded.", default=64 * 2**20)
+    remote_image_allowed_hosts: str = env("REMOTE_IMAGE_ALLOWED_HOSTS", "Comma-separated host names whose image URLs "
+                                          "may resolve to loopback, private or link-local addresses (all others "
+                                          "are refused).", default="")
+    remote_image_max_redirects: int = env("REMOTE_IMAGE_MAX_REDIRECTS", "Redirects followed when fetching an image "
+                                          "URL, each re-checked.", default=3)
+
     # --- response cache
     response_cache: str = env("RESPONSE_CACHE", "memory | off. The in-process response cache.", default="memory")
     response_cache_url: str = env("RESPONSE_CACHE_URL", "redis://... : a shared Redis/Valkey response cache.",
@@ -223,6 +249,12 @@ class Config:
             bad("MAX_REQUEST_BYTES", "must be at least 1024")
         if self.max_images_per_request < 0:
             bad("MAX_IMAGES_PER_REQUEST", "must be 0 or more")
+        if self.max_json_depth < 4:
+            bad("MAX_JSON_DEPTH", "must be at least 4 (a chat request nests 4 deep)")
+        if self.max_json_elements < 16:
+            bad("MAX_JSON_ELEMENTS", "must be at least 16")
+        if not 0 <= self.remote_image_max_redirects <= 10:
+            bad("REMOTE_IMAGE_MAX_REDIRECTS", "must be between 0 and 10")
 
     # --- derived values
     @property

@@ -15,11 +15,20 @@ Every response carries a CloudEvent, because a broker forwards a 200's body only
 
 Brokers deliver at least once, so `RecentReplies` keeps the replies of recent (source, id) pairs: a redelivery gets
 the very same reply without a second generation, and one that arrives while the first is still being computed waits
-for it. Knows the serving layer and the wire formats, no engine internals.
+for it. A reply is given back only for the same request: the record keeps a hash of the event's type and data, and
+an event that reuses an id with other data is a 409 (`event_id_conflict`); with API keys, the key's hash is part of
+the record's identity too, so no caller can read or pre-empt another's reply. When every delivery waiting for a
+computation has disconnected (the broker reset the connection), the generation is cancelled, as over HTTP.
+
+Bodies are bounded before they are parsed: the request gate (api/gate.py) reads them with MAX_REQUEST_BYTES and
+REQUEST_TIMEOUT_S and hands its refusal here as an event; the JSON budget (MAX_JSON_DEPTH, MAX_JSON_ELEMENTS) is
+checked and the event decoded and validated in a worker thread when the body is large.
+Knows the serving layer and the wire formats, no engine internals.
 """
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
@@ -37,7 +46,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from function import metrics
+from function.api.auth import SCOPE_KEY
 from function.api.errors import KINDS, Kind, validation_message
+from function.api.gate import BODY_ERROR
+from function.api.limits import INLINE_BYTES, BudgetExceeded, json_budget
 from function.api.protocol import ChatCompletionRequest, ChatCompletionResponse, ErrorInfo, ErrorResponse
 from function.api.serving import ChatService
 from function.config import Config
@@ -74,6 +86,7 @@ EVENT_KINDS: dict[str, Kind] = {
     "unsupported_event_type": Kind(400, "invalid_request_error"),
     "request_too_large": Kind(413, "invalid_request_error"),
     "model_not_found": Kind(400, "invalid_request_error"),
+    "event_id_conflict": Kind(409, "invalid_request_error"),
 }
 
 
@@ -192,22 +205,34 @@ def chat_request(event: CloudEvent) -> ChatCompletionRequest:
 
 
 # --- replies kept for redeliveries
-Key = tuple[str, str]
+Key = tuple[str, ...]
+
+
+class IdConflict(Exception):
+    """An event reuses the (source, id) of an earlier one with other content."""
+
+
+@dataclass
+class _Running:
+    task: asyncio.Future
+    digest: str
+    waiters: int = 0
 
 
 class RecentReplies:
-    """Replies of recent events by (source, id), the spec's identity of an event. An entry lives `ttl_s` after its
-    reply was computed; the oldest go first beyond `max_entries` or `max_bytes`. An id still being computed is joined
-    (single flight): a concurrent redelivery waits for the first computation instead of starting a second, and the
-    computation finishes even if the request that started it has gone (its redelivery then finds the reply). Only
-    replies are kept: a failed event is computed again when it is redelivered."""
+    """Replies of recent events by (caller, source, id), the spec's identity of an event, each with the digest of the
+    request it answers. An entry lives `ttl_s` after its reply was computed; the oldest go first beyond
+    `max_entries` or `max_bytes`. An id still being computed is joined (single flight): a concurrent redelivery
+    waits for the first computation instead of starting a second. The computation goes on while anyone waits for it
+    or after a waiter was cancelled (its redelivery then finds the reply), and is cancelled once every waiter's
+    client has disconnected. Only replies are kept: a failed event is computed again when it is redelivered."""
 
     def __init__(self, ttl_s: float = REPLAY_TTL_S, max_entries: int = REPLAY_MAX_ENTRIES,
                  max_bytes: int = REPLAY_MAX_BYTES, clock: Callable[[], float] = time.monotonic):
         self.ttl_s, self.max_entries, self.max_bytes = ttl_s, max_entries, max_bytes
         self._clock = clock
-        self._done: OrderedDict[Key, tuple[float, EncodedEvent]] = OrderedDict()   # by expiry, oldest first
-        self._running: dict[Key, asyncio.Future[EncodedEvent]] = {}
+        self._done: OrderedDict[Key, tuple[float, str, EncodedEvent]] = OrderedDict()   # by expiry, oldest first
+        self._running: dict[Key, _Running] = {}
         self._bytes = 0
 
     def __len__(self) -> int:
@@ -217,29 +242,50 @@ class RecentReplies:
     def running(self) -> int:
         return len(self._running)
 
-    async def get_or_compute(self, key: Key,
-                             compute: Callable[[], Awaitable[EncodedEvent]]) -> tuple[EncodedEvent, bool]:
-        """(reply, replayed): the held or running reply of `key` (replayed), else `compute()`'s."""
+    async def get_or_compute(self, key: Key, compute: Callable[[], Awaitable[EncodedEvent]], digest: str = "",
+                             disconnected: Callable[[], Awaitable[None]] | None = None
+                             ) -> tuple[EncodedEvent, bool] | None:
+        """(reply, replayed): the held or running reply of `key` (replayed), else `compute()`'s; None when
+        `disconnected` returned first. IdConflict when `key` is held or running for another `digest`."""
         self._expire()
         held = self._done.get(key)
         if held is not None:
-            return held[1], True
-        task = self._running.get(key)
-        replayed = task is not None
-        if task is None:
-            task = asyncio.ensure_future(compute())
-            self._running[key] = task
-            task.add_done_callback(partial(self._finished, key))
-        return await asyncio.shield(task), replayed
+            if held[1] != digest:
+                raise IdConflict()
+            return held[2], True
+        running = self._running.get(key)
+        replayed = running is not None
+        if running is None:
+            running = _Running(asyncio.ensure_future(compute()), digest)
+            self._running[key] = running
+            running.task.add_done_callback(partial(self._finished, key, digest))
+        elif running.digest != digest:
+            raise IdConflict()
+        running.waiters += 1
+        gone = False
+        watcher = asyncio.ensure_future(disconnected()) if disconnected is not None else None
+        try:
+            waiting = {running.task} if watcher is None else {running.task, watcher}
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            gone = running.task not in done
+        finally:
+            running.waiters -= 1
+            if watcher is not None:
+                watcher.cancel()
+            if gone and running.waiters == 0 and not running.task.done():
+                running.task.cancel()           # nobody is left to answer: stop the generation
+        if gone:
+            return None
+        return running.task.result(), replayed
 
-    def _finished(self, key: Key, task: asyncio.Future[EncodedEvent]) -> None:
+    def _finished(self, key: Key, digest: str, task: asyncio.Future[EncodedEvent]) -> None:
         del self._running[key]
         if task.cancelled() or task.exception() is not None:    # exception(): retrieved, so never logged as lost
             return
         reply = task.result()
         if reply.size > self.max_bytes:
             return
-        self._done[key] = (self._clock() + self.ttl_s, reply)
+        self._done[key] = (self._clock() + self.ttl_s, digest, reply)
         self._bytes += reply.size
         while len(self._done) > self.max_entries or self._bytes > self.max_bytes:
             self._drop_oldest()
@@ -250,7 +296,7 @@ class RecentReplies:
             self._drop_oldest()
 
     def _drop_oldest(self) -> None:
-        _, (_, reply) = self._done.popitem(last=False)
+        _, (_, _, reply) = self._done.popitem(last=False)
         self._bytes -= reply.size
 
 
@@ -265,28 +311,59 @@ class EventService:
         self.error_type = f"{config.ce_response_type}.error"
         self.source = config.ce_reply_source
         self.max_request_bytes = config.max_request_bytes
+        self.max_depth, self.max_elements = config.max_json_depth, config.max_json_elements
         self.replies = replies if replies is not None else RecentReplies()
 
     async def endpoint(self, request: Request) -> Response:
         """The route handler (POST on each of ROUTES)."""
         try:
-            event = decode_event(request.headers, await self._body(request))
+            refused = request.scope.get(BODY_ERROR)
+            if refused is not None:                     # the request gate refused the body (too large, too slow)
+                raise EventError(*refused)
+            headers, body = dict(request.headers), await self._body(request)
+            if len(body) > INLINE_BYTES:                # parsing a large body must not hold the event loop
+                event, parsed = await asyncio.to_thread(self._parse, headers, body)
+            else:
+                event, parsed = self._parse(headers, body)
         except EventError as e:
             metrics.observe_event_received("invalid")
             return self._failed(e, None).response()
         metrics.observe_event_received(self.request_type if event.get_type() == self.request_type else "other")
         try:
-            reply, replayed = await self._answer(event)
+            if isinstance(parsed, EventError):
+                raise parsed
+            outcome = await self._answer(event, parsed, request)
         except EventError as e:
             return self._failed(e, event).response()
         except Exception:
             log.exception("event %s from %s: internal error", event.get_id(), event.get_source())
             return self._failed(EventError("internal", "internal server error"), event).response()
+        if outcome is None:                             # the sender reset the connection: nobody to answer
+            log.info("event %s from %s: the sender disconnected; generation stopped", event.get_id(),
+                     event.get_source())
+            return Response(status_code=499)
+        reply, replayed = outcome
         metrics.observe_event_replied(replayed)
         if replayed:
             log.info("event %s from %s: replayed the reply to its earlier delivery", event.get_id(),
                      event.get_source())
         return reply.response()
+
+    def _parse(self, headers: dict[str, str], body: bytes) -> tuple[CloudEvent, ChatCompletionRequest | EventError]:
+        """The event, and its chat request or the error it gets (EventError raised: not a valid event)."""
+        try:
+            json_budget(body, self.max_depth, self.max_elements)
+        except BudgetExceeded as e:
+            raise EventError("invalid_request", str(e)) from None
+        event = decode_event(headers, body)
+        if event.get_type() != self.request_type:
+            return event, EventError("unsupported_event_type", f"event type {event.get_type()!r} is not served "
+                                     f"here; this service takes {self.request_type!r} (CE_REQUEST_TYPE)",
+                                     param="type")
+        try:
+            return event, chat_request(event)
+        except EventError as e:
+            return event, e
 
     async def _body(self, request: Request) -> bytes:
         declared = request.headers.get("content-length", "")
@@ -304,17 +381,21 @@ class EventService:
         return EventError("request_too_large", f"the event has at least {size} bytes; the limit is "
                           f"{self.max_request_bytes} (MAX_REQUEST_BYTES)")
 
-    async def _answer(self, event: CloudEvent) -> tuple[EncodedEvent, bool]:
-        if event.get_type() != self.request_type:
-            raise EventError("unsupported_event_type", f"event type {event.get_type()!r} is not served here; this "
-                             f"service takes {self.request_type!r} (CE_REQUEST_TYPE)", param="type")
-        request = chat_request(event)
-        return await self.replies.get_or_compute((event.get_source(), event.get_id()),
-                                                 partial(self._complete, event, request))
+    async def _answer(self, event: CloudEvent, request: ChatCompletionRequest,
+                      http: Request) -> tuple[EncodedEvent, bool] | None:
+        digest = hashlib.sha256(f"{event.get_type()}\n".encode() + request.model_dump_json().encode()).hexdigest()
+        key = (http.scope.get(SCOPE_KEY, ""), event.get_source(), event.get_id())
+        try:
+            return await self.replies.get_or_compute(key, partial(self._complete, event, request), digest,
+                                                     partial(_disconnected, http))
+        except IdConflict:
+            raise EventError("event_id_conflict", f"an event with source {event.get_source()[:100]!r} and id "
+                             f"{event.get_id()[:100]!r} was already received with other data; a redelivery must "
+                             "carry the same data, and a new event needs a new id", param="id") from None
 
     async def _complete(self, event: CloudEvent, request: ChatCompletionRequest) -> EncodedEvent:
         try:
-            # The generation runs to its end even if the broker gives up waiting: its redelivery gets the reply.
+            # RecentReplies cancels this when every delivery waiting for it has disconnected
             result = await self.chat.create(request, _never)
         except EngineError as e:
             raise EventError.from_engine(e) from None
@@ -349,5 +430,11 @@ class EventService:
 
 
 async def _never() -> None:
-    """ChatService's `disconnected` for events: never, so a generation is not aborted when its request goes."""
+    """ChatService's `disconnected` for events: never; RecentReplies watches the deliveries' connections."""
     await asyncio.get_running_loop().create_future()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the delivery's client has gone (its body was read, so the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

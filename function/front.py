@@ -14,18 +14,31 @@ watched as it goes by, and it is stored only when complete: status 200, finish_r
 `stream_options.include_usage` so its entry has usage; the usage chunk is removed again unless the client asked.
 Anything unexpected on the cache's side (unparseable body, unreadable image, a store down) bypasses or misses the
 cache: the app behind answers, with its own errors. Every chat answer carries `X-Cache: hit|miss|bypass`.
+
+Bounded and private (docs/security.md): a large body is parsed in a worker thread; a request with more images than
+MAX_IMAGES_PER_REQUEST is passed on without loading one (the app refuses it); keying a request (loading its images)
+obeys REQUEST_TIMEOUT_S (504) and stops when the client leaves. The images loaded for the key are handed to the app
+behind (`images.prefetched`), so a remote image is fetched once and the model sees the bytes the key was made from;
+the cache front sends them on to the model service as data: URLs for the same reason. The key includes the API
+key's hash (function/api/auth.py). A single-flight leader's answer is teed into the cache as the app produces it,
+not at the pace of the leader's client: a client that does not read cannot hold up the identical requests waiting
+for it. The front's proxy keeps no cookies and drops hop-by-hop headers (those named in Connection too) both ways;
+the request gate bounds every body on every path.
 """
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import logging
 import time
 import uuid
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from collections import OrderedDict, deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, AsyncIterator
 
 import httpx
@@ -37,15 +50,17 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from function import metrics, shutdown
-from function.api import errors
+from function.api import auth, errors
 from function.api.app import HttpMetrics
+from function.api.auth import SCOPE_KEY
 from function.api.gate import Drain, RequestGate
+from function.api.limits import INLINE_BYTES
 from function.api.protocol import (ChatCompletionChunk, ChatCompletionRequest, Delta, ImagePart, StreamChoice,
                                    Usage)
 from function.cache import FINISHED, Entry, ResponseCache
 from function.config import Config
 from function.engine.protocol import EngineError
-from function.images import ImageLoader
+from function.images import ImageLoader, LoadedImage, prefetched
 
 log = logging.getLogger(__name__)
 
@@ -64,17 +79,21 @@ class _Plan:
     key: str
     read: bool
     write: bool
+    images: dict[str, LoadedImage]
 
 
 class CacheLayer:
-    """ASGI middleware: chat completions through the response cache, everything else untouched."""
+    """ASGI middleware: chat completions through the response cache, everything else untouched. `rewrite_remote`
+    (the cache front): send remote images on as data: URLs of the bytes the key was computed from."""
 
-    def __init__(self, app: ASGIApp, cache: ResponseCache, config: Config):
+    def __init__(self, app: ASGIApp, cache: ResponseCache, config: Config, rewrite_remote: bool = False):
         self.app = app
         self.cache = cache
         self.images = ImageLoader(config)
+        self.max_images = config.max_images_per_request
         self.max_body = config.max_request_bytes
         self.wait_s = config.request_timeout_s
+        self.rewrite_remote = rewrite_remote
         self._digests: OrderedDict[bytes, str] = OrderedDict()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -84,11 +103,45 @@ class CacheLayer:
         started = time.perf_counter()
         messages, body = await _read_body(receive, self.max_body)
         replay = _Replay(messages, receive)
-        plan = await self._plan(scope, body) if body is not None else None
+        plan = None
+        if body is not None:
+            try:
+                plan = await self._plan_in_time(scope, body, receive)
+            except TimeoutError:
+                await errors.error_response("timeout", f"the request's images did not load within "
+                                            f"{self.wait_s:g} s (REQUEST_TIMEOUT_S)")(scope, receive, send)
+                return
+            if plan is _GONE:
+                return
         if plan is None:
             metrics.observe_cache_result("bypass")
             await self._forward(scope, replay, send, b"bypass", None)
             return
+        fetched = {url: img.fetched for url, img in plan.images.items() if img.fetched is not None}
+        if self.rewrite_remote and fetched:
+            scope = await replay.rewrite(scope, partial(_inline_images, fetched))
+        with prefetched(plan.images):       # the app behind uses these instead of loading them again
+            await self._answer(scope, replay, send, plan, receive, started)
+
+    async def _plan_in_time(self, scope: Scope, body: bytes, receive: Receive) -> Any:
+        """`_plan` within REQUEST_TIMEOUT_S (TimeoutError), or _GONE when the client leaves first."""
+        work = asyncio.ensure_future(self._plan(scope, body))
+        watcher = asyncio.ensure_future(_disconnected(receive))
+        try:
+            done, _ = await asyncio.wait({work, watcher}, timeout=self.wait_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not work.done():
+                work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+        if work in done:
+            return work.result()
+        if watcher in done:
+            return _GONE
+        raise TimeoutError
+
+    async def _answer(self, scope: Scope, replay: _Replay, send: Send, plan: _Plan, receive: Receive,
+                      started: float) -> None:
         lead = plan.read and plan.write
         if plan.read:
             found = await self.cache.get(plan.key)
@@ -115,7 +168,10 @@ class CacheLayer:
         if not (read or write):
             return None
         try:
-            request = ChatCompletionRequest.model_validate_json(body)
+            if len(body) > INLINE_BYTES:
+                request = await asyncio.to_thread(ChatCompletionRequest.model_validate_json, body)
+            else:
+                request = ChatCompletionRequest.model_validate_json(body)
         except ValidationError:
             return None                           # the app behind answers with the 400
         except Exception:                         # noqa: BLE001 - a parsing bug must not cost the user an answer
@@ -124,34 +180,48 @@ class CacheLayer:
         if request.model not in (None, self.cache.model) or not self.cache.cacheable(request):
             return None
         try:
-            digests = await self._image_digests(request)
-            key = self.cache.key(request, digests)
+            images: dict[str, LoadedImage] = {}
+            digests = await self._image_digests(request, images)
+            if digests is None:
+                return None
+            key = self.cache.key(request, digests, scope.get(SCOPE_KEY, ""))
         except EngineError:                       # an image the app behind will refuse with its own 400
             return None
         except Exception:                         # noqa: BLE001 - a bug here must not cost the user an answer
             log.exception("response cache: cannot key a request; bypassing the cache")
             return None
-        return _Plan(request, key, read, write)
+        return _Plan(request, key, read, write, images)
 
-    async def _image_digests(self, request: ChatCompletionRequest) -> list[str]:
-        digests = []
-        for i, m in enumerate(request.messages):
-            for j, p in enumerate(m.content if isinstance(m.content, list) else ()):
-                if not isinstance(p, ImagePart):
-                    continue
-                url = p.image_url.url
-                memo = hashlib.sha256(url.encode()).digest() if url[:5].lower() == "data:" else None
-                digest = self._digests.get(memo) if memo else None
-                if digest is None:
-                    digest = (await self.images.load(url, param=f"messages[{i}].content[{j}].image_url")).digest
-                    if memo:
-                        self._digests[memo] = digest
-                        if len(self._digests) > _DIGEST_MEMO:
-                            self._digests.popitem(last=False)
-                else:
-                    self._digests.move_to_end(memo)
-                digests.append(digest)
-        return digests
+    async def _image_digests(self, request: ChatCompletionRequest,
+                             loaded: dict[str, LoadedImage]) -> list[str] | None:
+        """One digest per image part, in order, or None when there are more than MAX_IMAGES_PER_REQUEST (nothing
+        is loaded: the app behind refuses them). The images loaded go into `loaded` by URL."""
+        parts = [(p.image_url.url, f"messages[{i}].content[{j}].image_url")
+                 for i, m in enumerate(request.messages) if isinstance(m.content, list)
+                 for j, p in enumerate(m.content) if isinstance(p, ImagePart)]
+        if len(parts) > self.max_images:
+            return None
+        memos = [hashlib.sha256(url.encode()).digest() if url[:5].lower() == "data:" else None for url, _ in parts]
+        digests: list[str | None] = []
+        for memo in memos:
+            digest = self._digests.get(memo) if memo else None
+            if digest is not None:
+                self._digests.move_to_end(memo)
+            digests.append(digest)
+        todo = list(dict.fromkeys(url for (url, _), d in zip(parts, digests) if d is None))   # each URL once
+        params = {url: param for url, param in reversed(parts)}
+        images = await self.images.load_many([(url, params[url]) for url in todo])
+        loaded.update(zip(todo, images))
+        out = []
+        for (url, _), memo, digest in zip(parts, memos, digests):
+            if digest is None:
+                digest = loaded[url].digest
+                if memo:
+                    self._digests[memo] = digest
+                    if len(self._digests) > _DIGEST_MEMO:
+                        self._digests.popitem(last=False)
+            out.append(digest)
+        return out
 
     async def _wait(self, flight: asyncio.Future, receive: Receive) -> Any:
         """The leader's entry, None (not stored, or waited too long), or _GONE (our client disconnected)."""
@@ -188,11 +258,13 @@ class CacheLayer:
             capture = _Capture(bool(plan.request.stream), strip_usage=bool(plan.request.stream)
                                and not plan.request.include_usage)
             if capture.strip_usage:
-                scope = replay.rewrite(scope, _with_usage)
+                scope = await replay.rewrite(scope, _with_usage)
         flight = self.cache.lead(plan.key) if lead else None
+        pump = _Pump(send) if flight is not None else None     # the waiters do not wait for our client's reading
         entry = None
         try:
-            entry = await self._forward(scope, replay, send, b"miss" if plan.read else b"bypass", capture)
+            entry = await self._forward(scope, replay, pump.send if pump else send,
+                                        b"miss" if plan.read else b"bypass", capture)
         finally:
             if flight is not None:
                 self.cache.settle(flight, entry)          # waiters go on at once
@@ -202,6 +274,8 @@ class CacheLayer:
             finally:
                 if flight is not None:
                     self.cache.land(plan.key, flight)
+                if pump is not None:
+                    await pump.finish()                   # the rest of the answer, at our client's pace
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send, label: bytes,
                        capture: _Capture | None) -> Entry | None:
@@ -225,13 +299,14 @@ class CacheLayer:
         return capture.entry() if capture is not None else None
 
 
-def install(app: FastAPI, config: Config, cache: ResponseCache | None = None) -> ResponseCache | None:
+def install(app: FastAPI, config: Config, cache: ResponseCache | None = None,
+            rewrite_remote: bool = False) -> ResponseCache | None:
     """Put the cache layer inside `app`'s middleware (innermost: HTTP metrics and error handling see hits too).
     Returns the cache, or None when RESPONSE_CACHE=off and there is no RESPONSE_CACHE_URL."""
     cache = cache or ResponseCache.from_config(config)
     if cache is not None:
         # add_middleware would make it the outermost; appended, it runs inside the app's own middleware
-        app.user_middleware.append(Middleware(CacheLayer, cache=cache, config=config))
+        app.user_middleware.append(Middleware(CacheLayer, cache=cache, config=config, rewrite_remote=rewrite_remote))
         log.info("response cache: %s", " + ".join(s.name for s in cache.stores))
     return cache
 
@@ -348,6 +423,34 @@ class _Capture:
                      system_fingerprint=self._fingerprint, stored_at=time.time())
 
 
+class _Pump:
+    """A `send` that never waits for the client: messages are queued (a completion's bytes) and a task sends them
+    on. A failed send (the client left) drops the rest; the app learns of the disconnect from `receive`."""
+
+    def __init__(self, send: Send):
+        self._send = send
+        self._queue: asyncio.Queue[Message | None] = asyncio.Queue()
+        self._task = asyncio.ensure_future(self._run())
+
+    async def send(self, message: Message) -> None:
+        self._queue.put_nowait(message)
+
+    async def _run(self) -> None:
+        while (message := await self._queue.get()) is not None:
+            try:
+                await self._send(message)
+            except Exception:       # noqa: BLE001 - the client is gone; nothing more can reach it
+                return
+
+    async def finish(self) -> None:
+        self._queue.put_nowait(None)
+        try:
+            await asyncio.shield(self._task)
+        except asyncio.CancelledError:
+            self._task.cancel()
+            raise
+
+
 class _Replay:
     """An ASGI receive that gives the already-read request messages first, then the client's own channel (so the
     app behind still sees the client disconnect)."""
@@ -361,12 +464,35 @@ class _Replay:
             return self.messages.popleft()
         return await self.receive()
 
-    def rewrite(self, scope: Scope, edit) -> Scope:
-        """Replace the (complete) body with `edit(body)`; returns the scope with a matching Content-Length."""
-        body = edit(b"".join(m.get("body", b"") for m in self.messages))
+    async def rewrite(self, scope: Scope, edit) -> Scope:
+        """Replace the (complete) body with `edit(body)` (in a worker thread when large); returns the scope with a
+        matching Content-Length."""
+        body = b"".join(m.get("body", b"") for m in self.messages)
+        body = await asyncio.to_thread(edit, body) if len(body) > INLINE_BYTES else edit(body)
         self.messages = deque([{"type": "http.request", "body": body, "more_body": False}])
         headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
         return {**scope, "headers": headers + [(b"content-length", str(len(body)).encode())]}
+
+
+def _inline_images(fetched: dict[str, bytes], body: bytes) -> bytes:
+    """The request with each remote image URL in `fetched` replaced by a data: URL of its fetched bytes."""
+    data = json.loads(body)
+    for message in data.get("messages") or ():
+        for part in message.get("content") if isinstance(message.get("content"), list) else ():
+            url = (part.get("image_url") or {}).get("url") if isinstance(part, dict) else None
+            if isinstance(url, str) and url in fetched:
+                mime = "image/" + _sniff(fetched[url])
+                part["image_url"]["url"] = f"data:{mime};base64,{base64.b64encode(fetched[url]).decode()}"
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _sniff(data: bytes) -> str:
+    """The declared type of a data: URL (the model checks the bytes themselves)."""
+    if data.startswith(b"\x89PNG"):
+        return "png"
+    if data.startswith(b"RIFF") and data[8:12] == b"WEBP":
+        return "webp"
+    return "jpeg"
 
 
 def _with_usage(body: bytes) -> bytes:
@@ -405,29 +531,38 @@ def _cache_control(scope: Scope) -> set[str]:
 
 
 # ------------------------------------------------------------------------------------------------- model proxy
-_REQUEST_DROP = frozenset({b"host", b"content-length", b"connection", b"keep-alive", b"te", b"trailer",
-                           b"transfer-encoding", b"upgrade", b"proxy-authorization", b"proxy-connection",
-                           b"accept-encoding"})
-_RESPONSE_DROP = frozenset({b"content-length", b"connection", b"keep-alive", b"transfer-encoding", b"trailer",
-                            b"upgrade", b"date", b"server", b"x-cache", b"age"})
+_HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"te", b"trailer", b"trailers", b"transfer-encoding",
+                         b"upgrade", b"proxy-authorization", b"proxy-authenticate", b"proxy-connection"})
+_REQUEST_DROP = _HOP_BY_HOP | {b"host", b"content-length", b"accept-encoding"}
+_RESPONSE_DROP = _HOP_BY_HOP | {b"content-length", b"date", b"server", b"x-cache", b"age"}
+
+
+def _end_to_end(headers, drop: frozenset[bytes]) -> list[tuple[bytes, bytes]]:
+    """`headers` without hop-by-hop ones: `drop` and those the Connection header names (RFC 9110 7.6.1)."""
+    named = {t.strip().lower().encode("latin-1") for k, v in headers if k.lower() == b"connection"
+             for t in v.decode("latin-1").split(",") if t.strip()}
+    return [(k, v) for k, v in headers if k.lower() not in drop and k.lower() not in named]
 
 
 class ModelProxy:
     """ASGI app forwarding each request to the model service; the response streams back chunk by chunk, and a
     client that leaves closes the upstream connection (the model aborts the generation)."""
 
-    def __init__(self, base_url: str, timeout_s: float, transport: httpx.AsyncBaseTransport | None = None):
+    def __init__(self, base_url: str, timeout_s: float, transport: httpx.AsyncBaseTransport | None = None,
+                 max_body: int = 64 * 2**20):
+        self.max_body = max_body
         self.client = httpx.AsyncClient(
-            base_url=base_url.rstrip("/"), transport=transport, follow_redirects=False,
+            base_url=base_url.rstrip("/"), transport=transport, follow_redirects=False, trust_env=False,
             timeout=httpx.Timeout(timeout_s, connect=10.0),
+            cookies=CookieJar(DefaultCookiePolicy(allowed_domains=[])),   # keeps no cookie: clients share it
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        messages, body = await _read_body(receive, 2**62)
+        messages, body = await _read_body(receive, self.max_body)
         if body is None:
-            return                                    # the client left before sending its request
+            return                                    # the client left (the request gate bounds the size)
         url = scope["path"] + (("?" + scope["query_string"].decode("latin-1")) if scope.get("query_string") else "")
-        headers = [(k, v) for k, v in scope["headers"] if k.lower() not in _REQUEST_DROP]
+        headers = _end_to_end(scope["headers"], _REQUEST_DROP)
         headers.append((b"accept-encoding", b"identity"))     # bytes pass through as they are (and get parsed)
         request = self.client.build_request(scope["method"], url, headers=headers, content=body)
         try:
@@ -439,7 +574,7 @@ class ModelProxy:
             return
         try:
             await send({"type": "http.response.start", "status": response.status_code,
-                        "headers": [(k, v) for k, v in response.headers.raw if k.lower() not in _RESPONSE_DROP]})
+                        "headers": _end_to_end(response.headers.raw, _RESPONSE_DROP)})
             relay = asyncio.ensure_future(self._relay(response, send))
             watcher = asyncio.ensure_future(_disconnected(receive))
             try:
@@ -478,7 +613,7 @@ def build_front_app(config: Config, *, cache: ResponseCache | None = None,
     """ROLE=cache-front: the cache layer over a proxy to MODEL_URL. Ready at once, with or without the model
     service and Redis, until `drain` begins (SIGTERM, function/shutdown.py). `transport` replaces the network in
     tests."""
-    proxy = ModelProxy(config.model_url, config.request_timeout_s, transport)
+    proxy = ModelProxy(config.model_url, config.request_timeout_s, transport, config.max_request_bytes)
     drain = drain or Drain()
     cache = cache or ResponseCache.from_config(config)
     if cache is None:
@@ -517,9 +652,11 @@ def build_front_app(config: Config, *, cache: ResponseCache | None = None,
     app.router.routes.append(Route(CHAT_PATH, proxy, methods=["POST"]))
     app.router.routes.append(Route("/{path:path}", proxy, include_in_schema=False))   # /v1/models and the rest
     app.add_middleware(RequestGate, drain=drain, max_body=config.max_request_bytes,
-                       body_timeout_s=config.request_timeout_s)
+                       body_timeout_s=config.request_timeout_s, max_depth=config.max_json_depth,
+                       max_elements=config.max_json_elements, all_paths=True)   # every body on every path
+    auth.install(app, config)       # checks the key here; the proxy passes Authorization on to the model
     app.add_middleware(HttpMetrics, routes=app.router.routes)
     if cache is not None:
-        install(app, config, cache)
+        install(app, config, cache, rewrite_remote=True)
     app.state.proxy, app.state.cache, app.state.drain = proxy, cache, drain
     return app

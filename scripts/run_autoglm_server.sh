@@ -31,5 +31,7 @@ if [[ -z "$python" ]]; then
   if [[ -x "$root/.venv/bin/python" ]]; then python="$root/.venv/bin/python"; else python="python3"; fi
 fi
 
-exec "$python" -m uvicorn --factory function.func:create_app --app-dir "$root" \
+# uvicorn's h11 with func-python's header limits (16 KiB, 5 s): function/uvicorn_http.py, docs/security.md
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+exec "$python" -m function.uvicorn_http --factory function.func:create_app --app-dir "$root" --http h11-bounded \
   --host "${HOST:-0.0.0.0}" --port "${PORT:-8000}" "$@"

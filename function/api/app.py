@@ -3,8 +3,8 @@
 `build_app(config, engine)` is all a server needs. Under func-python, `Function.handle` forwards requests here and
 func-python answers `/health/liveness|readiness` itself; the app answers them too (same 200/500 text semantics) so
 uvicorn serving has them. The optional `lifespan` is for uvicorn only: func-python never forwards lifespan events.
-Every request first passes `gate.RequestGate` (shutdown drain, body limit); `app.state.drain` is the drain that
-function/shutdown.py starts on SIGTERM. No torch, no Knative.
+Every request first passes `auth.AuthGate` (API keys) and `gate.RequestGate` (shutdown drain, body limit, JSON
+budget); `app.state.drain` is the drain that function/shutdown.py starts on SIGTERM. No torch, no Knative.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from function.config import Config
 from function.engine.protocol import EngineClient
 from function.events import ROUTES as EVENT_ROUTES, EventService
 
-from . import errors
+from . import auth, errors
 from .errors import ModelNotFound
 from .gate import Drain, RequestGate
 from .protocol import ChatCompletionRequest, ChatCompletionResponse, ErrorResponse, ModelCard, ModelList
@@ -60,7 +60,7 @@ def build_app(config: Config, engine: EngineClient, lifespan: Lifespan[FastAPI] 
 
     def model_card() -> ModelCard:
         _, ready, _ = engine.status()
-        return ModelCard(id=model_name, created=started, root=config.model_path or str(config.tiny_model_dir),
+        return ModelCard(id=model_name, created=started, root=model_name,      # no filesystem path
                          max_model_len=engine.max_model_len if ready else None,
                          default_sampling_params=dict(engine.default_sampling) if ready else None)
 
@@ -109,7 +109,7 @@ def build_app(config: Config, engine: EngineClient, lifespan: Lifespan[FastAPI] 
     @app.get("/v1/models/{model:path}", response_model=ModelCard, responses=_ERROR_RESPONSES)
     async def get_model(model: str) -> ModelCard:
         if model != model_name:
-            raise ModelNotFound(f"The model `{model}` does not exist; this server serves `{model_name}`.",
+            raise ModelNotFound(f"The model `{model[:100]}` does not exist; this server serves `{model_name}`.",
                                 param="model")
         return model_card()
 
@@ -139,7 +139,9 @@ def build_app(config: Config, engine: EngineClient, lifespan: Lifespan[FastAPI] 
         return Response(body, media_type=content_type)
 
     app.add_middleware(RequestGate, drain=drain, max_body=config.max_request_bytes,
-                       body_timeout_s=config.request_timeout_s)
+                       body_timeout_s=config.request_timeout_s, max_depth=config.max_json_depth,
+                       max_elements=config.max_json_elements)
+    auth.install(app, config)     # before the body gate: a request without a valid key is refused unread
     app.add_middleware(HttpMetrics, routes=app.router.routes)     # outermost: counts the gate's refusals too
     return app
 

@@ -5,12 +5,19 @@
 with 503 `shutting_down` + Retry-After, while the requests already inside run to their end; `in_flight` says how
 many are left.
 
-`RequestGate` also bounds the body of every POST under /v1/ by MAX_REQUEST_BYTES before any route, JSON parser or
-cache reads it: a body over the limit (declared by Content-Length or counted as it arrives) is a 413, and nothing of
-it is kept. The rest of a body up to twice the limit is read and dropped before the 413 is sent, so that a client
-still sending gets the answer rather than a reset connection (servers close a connection with unread data);
-a declared Content-Length beyond that is refused at once without reading a byte. A body that does not arrive within
-REQUEST_TIMEOUT_S is a 408. The CloudEvents routes keep their own limit (their errors are events, function/events.py).
+`RequestGate` also bounds the body of every POST under /v1/, to the tokenizer routes and to the CloudEvents
+routes (every path, with `all_paths`: the cache front) by MAX_REQUEST_BYTES before any route, JSON parser or cache
+reads it: a body over the limit (declared by Content-Length or counted as it arrives) is a 413, and nothing of it
+is kept. The rest of a body up to twice the limit is read and dropped before the 413 is sent, so that a client
+still sending gets the answer rather than a reset connection (servers close a connection with unread data); a
+declared Content-Length beyond that is refused at once without reading a byte. A body that does not arrive within
+REQUEST_TIMEOUT_S is a 408. A request counts as in flight only once its body is in: the shutdown drain does not wait
+for a client still sending. On the CloudEvents routes the gate does not answer itself (their errors are events): it
+hands the refusal to the route in `scope[BODY_ERROR]` (function/events.py).
+
+The JSON bodies (/v1/ and the tokenizer routes) then pass a structure budget before anything parses them:
+MAX_JSON_DEPTH levels of nesting and MAX_JSON_ELEMENTS values (api/limits.py; a 400 above), measured in a worker
+thread when the body is large, so that no single body can hold the event loop or bloat memory while it is parsed.
 """
 from __future__ import annotations
 
@@ -20,11 +27,19 @@ import logging
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import errors
+from .limits import INLINE_BYTES, BudgetExceeded, json_budget
 
 log = logging.getLogger(__name__)
 
 PROBES = frozenset({"/health", "/health/liveness", "/health/readiness", "/metrics"})
 """Answered while draining too, and never counted as work in flight."""
+
+JSON_PATHS = frozenset({"/tokenize", "/detokenize"})
+"""Besides /v1/*: routes whose bodies are JSON requests."""
+EVENT_PATHS = frozenset({"/", "/events"})
+"""The CloudEvents routes: their refusals are events, answered by the route (function/events.py)."""
+BODY_ERROR = "autoglm.body_error"
+"""Scope entry on a CloudEvents route whose body the gate refused: (error kind, message)."""
 
 
 class Drain:
@@ -48,65 +63,100 @@ class Drain:
 
 
 class RequestGate:
-    """ASGI middleware: the drain's 503 and in-flight count, and the body limit."""
+    """ASGI middleware: the drain's 503 and in-flight count, the body limit and the JSON budget."""
 
-    def __init__(self, app: ASGIApp, drain: Drain, max_body: int, body_timeout_s: float):
+    def __init__(self, app: ASGIApp, drain: Drain, max_body: int, body_timeout_s: float, max_depth: int = 32,
+                 max_elements: int = 200_000, all_paths: bool = False):
         self.app = app
         self.drain = drain
         self.max_body = max_body
         self.body_timeout_s = body_timeout_s
+        self.max_depth = max_depth
+        self.max_elements = max_elements
+        self.all_paths = all_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in PROBES:
             await self.app(scope, receive, send)
             return
         if self.drain.draining:
-            await errors.error_response("shutting_down", "the server is shutting down; retry the request (another "
-                                        "replica takes it)")(scope, receive, send)
+            await self._shutting_down(scope, receive, send)
             return
+        path = scope["path"]
+        is_json = path.startswith("/v1/") or path in JSON_PATHS
+        events = path in EVENT_PATHS and not self.all_paths
+        if scope["method"] in ("POST", "PUT", "PATCH") and (is_json or events or self.all_paths):
+            outcome = await self._read_body(scope, receive)
+            if isinstance(outcome[0], str):        # refused
+                kind, message = outcome
+                if events:          # the route answers with an error event
+                    scope = {**scope, BODY_ERROR: outcome}
+                    receive = _replay([{"type": "http.request", "body": b"", "more_body": False}], receive)
+                else:
+                    await errors.error_response(kind, message)(scope, receive, send)
+                    return
+            else:
+                receive, body = outcome
+                if body is not None and is_json and (problem := await self._over_budget(body)):
+                    await errors.error_response("invalid_request", problem)(scope, receive, send)
+                    return
+            if self.drain.draining:     # it began while the body was arriving
+                await self._shutting_down(scope, receive, send)
+                return
         self.drain.in_flight += 1
         try:
-            if scope["method"] == "POST" and scope["path"].startswith("/v1/"):
-                receive = await self._read_body(scope, receive, send)
-                if receive is None:
-                    return
             await self.app(scope, receive, send)
         finally:
             self.drain.in_flight -= 1
 
-    async def _read_body(self, scope: Scope, receive: Receive, send: Send) -> Receive | None:
-        """A `receive` that replays the whole body, or None when the request was refused here."""
+    @staticmethod
+    async def _shutting_down(scope: Scope, receive: Receive, send: Send) -> None:
+        await errors.error_response("shutting_down", "the server is shutting down; retry the request (another "
+                                    "replica takes it)")(scope, receive, send)
+
+    async def _over_budget(self, body: bytes) -> str | None:
+        try:
+            if len(body) <= INLINE_BYTES:
+                json_budget(body, self.max_depth, self.max_elements)
+            else:
+                await asyncio.to_thread(json_budget, body, self.max_depth, self.max_elements)
+        except BudgetExceeded as e:
+            log.info("refused a request body: %s", e)
+            return str(e)
+        return None
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> tuple[Receive, bytes | None] | tuple[str, str]:
+        """(a receive that replays the whole body, the body or None when the client left), or (error kind,
+        message) when the body is refused."""
         declared = next((v for k, v in scope["headers"] if k.lower() == b"content-length"), b"")
         if declared.isdigit() and int(declared) > 2 * self.max_body:
-            await self._too_large(int(declared), scope, receive, send)
-            return None
+            return self._too_large(int(declared))
         chunks, size, more = [], 0, True
         try:
             async with asyncio.timeout(self.body_timeout_s):
                 while more:
                     message = await receive()
                     if message["type"] != "http.request":      # the client left: the app sees the disconnect
-                        return _replay([message], receive)
+                        return _replay([message], receive), None
                     chunk = message.get("body", b"")
                     size += len(chunk)
                     more = message.get("more_body", False)
                     if size <= self.max_body:
                         chunks.append(chunk)
                     elif not more or size > 2 * self.max_body:
-                        await self._too_large(size, scope, receive, send)
-                        return None
+                        return self._too_large(size)
                     else:
                         chunks.clear()                         # over the limit: read on to the end, keep nothing
         except TimeoutError:
-            await errors.error_response("request_timeout", f"the request body did not arrive within "
-                                        f"{self.body_timeout_s:g} s (REQUEST_TIMEOUT_S)")(scope, receive, send)
-            return None
-        return _replay([{"type": "http.request", "body": b"".join(chunks), "more_body": False}], receive)
+            return "request_timeout", (f"the request body did not arrive within {self.body_timeout_s:g} s "
+                                       "(REQUEST_TIMEOUT_S)")
+        body = b"".join(chunks)
+        return _replay([{"type": "http.request", "body": body, "more_body": False}], receive), body
 
-    async def _too_large(self, size: int, scope: Scope, receive: Receive, send: Send) -> None:
+    def _too_large(self, size: int) -> tuple[str, str]:
         log.warning("refused a request body of at least %d bytes (MAX_REQUEST_BYTES=%d)", size, self.max_body)
-        await errors.error_response("request_too_large", f"the request body has at least {size} bytes; the limit "
-                                    f"is {self.max_body} bytes (MAX_REQUEST_BYTES)")(scope, receive, send)
+        return "request_too_large", (f"the request body has at least {size} bytes; the limit is {self.max_body} "
+                                     "bytes (MAX_REQUEST_BYTES)")
 
 
 def _replay(messages: list[Message], receive: Receive) -> Receive:

@@ -73,7 +73,7 @@ class ChatService:
     # --- shared by chat and text completions
     def check_model(self, model: str | None) -> None:
         if model not in (None, self.model_name):
-            raise ModelNotFound(f"The model `{model}` does not exist; this server serves `{self.model_name}`.",
+            raise ModelNotFound(f"The model `{model[:100]}` does not exist; this server serves `{self.model_name}`.",
                                 param="model")
 
     def sampling_params(self, request: SamplingRequest) -> SamplingParams:
@@ -244,11 +244,10 @@ class ChatService:
 
     async def chat_input(self, messages: list[ChatMessage], template_kwargs: dict) -> ChatInput:
         """OpenAI messages -> transformers chat format with decoded images (and their digests)."""
-        n_images = sum(isinstance(p, ImagePart) for m in messages if isinstance(m.content, list)
-                       for p in m.content)
-        if n_images > self.max_images:
-            raise InvalidInput(f"{n_images} images in one request; the limit is {self.max_images} "
-                               "(MAX_IMAGES_PER_REQUEST)", param="messages")
+        # all images together: count, bytes, headers (pixel caps), then decodes (function/images.py)
+        loaded = iter(await self.images.load_many([
+            (p.image_url.url, f"messages[{i}].content[{j}].image_url") for i, m in enumerate(messages)
+            if isinstance(m.content, list) for j, p in enumerate(m.content) if isinstance(p, ImagePart)]))
         out, digests = [], []
         for i, m in enumerate(messages):
             role = "system" if m.role == "developer" else m.role   # the chat template knows no developer role
@@ -258,7 +257,7 @@ class ChatService:
             parts = []
             for j, p in enumerate(m.content):
                 if isinstance(p, ImagePart):
-                    img = await self.images.load(p.image_url.url, param=f"messages[{i}].content[{j}].image_url")
+                    img = next(loaded)
                     parts.append({"type": "image", "image": img.image})
                     digests.append(img.digest)
                 elif isinstance(p, TextPart):

@@ -35,6 +35,10 @@ class InputPreparer:
         self.image_token_id = int(model.config.image_token_id)
         self._rope_index = model.model.get_rope_index
         self.max_model_len = max_model_len
+        # the longest token's text: a prompt of C characters has at least C / this many tokens (a cheap bound
+        # checked before tokenizing, so that megabytes of text are refused without being tokenized)
+        vocab = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
+        self.max_token_chars = max((len(t) for t in vocab if t), default=1)
 
     def _skip_thinking(self, enc):
         """enable_thinking=false: the generation prompt must end with an empty think block. Templates that know the
@@ -48,6 +52,12 @@ class InputPreparer:
     def prepare(self, chat: ChatInput, params: SamplingParams, check_length: bool = True) -> PreparedPrompt:
         if chat.prompt_token_ids is not None:
             return self._raw(chat.prompt_token_ids, params, check_length)
+        chars = sum(len(p) if isinstance(p, str) else len(p.get("text") or "") for m in chat.messages
+                    for p in ([m["content"]] if isinstance(m["content"], str) else m["content"]))
+        if -(-chars // self.max_token_chars) >= self.max_model_len:     # the messages alone cannot fit
+            raise InvalidInput(f"This model's maximum context length is {self.max_model_len} tokens; the messages "
+                               f"have {chars} characters, at least {-(-chars // self.max_token_chars)} tokens. Please "
+                               "reduce the length of the messages.", param="messages")
         try:
             enc = self.processor.apply_chat_template(
                 chat.messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
