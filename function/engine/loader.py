@@ -34,6 +34,7 @@ class Choices:
     quantization: str
     attn_implementation: str
     source: str = ""            # "checkpoint" | "prequantized-cache" | "tiny"
+    reason: str = ""            # why this quantization (QUANTIZATION=auto's rule: fp8.choose_auto)
     timings: dict[str, float] = field(default_factory=dict)
 
     def labels(self) -> dict[str, str]:
@@ -74,11 +75,18 @@ def choose(config: Config, model_path: Path) -> Choices:
     else:
         dtype = config.dtype
     quant = config.quantization
+    reason = f"QUANTIZATION={quant}"
     if quant == "auto":
-        quant = "nf4" if device.startswith("cuda") else "none"
+        from . import fp8
+        quant, reason = fp8.choose_auto(config, model_path, device)
+        reason = f"QUANTIZATION=auto chose {quant}: {reason}"
     if quant == "bf16":
         quant = "none"
-    if quant != "none":
+    log.info("quantization %s (%s)", quant, reason)
+    if quant == "fp8" and not device.startswith("cuda"):
+        log.warning("QUANTIZATION=fp8 on %s: the FP8 arithmetic is emulated in fp32 (same numerics, no speed-up)",
+                    device)
+    if quant in ("nf4", "int8"):
         if not device.startswith("cuda"):
             raise RuntimeError(f"QUANTIZATION={quant} needs a CUDA device (bitsandbytes); use QUANTIZATION=none "
                                "on CPU")
@@ -97,7 +105,7 @@ def choose(config: Config, model_path: Path) -> Choices:
             except ImportError:
                 pass
     return Choices(model_path=str(model_path), device=device, dtype=dtype, quantization=quant,
-                   attn_implementation=attn)
+                   attn_implementation=attn, reason=reason)
 
 
 def bnb_config(quant: str, quantize_vision: bool, dtype):
@@ -147,7 +155,11 @@ def save_prequantized(model, model_path: Path, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    from . import fp8
+    if fp8.converted_modules(model):
+        fp8.save_model(model, tmp)
+    else:
+        model.save_pretrained(tmp, safe_serialization=True)
     for name in PROCESSOR_FILES:
         src = model_path / name
         if src.is_file():
@@ -198,12 +210,11 @@ def prefetch_weights(config: Config, model_path: Path) -> None:
     transformers (10-20 s on a GPU image): on a network volume the first read is what makes a cold start slow."""
     if not hasattr(os, "posix_fadvise"):
         return
-    quant = config.quantization
-    if quant == "auto":
-        quant = "nf4" if os.path.exists("/dev/nvidiactl") else "none"
+    quant = config.quantization   # auto: decided after torch imports (fp8.choose_auto); any pre-quantized copy
     dirs = [model_path]
     if quant not in ("none", "bf16") and config.prequantized_cache:
-        done = sorted((Path(config.model_cache_dir) / "prequantized").glob(f"{model_path.name}-{quant}-*/prequantized.json"),
+        pattern = f"{model_path.name}-{'*' if quant == 'auto' else quant}-*/prequantized.json"
+        done = sorted((Path(config.model_cache_dir) / "prequantized").glob(pattern),
                       key=lambda p: p.stat().st_mtime)
         if done:
             dirs = [done[-1].parent]
@@ -252,6 +263,7 @@ def load(config: Config, on_phase: Callable[[str], None] = lambda p: None) -> Lo
     torch = timed("import", _imports)
     choices = choose(config, model_path)
     choices.source = source
+    on_phase(f"quantization {choices.quantization} ({choices.reason})")
     if choices.device.startswith("cuda"):
         timed("cuda_init", lambda: torch.zeros(1, device=choices.device))
     from transformers import AutoModelForImageTextToText, GenerationConfig
@@ -281,12 +293,21 @@ def load(config: Config, on_phase: Callable[[str], None] = lambda p: None) -> Lo
         cache_dir = prequantized_dir(config, model_path, choices)
         if config.prequantized_cache and _complete(cache_dir):
             load_dir, choices.source = cache_dir, "prequantized-cache"
-        else:
+        elif choices.quantization != "fp8":
             kwargs["quantization_config"] = bnb_config(choices.quantization, config.quantize_vision, dtype)
     phase = "load_prequantized" if load_dir != model_path else (
         "load_and_quantize" if choices.quantization != "none" else "load_weights")
     def _from_pretrained():
         try:
+            if choices.quantization == "fp8":
+                from . import fp8
+                if load_dir != model_path:
+                    return fp8.load_model(load_dir, dtype=dtype, device_map=device_map,
+                                          attn_implementation=choices.attn_implementation)
+                m = AutoModelForImageTextToText.from_pretrained(
+                    load_dir, dtype=dtype, device_map=device_map, attn_implementation=choices.attn_implementation)
+                log.info("fp8 conversion: %s", fp8.convert(m.eval(), quantize_vision=config.quantize_vision))
+                return m
             return AutoModelForImageTextToText.from_pretrained(
                 load_dir, dtype=dtype, device_map=device_map, attn_implementation=choices.attn_implementation,
                 **kwargs).eval()
