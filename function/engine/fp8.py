@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 
 FP8_DTYPE = getattr(torch, "float8_e4m3fn", None)
 FP8_MAX = 448.0                          # largest finite float8_e4m3fn
-MIN_SCALE = 1.0 / (FP8_MAX * 512.0)      # vLLM's floor for dynamic scales: all-zero rows stay finite
+MIN_SCALE = 1.0 / (FP8_MAX * 512.0)      # vLLM's floor for dynamic (activation) scales: zero rows stay finite
+WEIGHT_MIN_SCALE = 1e-12                 # weights: only guards all-zero rows; small rows keep their own scale
 MIN_CAPABILITY = (8, 9)                  # FP8 tensor cores: Ada (8.9), Hopper (9.0) and later
 FORMAT = 1                               # bump when the saved layout changes
 INFO_FILE = "fp8.json"
@@ -57,7 +58,7 @@ VISUAL = "model.visual"
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-output-channel FP8: (codes [N, K] float8_e4m3fn, scales [N] fp32) with w ~= codes * scales[:, None]."""
     wf = w.detach().to(torch.float32)
-    scale = (wf.abs().amax(dim=1) / FP8_MAX).clamp_(min=MIN_SCALE)
+    scale = (wf.abs().amax(dim=1) / FP8_MAX).clamp_(min=WEIGHT_MIN_SCALE)
     q = (wf / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale
 
@@ -448,8 +449,10 @@ def load_model(load_dir: Path, *, dtype: torch.dtype, device_map, attn_implement
 
 # --------------------------------------------------------------------------------------------- QUANTIZATION=auto
 
-#: KV room that makes a card "useful" for serving: MAX_NUM_SEQS sequences of this many tokens (a phone step: one
-#: screenshot + the task and history is ~1.5-2k tokens; the answer needs room too).
+#: KV room that makes bf16 worth it on a card without FP8: MAX_NUM_SEQS sequences of this many tokens (a phone step:
+#: one screenshot + the task and history is ~1.5-2k tokens; the answer needs room too). Below it, nf4's smaller
+#: weights leave the KV room. fp8 needs only one such sequence beside its weights: it is the fastest choice and it
+#: leaves more room than bf16 anyway (the engine sizes its slots to what is left).
 USEFUL_KV_TOKENS_PER_SEQ = 4096
 
 
@@ -461,33 +464,47 @@ class Card:
 
 
 def decide(cards: list[Card], weight_bytes: dict[str, int], kv_bytes: int, *, usable_fraction: float,
-           overhead_bytes: int, fp8_runs: bool = True, fp8_why_not: str = "") -> tuple[str, str]:
+           overhead_bytes: int, min_kv_bytes: int = 0, fp8_runs: bool = True,
+           fp8_why_not: str = "") -> tuple[str, str]:
     """The QUANTIZATION=auto rule, as plain data. `cards`: the pod's GPUs (empty: CPU). `weight_bytes`: bytes on the
-    cards for "none", "fp8" and "nf4". `kv_bytes`: KV room wanted. `overhead_bytes`: per card (CUDA context,
-    activations, graph pools). Returns (quantization, reason)."""
+    cards for "none", "fp8" and "nf4". `kv_bytes`: the useful KV room (MAX_NUM_SEQS phone steps); `min_kv_bytes`:
+    one phone step. `overhead_bytes`: per card (CUDA context, activations, graph pools). Returns (quantization,
+    reason):
+
+    - fp8 on cards with FP8 tensor cores (compute capability >= 8.9, torch._scaled_mm runs) where fp8 weights and
+      one sequence's KV fit;
+    - else bf16 (none) where bf16 weights leave the useful KV room;
+    - else nf4 (bitsandbytes);
+    - none on CPU."""
     if not cards:
         return "none", "no CUDA device: unquantized on CPU"
     room = sum(int(c.total_bytes * usable_fraction) - overhead_bytes for c in cards)
     gib = 2**30
     desc = f"{len(cards)} x {cards[0].name or 'GPU'} (compute capability {cards[0].capability[0]}." \
            f"{cards[0].capability[1]}, {cards[0].total_bytes / gib:.0f} GiB)"
-    fits = {q: room - weight_bytes[q] >= kv_bytes for q in weight_bytes}
-    need = f"weights + {kv_bytes / gib:.1f} GiB KV in {room / gib:.1f} GiB usable"
+
+    def left(q):
+        return (room - weight_bytes[q]) / gib
+
     fp8_card = all(c.capability >= MIN_CAPABILITY for c in cards)
-    if fp8_card and fp8_runs and fits.get("fp8"):
-        return "fp8", (f"{desc}: FP8 tensor cores (compute capability >= 8.9) and fp8 weights "
-                       f"({weight_bytes['fp8'] / gib:.1f} GiB) fit with {need}")
+    if fp8_card and fp8_runs and room - weight_bytes["fp8"] >= min_kv_bytes:
+        return "fp8", (f"{desc}: FP8 tensor cores (compute capability >= 8.9); fp8 weights "
+                       f"({weight_bytes['fp8'] / gib:.1f} GiB) leave {left('fp8'):.1f} GiB of {room / gib:.1f} GiB "
+                       "usable for the KV cache")
     if not fp8_card:
         why_fp8 = "no FP8 tensor cores (compute capability < 8.9)"
     elif not fp8_runs:
         why_fp8 = fp8_why_not or "FP8 does not run here"
     else:
-        why_fp8 = f"fp8 weights ({weight_bytes['fp8'] / gib:.1f} GiB) leave too little KV room"
-    if fits.get("none"):
-        return "none", f"{desc}: {why_fp8}; bf16 weights ({weight_bytes['none'] / gib:.1f} GiB) fit with {need}"
-    return "nf4", (f"{desc}: {why_fp8}; bf16 weights ({weight_bytes['none'] / gib:.1f} GiB) leave too little "
-                   f"KV room ({need}): nf4 ({weight_bytes['nf4'] / gib:.1f} GiB)"
-                   + ("" if fits.get("nf4") else ", which still leaves less KV room than wanted"))
+        why_fp8 = f"fp8 weights ({weight_bytes['fp8'] / gib:.1f} GiB) do not fit with one sequence's KV"
+    want = f"{kv_bytes / gib:.1f} GiB of KV wanted"
+    if room - weight_bytes["none"] >= kv_bytes:
+        return "none", (f"{desc}: {why_fp8}; bf16 weights ({weight_bytes['none'] / gib:.1f} GiB) leave "
+                        f"{left('none'):.1f} GiB for the KV cache ({want})")
+    return "nf4", (f"{desc}: {why_fp8}; bf16 weights ({weight_bytes['none'] / gib:.1f} GiB) leave too little KV room "
+                   f"({left('none'):.1f} GiB, {want}): nf4 ({weight_bytes['nf4'] / gib:.1f} GiB) leaves "
+                   f"{left('nf4'):.1f} GiB" + ("" if room - weight_bytes["nf4"] >= kv_bytes else
+                                               ", which still leaves less KV room than wanted"))
 
 
 def choose_auto(config, model_path: Path, device: str) -> tuple[str, str]:
@@ -508,12 +525,13 @@ def choose_auto(config, model_path: Path, device: str) -> tuple[str, str]:
     qv = bool(config.quantize_vision)
     weight_bytes = {q: sum(sizes.unit_bytes(u, weight_bytes_per_param(q, 2), 2, qv if q != "none" else False)
                            for u in sizes.units) for q in ("none", "fp8", "nf4")}
-    kv = sizes.num_layers * sizes.kv_bytes_per_token_per_layer(2) * USEFUL_KV_TOKENS_PER_SEQ * config.max_num_seqs
+    one_seq = sizes.num_layers * sizes.kv_bytes_per_token_per_layer(2) * USEFUL_KV_TOKENS_PER_SEQ
     fp8_runs, why = True, ""
     if all(c.capability >= MIN_CAPABILITY for c in cards):
         s = device_support(torch.device("cuda", idx[0]))
         fp8_runs, why = s.scaled_mm, s.reason
-    return decide(cards, weight_bytes, kv, usable_fraction=config.gpu_memory_utilization,
+    return decide(cards, weight_bytes, one_seq * config.max_num_seqs, min_kv_bytes=one_seq,
+                  usable_fraction=config.gpu_memory_utilization,
                   overhead_bytes=CUDA_CONTEXT_BYTES + default_reserve_bytes(config.max_num_seqs),
                   fp8_runs=fp8_runs, fp8_why_not=why)
 
