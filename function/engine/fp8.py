@@ -292,6 +292,7 @@ def convert(model: nn.Module, *, quantize_vision: bool = False, support: Support
     support = support or device_support(model.get_submodule(names[0]).weight.device)
     before = after = 0
     emulated = []
+    staged: list[tuple[Fp8Linear, torch.device]] = []
     for name in names:
         lin = model.get_submodule(name)
         use = support.scaled_mm and lin.weight.dtype == torch.bfloat16 and _gemm_ok(lin.in_features,
@@ -302,8 +303,18 @@ def convert(model: nn.Module, *, quantize_vision: bool = False, support: Support
         after += new.weight.numel() + new.weight_scale.numel() * 4
         if support.scaled_mm and not use:
             emulated.append(name)
+        if new.weight.is_cuda:
+            # Park the codes in host memory until every bf16 weight is freed: allocated now, they would be carved
+            # out of the freed bf16 blocks, and the rest of those blocks would stay reserved (the KV cache is
+            # sized from the free memory the driver reports).
+            staged.append((new, new.weight.device))
+            new.to("cpu")
         _set_module(model, name, new)
         del lin
+    if staged:
+        torch.cuda.empty_cache()
+        for mod, dev in staged:
+            mod.to(dev)
     if emulated:
         log.warning("fp8: %d modules run emulated (shape not a multiple of 16 or dtype not bf16): %s", len(emulated),
                     ", ".join(emulated[:5]))
