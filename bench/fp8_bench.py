@@ -1,7 +1,7 @@
 """FP8 against bf16 on one GPU, in the same run, on the random-weight full-size GLM-4.1V-9B of bench/engine_bench.py.
 
     python3 bench/fp8_bench.py all [DEADLINE_S]       # GPU: every section below, results in $OUT/bench.json
-    python3 bench/fp8_bench.py gemm,accuracy,decode   # some sections
+    python3 bench/fp8_bench.py build,gemm,accuracy 570   # some sections (a device call lasts at most 600 s)
     python3 bench/fp8_bench.py smoke                  # CPU: accuracy on the tiny model (emulated FP8), JSON on stdout
 
 Sections:
@@ -218,7 +218,6 @@ def cold():
 
 def smoke():
     """CPU: the accuracy section on the tiny model (FP8 emulated in fp32), as JSON on stdout."""
-    import torch
     from function.config import Config
     from function.engine import fp8, loader
 
@@ -228,7 +227,6 @@ def smoke():
     info = fp8.convert(q)
     acc = _accuracy(loaded.model, q, loaded.tokenizer, "cpu", prompts=2, steps=32, length=64)
     print(json.dumps({"convert": info, "accuracy_tiny_cpu": acc}, indent=1))
-    del torch
 
 
 def main():
