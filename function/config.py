@@ -57,8 +57,9 @@ class Config:
                                  default="autoglm-phone-9b")
     model_cache_dir: str = env("MODEL_CACHE_DIR", "Model cache volume: pre-quantized checkpoints, the tiny model, "
                                "compile caches.", default_factory=_default_cache_dir)
-    quantization: str = env("QUANTIZATION", "auto | nf4 | int8 | none. auto: nf4 on CUDA, none on CPU.",
-                            default="auto")
+    quantization: str = env("QUANTIZATION", "auto | fp8 | nf4 | int8 | none. auto: fp8 on cards with FP8 tensor "
+                            "cores (compute capability >= 8.9) where the weights fit, nf4 where bf16 leaves too little "
+                            "KV room, none otherwise and on CPU (docs/quantization.md).", default="auto")
     quantize_vision: bool = env("QUANTIZE_VISION", "Quantize the vision tower too (default keeps it in bf16).",
                                 default=False)
     prequantized_cache: bool = env("PREQUANTIZED_CACHE", "Write a pre-quantized checkpoint to MODEL_CACHE_DIR on the "
@@ -211,8 +212,8 @@ class Config:
         def bad(name, msg):
             raise ConfigError(f"{name}: {msg}")
 
-        if self.quantization not in ("auto", "nf4", "int8", "none", "bf16"):
-            bad("QUANTIZATION", f"{self.quantization!r} is not one of auto, nf4, int8, none")
+        if self.quantization not in ("auto", "fp8", "nf4", "int8", "none", "bf16"):
+            bad("QUANTIZATION", f"{self.quantization!r} is not one of auto, fp8, nf4, int8, none")
         if self.attn_implementation not in ("auto", "flash_attention_2", "sdpa", "eager"):
             bad("ATTN_IMPLEMENTATION", f"{self.attn_implementation!r} is not one of auto, flash_attention_2, sdpa, "
                 "eager")

@@ -3,7 +3,7 @@
 GPU instead of quantizing at every cold start. Run once per checkpoint and setting (the cache-filling Job does).
 
     MODEL_CACHE_DIR=/models/cache python scripts/prequantize.py --model-path /models/hf/AutoGLM-Phone-9B \
-        --quantization nf4
+        --quantization fp8
 
 Idempotent: when the pre-quantized copy for this checkpoint, setting and library versions exists, it only says
 where. Settings not given as options (QUANTIZE_VISION, DTYPE, DEVICE) come from the environment, as in the server.
@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-path", required=True, help="local checkpoint directory")
-    ap.add_argument("--quantization", default="nf4", choices=["nf4", "int8"], help="bitsandbytes scheme")
+    ap.add_argument("--quantization", default="fp8", choices=["fp8", "nf4", "int8"],
+                    help="fp8 (function/engine/fp8.py) or a bitsandbytes scheme")
     ap.add_argument("--cache-dir", default=None, help="model cache volume (default: MODEL_CACHE_DIR)")
     args = ap.parse_args(argv)
 

@@ -824,7 +824,7 @@ def test_env_values_are_accepted_by_config(name):
 
 def test_model_config_matches_the_engine_plan():
     cfg = app_config(container(MODEL))
-    assert cfg.role == "model" and cfg.require_gpu and cfg.quantization == "nf4" and cfg.device == "cuda"
+    assert cfg.role == "model" and cfg.require_gpu and cfg.quantization == "fp8" and cfg.device == "cuda"
     assert cfg.max_num_seqs == Config().max_num_seqs, "service.yaml pins the default engine batch"
 
 

@@ -197,9 +197,10 @@ def test_more_visible_gpus_than_configured_uses_the_first():
 def test_other_errors():
     with pytest.raises(PlacementError, match="more than the model's 40 decoder layers"):
         plan(FULL, 41, [CARD_80GB] * 41, 2.0)
-    with pytest.raises(PlacementError, match="QUANTIZATION='fp8'"):
-        weight_bytes_per_param("fp8")
+    with pytest.raises(PlacementError, match="QUANTIZATION='fp4'"):
+        weight_bytes_per_param("fp4")
     assert weight_bytes_per_param("none", 4) == 4.0 and weight_bytes_per_param("int8") == 1.0
+    assert weight_bytes_per_param("fp8") == 1.0
 
 
 def test_config_defaults_plan_on_one_gpu():

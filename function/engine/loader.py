@@ -36,6 +36,7 @@ class Choices:
     quantization: str
     attn_implementation: str
     source: str = ""            # "checkpoint" | "prequantized-cache" | "tiny"
+    reason: str = ""            # why this quantization (QUANTIZATION=auto's rule: fp8.choose_auto)
     timings: dict[str, float] = field(default_factory=dict)
     weights: dict[str, float] = field(default_factory=dict)    # read-ahead: bytes, read_s, gbps (empty: not used)
 
@@ -77,11 +78,18 @@ def choose(config: Config, model_path: Path) -> Choices:
     else:
         dtype = config.dtype
     quant = config.quantization
+    reason = f"QUANTIZATION={quant}"
     if quant == "auto":
-        quant = "nf4" if device.startswith("cuda") else "none"
+        from . import fp8
+        quant, reason = fp8.choose_auto(config, model_path, device)
+        reason = f"QUANTIZATION=auto chose {quant}: {reason}"
     if quant == "bf16":
         quant = "none"
-    if quant != "none":
+    log.info("quantization %s (%s)", quant, reason)
+    if quant == "fp8" and not device.startswith("cuda"):
+        log.warning("QUANTIZATION=fp8 on %s: the FP8 arithmetic is emulated in fp32 (same numerics, no speed-up)",
+                    device)
+    if quant in ("nf4", "int8"):
         if not device.startswith("cuda"):
             raise RuntimeError(f"QUANTIZATION={quant} needs a CUDA device (bitsandbytes); use QUANTIZATION=none "
                                "on CPU")
@@ -97,7 +105,7 @@ def choose(config: Config, model_path: Path) -> Choices:
             except ImportError:
                 pass
     return Choices(model_path=str(model_path), device=device, dtype=dtype, quantization=quant,
-                   attn_implementation=attn)
+                   attn_implementation=attn, reason=reason)
 
 
 def bnb_config(quant: str, quantize_vision: bool, dtype):
@@ -152,7 +160,11 @@ def save_prequantized(model, model_path: Path, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    from . import fp8
+    if fp8.converted_modules(model):
+        fp8.save_model(model, tmp)
+    else:
+        model.save_pretrained(tmp, safe_serialization=True)
     for name in PROCESSOR_FILES:
         src = model_path / name
         if src.is_file():
@@ -225,12 +237,11 @@ def prefetch_weights(config: Config, model_path: Path) -> None:
     transformers (10-20 s on a GPU image): on a network volume the first read is what makes a cold start slow."""
     if not hasattr(os, "posix_fadvise"):
         return
-    quant = config.quantization
-    if quant == "auto":
-        quant = "nf4" if os.path.exists("/dev/nvidiactl") else "none"
+    quant = config.quantization   # auto: decided after torch imports (fp8.choose_auto); any pre-quantized copy
     dirs = [model_path]
     if quant not in ("none", "bf16") and config.prequantized_cache:
-        done = sorted((Path(config.model_cache_dir) / "prequantized").glob(f"{model_path.name}-{quant}-*/prequantized.json"),
+        pattern = f"{model_path.name}-{'*' if quant == 'auto' else quant}-*/prequantized.json"
+        done = sorted((Path(config.model_cache_dir) / "prequantized").glob(pattern),
                       key=lambda p: p.stat().st_mtime)
         if done:
             dirs = [done[-1].parent]
@@ -283,6 +294,8 @@ def _preload_eligible(config: Config, choices: Choices, quantize_now: bool, load
 
     if quantize_now:
         return "quantized while loading"
+    if choices.quantization == "fp8":
+        return "the fp8 copy is read by fp8.load_model"
     if config.gpus_per_pod > 1:
         return "split over several GPUs"
     files = weights.shard_files(load_dir)
@@ -318,6 +331,7 @@ def load(config: Config, on_phase: Callable[[str], None] = lambda p: None) -> Lo
     torch = timed("import_torch", lambda: importlib.import_module("torch"))
     choices = choose(config, model_path)
     choices.source = source
+    on_phase(f"quantization {choices.quantization} ({choices.reason})")
     dtype = getattr(torch, choices.dtype)
     cuda = choices.device.startswith("cuda")
     if cuda:
@@ -419,6 +433,14 @@ def load(config: Config, on_phase: Callable[[str], None] = lambda p: None) -> Lo
                 if cuda:
                     torch.cuda.empty_cache()
         try:
+            if choices.quantization == "fp8":
+                from . import fp8
+                if load_dir != model_path:   # the pre-quantized fp8 copy on the cache volume
+                    return fp8.load_model(load_dir, dtype=dtype, device_map=device_map,
+                                          attn_implementation=choices.attn_implementation)
+                m = model_cls.from_pretrained(load_dir, **common).eval()
+                log.info("fp8 conversion: %s", fp8.convert(m, quantize_vision=config.quantize_vision))
+                return m
             return model_cls.from_pretrained(load_dir, **common, **kwargs).eval()
         except Exception as e:  # noqa: BLE001 - safetensors' own error class derives from Exception only
             if "out of memory" in str(e).lower() or isinstance(e, ImportError):

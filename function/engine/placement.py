@@ -67,7 +67,8 @@ MIN_MODEL_LEN = 4096
 #: Bytes per quantized Linear weight. nf4: 4 bits + one fp32 absmax per 64-value block (the loader's
 #: BitsAndBytesConfig has bnb_4bit_use_double_quant=False). int8 (LLM.int8): 1 byte + one fp32 scale per output row
 #: (~0.1% for 4096-wide rows, ignored).
-QUANT_BYTES_PER_PARAM = {"nf4": 0.5 + 4 / 64, "int8": 1.0}
+# fp8 (function/engine/fp8.py): 1 byte + one fp32 scale per output row, likewise ignored.
+QUANT_BYTES_PER_PARAM = {"nf4": 0.5 + 4 / 64, "int8": 1.0, "fp8": 1.0}
 
 
 class PlacementError(ConfigError):

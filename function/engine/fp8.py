@@ -1,0 +1,568 @@
+"""QUANTIZATION=fp8: FP8 (e4m3) weights for the text decoder's linear layers, and the QUANTIZATION=auto rule.
+
+Scheme (the one vLLM's `Fp8LinearMethod` / `Fp8LinearOp` uses for checkpoints without static activation scales, and
+torchao's `Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())`):
+
+- weights: one fp32 scale per output channel, `scale = amax(|W[n, :]|) / 448`, codes `W / scale` in
+  float8_e4m3fn, stored row-major [N, K] as `weight` (so `weight.t()` is the column-major [K, N] operand that
+  `torch._scaled_mm` requires);
+- activations: one fp32 scale per token, computed on the GPU at every call (`amax(|x[m, :]|) / 448`, floored at
+  1 / (448 * 512) as vLLM does), never synchronised with the host;
+- the product: `torch._scaled_mm(x_fp8, W_fp8.t(), scale_a=[M, 1], scale_b=[1, N], bias, out_dtype=bf16)`, the
+  rowwise-scaled FP8 tensor-core GEMM (cuBLASLt / CUTLASS, compute capability >= 8.9), accumulating in fp32.
+
+Everything else stays in the model dtype: the vision tower (unless QUANTIZE_VISION), embeddings, norms, lm_head.
+Shapes are static and nothing reads a device value on the host, so the module runs inside the engine's CUDA graphs
+unchanged. On CPU (tests, the tiny model) and for shapes or dtypes `_scaled_mm` cannot take, the same module runs
+the same arithmetic emulated in fp32: quantize the activation per token, multiply the fp8 codes, apply both scales.
+
+torchao is not installed on the serving image, hence this module instead of `quantize_(model, ...)`. The per-token
+activation quantization is one Triton kernel where Triton imports (it ships with CUDA builds of torch) and checks
+out against the torch version at conversion time; otherwise it is a handful of torch ops.
+
+The pre-quantized checkpoint (`save_model` / `load_model`) is plain safetensors: the fp8 `*.weight` codes, their
+`*.weight_scale`, and the model's other tensors in the model dtype, plus `fp8.json` naming the converted modules. It
+is loaded onto an empty (meta) model, straight to the card, without transformers' weight conversion.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+FP8_DTYPE = getattr(torch, "float8_e4m3fn", None)
+FP8_MAX = 448.0                          # largest finite float8_e4m3fn
+MIN_SCALE = 1.0 / (FP8_MAX * 512.0)      # vLLM's floor for dynamic (activation) scales: zero rows stay finite
+WEIGHT_MIN_SCALE = 1e-12                 # weights: only guards all-zero rows; small rows keep their own scale
+MIN_CAPABILITY = (8, 9)                  # FP8 tensor cores: Ada (8.9), Hopper (9.0) and later
+FORMAT = 1                               # bump when the saved layout changes
+INFO_FILE = "fp8.json"
+SHARD_BYTES = 4 * 2**30
+
+#: Modules kept in the model dtype: lm_head (its logits decide every token; 1.2 GB of bf16, read once per step),
+#: the vision tower unless QUANTIZE_VISION. Embeddings and norms are not nn.Linear and are never touched.
+SKIP = ("lm_head",)
+DECODER = "model.language_model"
+VISUAL = "model.visual"
+
+
+# --------------------------------------------------------------------------------------------- quantization math
+
+def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel FP8: (codes [N, K] float8_e4m3fn, scales [N] fp32) with w ~= codes * scales[:, None]."""
+    wf = w.detach().to(torch.float32)
+    scale = (wf.abs().amax(dim=1) / FP8_MAX).clamp_(min=WEIGHT_MIN_SCALE)
+    q = (wf / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, scale
+
+
+def quantize_rows_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token FP8 of a 2-D activation: (codes [M, K], scales [M, 1] fp32), computed on x's device."""
+    xf = x.to(torch.float32)
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_(min=MIN_SCALE)
+    q = (xf / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, scale
+
+
+_triton_quant = None      # set by _load_triton(): a callable like quantize_rows_torch, or None
+
+
+def _load_triton():
+    """The per-token quantization as one Triton kernel (two passes over each row: amax, then scale and cast)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, MIN_S: tl.constexpr, QMAX: tl.constexpr,
+                           BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        x_row = x_ptr + row * stride_x
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for k in range(0, K, BLOCK):
+            m = k + offs < K
+            v = tl.load(x_row + k + offs, mask=m, other=0.0).to(tl.float32)
+            acc = tl.maximum(acc, tl.abs(v))
+        scale = tl.maximum(tl.max(acc, axis=0) / QMAX, MIN_S)
+        tl.store(s_ptr + row, scale)
+        q_row = q_ptr + row * stride_q
+        for k in range(0, K, BLOCK):
+            m = k + offs < K
+            v = tl.load(x_row + k + offs, mask=m, other=0.0).to(tl.float32)
+            v = tl.minimum(tl.maximum(v / scale, -QMAX), QMAX)
+            tl.store(q_row + k + offs, v.to(q_ptr.dtype.element_ty), mask=m)
+
+    def quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        M, K = x.shape
+        q = torch.empty((M, K), dtype=FP8_DTYPE, device=x.device)
+        s = torch.empty((M, 1), dtype=torch.float32, device=x.device)
+        if M:
+            block = min(4096, triton.next_power_of_2(K))
+            _quant_rows_kernel[(M,)](x, q, s, K, x.stride(0), q.stride(0), MIN_S=MIN_SCALE, QMAX=FP8_MAX,
+                                     BLOCK=block, num_warps=4 if block <= 1024 else 8)
+        return q, s
+
+    return quant
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if _triton_quant is not None and x.is_cuda:
+        return _triton_quant(x)
+    return quantize_rows_torch(x)
+
+
+# --------------------------------------------------------------------------------------------- the module
+
+class Fp8Linear(nn.Module):
+    """Drop-in for nn.Linear with FP8 weights: same in/out features and call signature; `weight` is the fp8 code
+    tensor (its `.device` is the layer's device, as the runner reads it), `weight_scale` its per-channel scales,
+    `bias` stays in the model dtype."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, dtype=torch.bfloat16,
+                 device=None, scaled_mm: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8_DTYPE, device=device),
+                                   requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.empty(out_features, dtype=torch.float32, device=device),
+                                         requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) \
+            if bias else None
+        self.scaled_mm = scaled_mm        # decided once (conversion/load time), never per call
+        self.fuse_bias = True
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, *, scaled_mm: bool = False) -> "Fp8Linear":
+        w = lin.weight
+        m = cls(lin.in_features, lin.out_features, lin.bias is not None, dtype=w.dtype, device=w.device,
+                scaled_mm=scaled_mm)
+        q, s = quantize_weight(w)
+        m.weight.data, m.weight_scale.data = q, s
+        if lin.bias is not None:
+            m.bias.data = lin.bias.detach()
+        return m
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"{'scaled_mm' if self.scaled_mm else 'emulated'}")
+
+    def dequantized(self, dtype=torch.float32) -> torch.Tensor:
+        return (self.weight.to(torch.float32) * self.weight_scale[:, None]).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] == 0:
+            return x.new_zeros(*lead, self.out_features)
+        if self.scaled_mm and x.is_cuda and x.dtype == torch.bfloat16:
+            if not x2.is_contiguous():
+                x2 = x2.contiguous()
+            qx, sx = quantize_rows(x2)
+            bias = self.bias if self.fuse_bias else None
+            out = torch._scaled_mm(qx, self.weight.t(), scale_a=sx, scale_b=self.weight_scale.view(1, -1),
+                                   bias=bias, out_dtype=torch.bfloat16)
+            if self.bias is not None and not self.fuse_bias:
+                out = out + self.bias
+        else:
+            out = self._emulated(x2)
+        return out.view(*lead, self.out_features)
+
+    def _emulated(self, x2: torch.Tensor) -> torch.Tensor:
+        """The arithmetic of the FP8 GEMM, in fp32: per-token codes times per-channel codes, then both scales."""
+        qx, sx = quantize_rows_torch(x2)
+        acc = qx.to(torch.float32) @ self.weight.to(torch.float32).t()
+        out = acc * sx * self.weight_scale.view(1, -1)
+        if self.bias is not None:
+            out = out + self.bias.to(torch.float32)
+        return out.to(x2.dtype)
+
+
+# --------------------------------------------------------------------------------------------- what the card can do
+
+@dataclass
+class Support:
+    scaled_mm: bool          # torch._scaled_mm with rowwise scales runs on this device
+    fuse_bias: bool          # ... and takes a bias
+    triton: bool             # the Triton activation-quantization kernel matches the torch ops here
+    reason: str
+
+
+def _probe_scaled_mm(device: torch.device) -> tuple[bool, bool, str]:
+    """Run a small rowwise-scaled FP8 GEMM against its emulation; (works, takes bias, why not)."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(5, 64, generator=g).to(device=device, dtype=torch.bfloat16)
+    lin = nn.Linear(64, 32, bias=True)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(32, 64, generator=g) * 0.05)
+        lin.bias.copy_(torch.randn(32, generator=g))
+    lin = lin.to(device=device, dtype=torch.bfloat16)
+    m = Fp8Linear.from_linear(lin, scaled_mm=True)
+    ref = m._emulated(x).float()
+    for fuse in (True, False):
+        m.fuse_bias = fuse
+        try:
+            out = m(x).float()
+        except (RuntimeError, TypeError, NotImplementedError) as e:
+            err = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            continue
+        rel = float((out - ref).norm() / ref.norm())
+        if rel < 2e-2:
+            return True, fuse, ""
+        err = f"rowwise _scaled_mm differs from its emulation (relative error {rel:.3g})"
+    return False, False, err
+
+
+def _probe_triton(device: torch.device) -> bool:
+    global _triton_quant
+    try:
+        quant = _load_triton()
+        g = torch.Generator(device="cpu").manual_seed(1)
+        for K in (64, 1000, 4096, 13696):
+            x = (torch.randn(7, K, generator=g) * torch.logspace(-3, 2, 7).view(7, 1)).to(device, torch.bfloat16)
+            x[3] = 0
+            qa, sa = quant(x)
+            qb, sb = quantize_rows_torch(x)
+            if not torch.allclose(sa, sb, rtol=1e-6, atol=0):
+                raise AssertionError(f"scales differ at K={K}")
+            diff = (qa.float() * sa - qb.float() * sb).abs()
+            # the same codes but for a rare rounding tie (division order); never more than one code step
+            if float((qa.view(torch.uint8) != qb.view(torch.uint8)).float().mean()) > 1e-3 or \
+                    bool((diff > 0.0625 * (qb.float() * sb).abs() + sb * 2**-9).any()):
+                raise AssertionError(f"codes differ at K={K}")
+    except Exception as e:  # noqa: BLE001 - an absent or broken Triton only costs a few kernels per layer
+        log.info("fp8: Triton activation quantization not used (%s: %s); torch ops instead", type(e).__name__, e)
+        _triton_quant = None
+        return False
+    _triton_quant = quant
+    return True
+
+
+def device_support(device: str | torch.device) -> Support:
+    """Whether FP8 tensor-core matmuls are usable on `device`; CPU and older cards get the emulated module."""
+    dev = torch.device(device)
+    if FP8_DTYPE is None or not hasattr(torch, "_scaled_mm"):
+        return Support(False, False, False, f"torch {torch.__version__} has no float8_e4m3fn/_scaled_mm")
+    if dev.type != "cuda":
+        return Support(False, False, False, "no CUDA device: the FP8 arithmetic is emulated in fp32")
+    cap = torch.cuda.get_device_capability(dev)
+    if cap < MIN_CAPABILITY:
+        return Support(False, False, False, f"compute capability {cap[0]}.{cap[1]} < 8.9: no FP8 tensor cores")
+    ok, fuse, err = _probe_scaled_mm(dev)
+    if not ok:
+        return Support(False, False, False, f"torch._scaled_mm (rowwise) does not run here: {err}")
+    tri = _probe_triton(dev)
+    return Support(True, fuse, tri, f"compute capability {cap[0]}.{cap[1]}: FP8 tensor cores")
+
+
+# --------------------------------------------------------------------------------------------- conversion
+
+def _targets(model: nn.Module, quantize_vision: bool) -> list[str]:
+    prefixes = (DECODER,) + ((VISUAL,) if quantize_vision else ())
+    names = []
+    for name, mod in model.named_modules():
+        if type(mod) is nn.Linear and name.startswith(prefixes) and name.rsplit(".", 1)[-1] not in SKIP:
+            names.append(name)
+    return names
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _gemm_ok(in_features: int, out_features: int) -> bool:
+    # _scaled_mm: K and N multiples of 16 (the row-major A's leading dimension and the column-major B's)
+    return in_features % 16 == 0 and out_features % 16 == 0
+
+
+def convert(model: nn.Module, *, quantize_vision: bool = False, support: Support | None = None) -> dict[str, Any]:
+    """Replace the decoder's nn.Linear modules (and the vision tower's with `quantize_vision`) by Fp8Linear, in
+    place, one at a time (the bf16 weight is freed as its fp8 copy is made). Returns what was done."""
+    names = _targets(model, quantize_vision)
+    if not names:
+        raise RuntimeError("fp8: no nn.Linear under model.language_model: the transformers layout changed; update "
+                           "function/engine/fp8.py")
+    support = support or device_support(model.get_submodule(names[0]).weight.device)
+    before = after = 0
+    emulated = []
+    staged: list[tuple[Fp8Linear, torch.device]] = []
+    for name in names:
+        lin = model.get_submodule(name)
+        use = support.scaled_mm and lin.weight.dtype == torch.bfloat16 and _gemm_ok(lin.in_features,
+                                                                                       lin.out_features)
+        new = Fp8Linear.from_linear(lin, scaled_mm=use)
+        new.fuse_bias = support.fuse_bias
+        before += lin.weight.numel() * lin.weight.element_size()
+        after += new.weight.numel() + new.weight_scale.numel() * 4
+        if support.scaled_mm and not use:
+            emulated.append(name)
+        if new.weight.is_cuda:
+            # Park the codes in host memory until every bf16 weight is freed: allocated now, they would be carved
+            # out of the freed bf16 blocks, and the rest of those blocks would stay reserved (the KV cache is
+            # sized from the free memory the driver reports).
+            staged.append((new, new.weight.device))
+            new.to("cpu")
+        _set_module(model, name, new)
+        del lin
+    if staged:
+        torch.cuda.empty_cache()
+        for mod, dev in staged:
+            mod.to(dev)
+    if emulated:
+        log.warning("fp8: %d modules run emulated (shape not a multiple of 16 or dtype not bf16): %s", len(emulated),
+                    ", ".join(emulated[:5]))
+    _mark(model, names, quantize_vision)
+    return {"modules": len(names), "bytes_before": before, "bytes_after": after, "support": support.reason,
+            "triton_quant": support.triton, "emulated": len(emulated) if support.scaled_mm else len(names)}
+
+
+def _mark(model: nn.Module, names: list[str], quantize_vision: bool) -> None:
+    model._fp8_modules = list(names)
+    model._fp8_quantize_vision = quantize_vision
+
+
+def converted_modules(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, Fp8Linear)]
+
+
+# --------------------------------------------------------------------------------------------- pre-quantized checkpoint
+
+def save_model(model: nn.Module, out: Path, *, max_shard_bytes: int = SHARD_BYTES) -> None:
+    """Write the converted model as safetensors shards + config.json + fp8.json into `out` (an existing, empty
+    directory; the caller makes it atomic)."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = converted_modules(model)
+    if not names:
+        raise RuntimeError("save_model: the model has no Fp8Linear modules")
+    seen: set[tuple] = set()
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, t in model.state_dict().items():
+        if t.device.type == "meta":
+            raise RuntimeError(f"save_model: {key} is on the meta device")
+        where = (str(t.device), t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if t.numel() and where in seen:   # a tied weight is stored once (tie_weights restores it)
+            continue
+        seen.add(where)
+        nbytes = t.numel() * t.element_size()
+        if size and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += nbytes
+    files = []
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in shard.items()}, str(out / fname),
+                  metadata={"format": "pt"})
+        files.append(fname)
+    model.config.save_pretrained(out)
+    (out / INFO_FILE).write_text(json.dumps({
+        "format": FORMAT, "scheme": "float8_e4m3fn weights, per-output-channel fp32 scales; dynamic per-token "
+        "activation scales", "modules": names, "quantize_vision": bool(getattr(model, "_fp8_quantize_vision", False)),
+        "dtype": str(model.lm_head.weight.dtype).replace("torch.", ""),
+        "files": files, "torch": torch.__version__}, indent=1))
+
+
+def is_fp8_checkpoint(d: Path) -> bool:
+    return (Path(d) / INFO_FILE).is_file()
+
+
+def _device_for(key: str, device_map) -> torch.device:
+    if isinstance(device_map, (str, torch.device)):
+        return torch.device(device_map)
+    best, dev = -1, None
+    for prefix, d in device_map.items():
+        if prefix == "" or key == prefix or key.startswith(prefix + "."):
+            if len(prefix) > best:
+                best, dev = len(prefix), d
+    if dev is None:
+        raise RuntimeError(f"fp8: the device map places no module holding {key}")
+    return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
+
+
+def _assign(model: nn.Module, key: str, value: torch.Tensor) -> None:
+    mod_name, _, attr = key.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    if attr in mod._parameters:
+        mod._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    elif attr in mod._buffers:
+        mod._buffers[attr] = value
+    else:
+        raise KeyError(key)
+
+
+def load_model(load_dir: Path, *, dtype: torch.dtype, device_map, attn_implementation: str):
+    """The pre-quantized checkpoint written by `save_model`, built on the meta device and filled straight from the
+    safetensors files onto the target device(s). Every parameter must come from the files."""
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    load_dir = Path(load_dir)
+    info = json.loads((load_dir / INFO_FILE).read_text())
+    if info.get("format") != FORMAT:
+        raise RuntimeError(f"{load_dir}: fp8 checkpoint format {info.get('format')} != {FORMAT}")
+    cfg = AutoConfig.from_pretrained(load_dir)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForImageTextToText.from_config(cfg, dtype=dtype, attn_implementation=attn_implementation)
+    support = None
+    for name in info["modules"]:
+        lin = model.get_submodule(name)
+        if support is None:
+            support = device_support(_device_for(name + ".weight", device_map))
+        use = support.scaled_mm and dtype == torch.bfloat16 and _gemm_ok(lin.in_features, lin.out_features)
+        new = Fp8Linear(lin.in_features, lin.out_features, lin.bias is not None, dtype=dtype, device="meta",
+                        scaled_mm=use)
+        new.fuse_bias = support.fuse_bias
+        _set_module(model, name, new)
+    files = info.get("files") or sorted(p.name for p in load_dir.glob("*.safetensors"))
+    expected = {k for k, _ in model.named_parameters(remove_duplicate=False)} | \
+        {k for k, _ in model.named_buffers(remove_duplicate=False)}
+    single = isinstance(device_map, (str, torch.device))
+    read_dev = "cpu"
+    if single:   # straight onto the card (safetensors reads into device memory); a split model goes via the host
+        d = torch.device(device_map)
+        read_dev = f"cuda:{d.index if d.index is not None else torch.cuda.current_device()}" \
+            if d.type == "cuda" else str(d)
+    for fname in files:
+        with safe_open(str(load_dir / fname), framework="pt", device=read_dev) as f:
+            for key in f.keys():
+                if key not in expected:
+                    raise RuntimeError(f"{load_dir / fname}: unexpected tensor {key}")
+                _assign(model, key, f.get_tensor(key).to(_device_for(key, device_map)))
+    if getattr(cfg.get_text_config(), "tie_word_embeddings", False) or getattr(cfg, "tie_word_embeddings", False):
+        model.tie_weights()
+    # non-persistent buffers (rotary inv_freq) were built on the CPU by the model's __init__
+    for key, b in list(model.named_buffers()):
+        dev = _device_for(key, device_map)
+        if b.device != dev:
+            _assign(model, key, b.to(dev))
+    missing = [k for k, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise RuntimeError(f"{load_dir}: the checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    _mark(model, list(info["modules"]), bool(info.get("quantize_vision")))
+    if not single:
+        from accelerate import dispatch_model
+        model = dispatch_model(model, device_map=device_map)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------- QUANTIZATION=auto
+
+#: KV room that makes bf16 worth it on a card without FP8: MAX_NUM_SEQS sequences of this many tokens (a phone step:
+#: one screenshot + the task and history is ~1.5-2k tokens; the answer needs room too). Below it, nf4's smaller
+#: weights leave the KV room. fp8 needs only one such sequence beside its weights: it is the fastest choice and it
+#: leaves more room than bf16 anyway (the engine sizes its slots to what is left).
+USEFUL_KV_TOKENS_PER_SEQ = 4096
+
+
+@dataclass(frozen=True)
+class Card:
+    capability: tuple[int, int]
+    total_bytes: int
+    name: str = ""
+
+
+def decide(cards: list[Card], weight_bytes: dict[str, int], kv_bytes: int, *, usable_fraction: float,
+           overhead_bytes: int, min_kv_bytes: int = 0, fp8_runs: bool = True,
+           fp8_why_not: str = "") -> tuple[str, str]:
+    """The QUANTIZATION=auto rule, as plain data. `cards`: the pod's GPUs (empty: CPU). `weight_bytes`: bytes on the
+    cards for "none", "fp8" and "nf4". `kv_bytes`: the useful KV room (MAX_NUM_SEQS phone steps); `min_kv_bytes`:
+    one phone step. `overhead_bytes`: per card (CUDA context, activations, graph pools). Returns (quantization,
+    reason):
+
+    - fp8 on cards with FP8 tensor cores (compute capability >= 8.9, torch._scaled_mm runs) where fp8 weights and
+      one sequence's KV fit;
+    - else bf16 (none) where bf16 weights leave the useful KV room;
+    - else nf4 (bitsandbytes);
+    - none on CPU."""
+    if not cards:
+        return "none", "no CUDA device: unquantized on CPU"
+    room = sum(int(c.total_bytes * usable_fraction) - overhead_bytes for c in cards)
+    gib = 2**30
+    desc = f"{len(cards)} x {cards[0].name or 'GPU'} (compute capability {cards[0].capability[0]}." \
+           f"{cards[0].capability[1]}, {cards[0].total_bytes / gib:.0f} GiB)"
+
+    def left(q):
+        return (room - weight_bytes[q]) / gib
+
+    fp8_card = all(c.capability >= MIN_CAPABILITY for c in cards)
+    if fp8_card and fp8_runs and room - weight_bytes["fp8"] >= min_kv_bytes:
+        return "fp8", (f"{desc}: FP8 tensor cores (compute capability >= 8.9); fp8 weights "
+                       f"({weight_bytes['fp8'] / gib:.1f} GiB) leave {left('fp8'):.1f} GiB of {room / gib:.1f} GiB "
+                       "usable for the KV cache")
+    if not fp8_card:
+        why_fp8 = "no FP8 tensor cores (compute capability < 8.9)"
+    elif not fp8_runs:
+        why_fp8 = fp8_why_not or "FP8 does not run here"
+    else:
+        why_fp8 = f"fp8 weights ({weight_bytes['fp8'] / gib:.1f} GiB) do not fit with one sequence's KV"
+    want = f"{kv_bytes / gib:.1f} GiB of KV wanted"
+    if room - weight_bytes["none"] >= kv_bytes:
+        return "none", (f"{desc}: {why_fp8}; bf16 weights ({weight_bytes['none'] / gib:.1f} GiB) leave "
+                        f"{left('none'):.1f} GiB for the KV cache ({want})")
+    return "nf4", (f"{desc}: {why_fp8}; bf16 weights ({weight_bytes['none'] / gib:.1f} GiB) leave too little KV room "
+                   f"({left('none'):.1f} GiB, {want}): nf4 ({weight_bytes['nf4'] / gib:.1f} GiB) leaves "
+                   f"{left('nf4'):.1f} GiB" + ("" if room - weight_bytes["nf4"] >= kv_bytes else
+                                               ", which still leaves less KV room than wanted"))
+
+
+def choose_auto(config, model_path: Path, device: str) -> tuple[str, str]:
+    """QUANTIZATION=auto for this pod: gathers the cards and the checkpoint's sizes and applies `decide`."""
+    if not device.startswith("cuda"):
+        return decide([], {}, 0, usable_fraction=1.0, overhead_bytes=0)
+    from transformers import AutoConfig
+
+    from .placement import CUDA_CONTEXT_BYTES, default_reserve_bytes, model_sizes, weight_bytes_per_param
+
+    n = max(1, config.gpus_per_pod)
+    idx = [torch.device(device).index or 0] if n == 1 else list(range(n))
+    cards = []
+    for i in idx:
+        p = torch.cuda.get_device_properties(i)
+        cards.append(Card((p.major, p.minor), int(p.total_memory), p.name))
+    sizes = model_sizes(AutoConfig.from_pretrained(model_path))
+    qv = bool(config.quantize_vision)
+    weight_bytes = {q: sum(sizes.unit_bytes(u, weight_bytes_per_param(q, 2), 2, qv if q != "none" else False)
+                           for u in sizes.units) for q in ("none", "fp8", "nf4")}
+    one_seq = sizes.num_layers * sizes.kv_bytes_per_token_per_layer(2) * USEFUL_KV_TOKENS_PER_SEQ
+    fp8_runs, why = True, ""
+    if all(c.capability >= MIN_CAPABILITY for c in cards):
+        s = device_support(torch.device("cuda", idx[0]))
+        fp8_runs, why = s.scaled_mm, s.reason
+    return decide(cards, weight_bytes, one_seq * config.max_num_seqs, min_kv_bytes=one_seq,
+                  usable_fraction=config.gpu_memory_utilization,
+                  overhead_bytes=CUDA_CONTEXT_BYTES + default_reserve_bytes(config.max_num_seqs),
+                  fp8_runs=fp8_runs, fp8_why_not=why)
+
+
+def weight_report(model: nn.Module) -> dict[str, float]:
+    """GB of parameters on the card(s), by kind (for logs and the bench)."""
+    fp8 = other = 0
+    for p in model.parameters():
+        b = p.numel() * p.element_size()
+        if p.dtype == FP8_DTYPE:
+            fp8 += b
+        else:
+            other += b
+    return {"fp8_gb": round(fp8 / 1e9, 3), "other_gb": round(other / 1e9, 3), "total_gb": round((fp8 + other) / 1e9, 3)}
+
+
+def iter_fp8(model: nn.Module) -> Iterable[tuple[str, Fp8Linear]]:
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, Fp8Linear))
+
+
+__all__ = ["Fp8Linear", "Support", "Card", "convert", "decide", "choose_auto", "device_support", "save_model",
+           "load_model", "is_fp8_checkpoint", "quantize_weight", "quantize_rows", "quantize_rows_torch",
+           "weight_report", "converted_modules", "FP8_MAX", "MIN_SCALE", "MIN_CAPABILITY", "SKIP"]

@@ -1,0 +1,435 @@
+"""QUANTIZATION=fp8 on CPU: the conversion (scales, codes, shapes, which modules), the module's arithmetic, the error
+against the unquantized tiny model, the pre-quantized checkpoint's round trip through the real loader and the Job's
+script, the engine serving an fp8 model, and the QUANTIZATION=auto rule for the cards the manifests name.
+
+The FP8 tensor-core path (torch._scaled_mm) runs only on a CUDA card with compute capability >= 8.9; its tests at the
+end are skipped elsewhere, and bench/fp8_bench.py measures it on the GPU."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from function.config import Config, ConfigError
+from function.engine import fp8
+from function.engine.fp8 import FP8_MAX, MIN_SCALE, Card, Fp8Linear
+
+ROOT = Path(__file__).resolve().parent.parent
+GiB = 2**30
+
+
+def _codes(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(model_cache_dir) -> Path:
+    from function.tiny_model import build_tiny_model
+    return Path(build_tiny_model(Config.from_env({"MODEL_CACHE_DIR": str(model_cache_dir)}).tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    from transformers import AutoModelForImageTextToText
+    return AutoModelForImageTextToText.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+
+
+def _input_ids(model, n=2, length=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.text_config.vocab_size - 64, (n, length), generator=g)
+
+
+# ------------------------------------------------------------------------------------------- scales and codes
+
+def test_weight_scales_are_per_output_channel_amax_over_448():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 64, generator=g) * torch.logspace(-4, 1, 48).view(48, 1)
+    w[5] = 0.0                      # an all-zero row must stay finite
+    w[7, 3] = 300.0                 # an outlier sets its own row's scale only
+    q, s = fp8.quantize_weight(w.to(torch.bfloat16))
+    assert q.dtype == torch.float8_e4m3fn and q.shape == w.shape and s.dtype == torch.float32 and s.shape == (48,)
+    amax = w.to(torch.bfloat16).float().abs().amax(dim=1)
+    expect = torch.where(amax > 0, amax / FP8_MAX, torch.full_like(amax, fp8.WEIGHT_MIN_SCALE))
+    torch.testing.assert_close(s, expect, rtol=1e-6, atol=0)
+    qf = q.float()
+    assert torch.isfinite(qf).all() and qf.abs().max() <= FP8_MAX
+    nonzero = amax > 0
+    # each row's largest value maps onto the largest code
+    assert (qf.abs().amax(dim=1)[nonzero] == FP8_MAX).all()
+    assert (qf[5] == 0).all()
+    # e4m3 keeps 3 mantissa bits: round-to-nearest is within half a step (2^-4 relative) for normal codes
+    deq = qf * s[:, None]
+    ref = w.to(torch.bfloat16).float()
+    normal = qf.abs() >= 2.0**-6
+    rel = ((deq - ref).abs() / ref.abs().clamp(min=1e-30))[normal]
+    assert float(rel.max()) <= 2.0**-4 + 1e-6
+
+
+def test_activation_scales_are_per_token():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 256, generator=g) * torch.tensor([1e-3, 1.0, 50.0, 1.0, 1e3, 0.0]).view(6, 1)
+    q, s = fp8.quantize_rows_torch(x)
+    assert q.shape == (6, 256) and s.shape == (6, 1) and s.dtype == torch.float32
+    torch.testing.assert_close(s[:5, 0], x[:5].abs().amax(dim=1) / FP8_MAX, rtol=1e-6, atol=0)
+    assert float(s[5]) == pytest.approx(MIN_SCALE, rel=1e-6) and (q[5].float() == 0).all()
+    deq = q.float() * s
+    rel = (deq[:5] - x[:5]).norm(dim=1) / x[:5].norm(dim=1)
+    assert float(rel.max()) < 0.05            # ~2.5-3 % RMS for e4m3 on Gaussian rows
+    assert float(rel.min()) > 0               # it is quantized
+    # a row's scale does not depend on the other rows (per token, not per tensor)
+    _, s2 = fp8.quantize_rows_torch(x[1:2])
+    assert float(s2) == float(s[1])
+
+
+# ------------------------------------------------------------------------------------------- the module
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fp8_linear_computes_the_fp8_gemm(bias):
+    g = torch.Generator().manual_seed(2)
+    lin = nn.Linear(96, 80, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(80, 96, generator=g) * 0.05)
+        if bias:
+            lin.bias.copy_(torch.randn(80, generator=g))
+    m = Fp8Linear.from_linear(lin)
+    assert (m.in_features, m.out_features) == (96, 80) and m.weight.shape == (80, 96)
+    assert m.weight.dtype == torch.float8_e4m3fn and m.weight_scale.shape == (80,)
+    assert (m.bias is None) == (not bias)
+    x = torch.randn(3, 5, 96, generator=g)
+    out = m(x)
+    assert out.shape == (3, 5, 80) and out.dtype == x.dtype
+    # the same product written independently: dequantize both operands, multiply in float64
+    x2 = x.reshape(-1, 96).double()
+    sx = (x2.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=MIN_SCALE)
+    xq = (x2 / sx).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).double() * sx
+    wq = m.weight.double() * m.weight_scale.double()[:, None]
+    ref = xq @ wq.t() + (lin.bias.double() if bias else 0)
+    torch.testing.assert_close(out.reshape(-1, 80).double(), ref, rtol=1e-5, atol=1e-5)
+    # and it is close to the unquantized layer
+    full = lin(x)
+    rel = float((out - full.detach()).norm() / full.detach().norm())
+    assert 0 < rel < 0.06
+    # an empty batch is an empty result, not an error
+    assert m(torch.zeros(0, 96)).shape == (0, 80)
+
+
+def test_dequantized_weight_is_the_codes_times_the_scales():
+    lin = nn.Linear(32, 16)
+    m = Fp8Linear.from_linear(lin)
+    torch.testing.assert_close(m.dequantized(), m.weight.float() * m.weight_scale[:, None])
+    assert float((m.dequantized() - lin.weight).abs().max()) <= float(lin.weight.abs().max()) * 2**-4
+
+
+# ------------------------------------------------------------------------------------------- converting the model
+
+def _decoder_linears(model) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("model.language_model")]
+
+
+def test_convert_replaces_the_decoders_linears_only(tiny):
+    model = copy.deepcopy(tiny)
+    want = _decoder_linears(model)
+    assert len(want) == 6 * model.config.text_config.num_hidden_layers   # q, k, v, o, gate_up, down
+    vision_before = {n: type(m) for n, m in model.model.visual.named_modules()}
+    info = fp8.convert(model)
+    assert info["modules"] == len(want) and fp8.converted_modules(model) == want
+    assert info["bytes_after"] < info["bytes_before"] / 3      # fp32 -> 1 byte + a scale per row
+    for name in want:
+        m = model.get_submodule(name)
+        assert isinstance(m, Fp8Linear) and m.weight.dtype == torch.float8_e4m3fn
+    # kept in the model dtype: lm_head, embeddings, norms, the vision tower
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight.dtype == torch.float32
+    assert model.model.language_model.embed_tokens.weight.dtype == torch.float32
+    assert {n: type(m) for n, m in model.model.visual.named_modules()} == vision_before
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters()
+               if "norm" in n or n.startswith("model.visual"))
+    # what the runner and the client read
+    layer = model.model.language_model.layers[0]
+    assert layer.self_attn.k_proj.weight.device == torch.device("cpu")
+    assert layer.self_attn.q_proj.bias is not None and layer.self_attn.q_proj.bias.dtype == torch.float32
+    assert model.lm_head.weight.dtype == torch.float32
+
+
+def test_quantize_vision_converts_the_vision_tower_too(tiny):
+    model = copy.deepcopy(tiny)
+    fp8.convert(model, quantize_vision=True)
+    names = fp8.converted_modules(model)
+    assert any(n.startswith("model.visual") for n in names)
+    assert not any(isinstance(m, nn.Linear) and type(m) is nn.Linear
+                   for n, m in model.model.visual.named_modules())
+    assert type(model.lm_head) is nn.Linear
+
+
+def test_error_against_the_unquantized_tiny_model(tiny):
+    """Relative error of the final hidden states and logits (measured: 0.085-0.11 on random tiny weights, where
+    e4m3's ~3 % per-element rounding compounds over 2 layers without the margins a trained model has)."""
+    model = copy.deepcopy(tiny)
+    fp8.convert(model)
+    for seed in range(3):
+        ids = _input_ids(tiny, seed=seed)
+        with torch.no_grad():
+            a = tiny(input_ids=ids, output_hidden_states=True)
+            b = model(input_ids=ids, output_hidden_states=True)
+        rh = float((a.hidden_states[-1] - b.hidden_states[-1]).norm() / a.hidden_states[-1].norm())
+        rl = float((a.logits - b.logits).norm() / a.logits.norm())
+        assert 0 < rh < 0.15 and 0 < rl < 0.15, (rh, rl)
+        assert float((a.logits.argmax(-1) == b.logits.argmax(-1)).float().mean()) >= 0.5
+
+
+# ------------------------------------------------------------------------------------------- pre-quantized checkpoint
+
+def _same_state(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert set(sa) == set(sb)
+    for k in sa:
+        x, y = sa[k], sb[k]
+        assert x.dtype == y.dtype and x.shape == y.shape, k
+        if x.dtype == torch.float8_e4m3fn:
+            assert torch.equal(_codes(x), _codes(y)), k
+        else:
+            assert torch.equal(x, y), k
+
+
+def test_save_and_load_round_trip(tiny, tmp_path):
+    model = copy.deepcopy(tiny)
+    fp8.convert(model)
+    out = tmp_path / "ckpt"
+    fp8.save_model(model, out, max_shard_bytes=200_000)      # several shards
+    info = json.loads((out / "fp8.json").read_text())
+    assert info["modules"] == fp8.converted_modules(model) and len(info["files"]) > 1
+    assert all((out / f).is_file() for f in info["files"]) and (out / "config.json").is_file()
+    back = fp8.load_model(out, dtype=torch.float32, device_map="cpu", attn_implementation="sdpa")
+    assert fp8.converted_modules(back) == info["modules"]
+    assert not any(p.device.type == "meta" for p in back.parameters())
+    assert not any(b.device.type == "meta" for b in back.buffers())
+    _same_state(model, back)
+    for (n, b1), (_, b2) in zip(model.named_buffers(), back.named_buffers()):   # rotary inv_freq & co
+        torch.testing.assert_close(b1, b2, msg=n)
+    ids = _input_ids(tiny)
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_a_damaged_checkpoint_is_refused(tiny, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = copy.deepcopy(tiny)
+    fp8.convert(model)
+    out = tmp_path / "ckpt"
+    fp8.save_model(model, out)
+    (shard,) = json.loads((out / "fp8.json").read_text())["files"]
+    tensors = load_file(out / shard)
+    key = "model.language_model.layers.1.mlp.down_proj.weight_scale"
+    del tensors[key]
+    save_file(tensors, out / shard)
+    with pytest.raises(RuntimeError, match="lacks 1 tensors"):
+        fp8.load_model(out, dtype=torch.float32, device_map="cpu", attn_implementation="sdpa")
+    tensors["model.language_model.layers.1.mlp.down_proj.weight_scale"] = torch.ones(1)
+    tensors["model.extra.weight"] = torch.ones(1)
+    save_file(tensors, out / shard)
+    with pytest.raises(RuntimeError, match="unexpected tensor model.extra.weight"):
+        fp8.load_model(out, dtype=torch.float32, device_map="cpu", attn_implementation="sdpa")
+
+
+def test_loader_writes_the_fp8_copy_then_starts_from_it(tiny_dir, tmp_path):
+    from function.engine import loader
+
+    cfg = Config.from_env({"MODEL_PATH": str(tiny_dir), "MODEL_CACHE_DIR": str(tmp_path), "QUANTIZATION": "fp8"})
+    first = loader.load(cfg)
+    assert first.choices.quantization == "fp8" and first.choices.source == "checkpoint"
+    assert "load_and_quantize" in first.choices.timings and "save_prequantized" in first.choices.timings
+    cache = loader.prequantized_dir(cfg, tiny_dir, first.choices)
+    assert (cache / "prequantized.json").is_file() and fp8.is_fp8_checkpoint(cache)
+    assert "-fp8-" in cache.name
+    assert (cache / "tokenizer.json").is_file()
+    second = loader.load(cfg)
+    assert second.choices.source == "prequantized-cache" and "load_prequantized" in second.choices.timings
+    _same_state(first.model, second.model)
+    # a bf16/fp32 start of the same checkpoint is not affected by the fp8 copy
+    plain = loader.load(Config.from_env({"MODEL_PATH": str(tiny_dir), "MODEL_CACHE_DIR": str(tmp_path),
+                                         "QUANTIZATION": "none"}))
+    assert plain.choices.source == "checkpoint" and not fp8.converted_modules(plain.model)
+
+
+def test_prequantize_script_writes_the_fp8_copy_once(tiny_dir, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("QUANTIZATION", "MODEL_PATH")}
+    env.update(DEVICE="cpu", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, str(ROOT / "scripts" / "prequantize.py"), "--model-path", str(tiny_dir),
+           "--quantization", "fp8", "--cache-dir", str(tmp_path)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["status"] == "written" and "-fp8-" in out["path"] and fp8.is_fp8_checkpoint(Path(out["path"]))
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and json.loads(again.stdout.strip().splitlines()[-1]) == \
+        {"status": "exists", "path": out["path"]}
+
+
+# ------------------------------------------------------------------------------------------- the engine on fp8
+
+def test_engine_serves_an_fp8_model(tiny_dir, tmp_path):
+    """The runner works unchanged on the converted modules: greedy text comes out, the runner's logits equal the
+    fp8 model's own forward, and /metrics' model_info says fp8."""
+    from function import metrics
+    from function.engine.client import LocalEngine
+    from function.engine.protocol import ChatInput, SamplingParams
+    from function.engine.runner import ModelRunner, PrefillItem
+
+    e = LocalEngine(Config.from_env({"MODEL_PATH": str(tiny_dir), "MODEL_CACHE_DIR": str(tmp_path),
+                                     "QUANTIZATION": "fp8", "MAX_NUM_SEQS": "2", "MAX_MODEL_LEN": "1024",
+                                     "WARMUP": "false"}))
+    e.start_loading()
+    t = time.time()
+    while not e.status()[1]:
+        assert e.error is None, e.error
+        assert time.time() - t < 120
+        time.sleep(0.05)
+    try:
+        assert e.choices.quantization == "fp8"
+        assert isinstance(e._core.runner.lm.layers[0].mlp.down_proj, Fp8Linear)
+        msgs = ChatInput(messages=[{"role": "user", "content": [{"type": "text", "text": "open the settings"}]}])
+        greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+        async def run():
+            text, n = "", 0
+            async for chunk in e.generate("fp8-1", msgs, greedy):
+                text += chunk.text
+                n += 1
+            return text, n
+
+        import asyncio
+        text, n = asyncio.run(run())
+        assert n >= 1 and isinstance(text, str)
+        body, _ = metrics.render()
+        assert 'quantization="fp8"' in body.decode()
+        # the runner's prefill logits = the model's own forward (same fp8 modules)
+        from function.engine import loader
+        loaded = loader.load(Config.from_env({"MODEL_PATH": str(tiny_dir), "MODEL_CACHE_DIR": str(tmp_path),
+                                              "QUANTIZATION": "fp8"}))
+        assert loaded.choices.source == "prequantized-cache"
+        prompt = e._preparer.prepare(msgs, greedy)
+        runner = ModelRunner(loaded.model, num_slots=2, max_len=512, use_graphs=False)
+        logits = runner.prefill([PrefillItem(slot=0, token_ids=prompt.token_ids, start=0,
+                                             position_ids=prompt.position_ids, images=[])])
+        with torch.no_grad():
+            ref = loaded.model(input_ids=torch.tensor([prompt.token_ids])).logits[0, -1]
+        torch.testing.assert_close(logits[0], ref, atol=1e-4, rtol=1e-4)
+    finally:
+        e.shutdown()
+
+
+# ------------------------------------------------------------------------------------------- QUANTIZATION=auto
+
+@pytest.fixture(scope="module")
+def full_size():
+    from transformers import Glm4vConfig
+
+    from function.engine.placement import model_sizes, weight_bytes_per_param
+    s = model_sizes(Glm4vConfig())
+    weights = {q: sum(s.unit_bytes(u, weight_bytes_per_param(q, 2), 2) for u in s.units) for q in ("none", "fp8", "nf4")}
+    one_seq = s.num_layers * s.kv_bytes_per_token_per_layer(2) * fp8.USEFUL_KV_TOKENS_PER_SEQ
+    return weights, one_seq
+
+
+def _auto(cards, full_size, **kw):
+    """The rule with the service's settings (MAX_NUM_SEQS=32, GPU_MEMORY_UTILIZATION=0.90) for full-size GLM-4.1V."""
+    from function.engine.placement import CUDA_CONTEXT_BYTES, default_reserve_bytes
+    weights, one_seq = full_size
+    return fp8.decide(cards, weights, 32 * one_seq, min_kv_bytes=one_seq, usable_fraction=0.9,
+                      overhead_bytes=CUDA_CONTEXT_BYTES + default_reserve_bytes(32), **kw)
+
+
+H100 = Card((9, 0), 79_646 * 2**20, "NVIDIA H100 80GB HBM3")
+H200 = Card((9, 0), 143_771 * 2**20, "NVIDIA H200")
+L4 = Card((8, 9), 23_034 * 2**20, "NVIDIA L4")
+RTX4090 = Card((8, 9), 24_564 * 2**20, "NVIDIA GeForce RTX 4090")
+A10G = Card((8, 6), 23_028 * 2**20, "NVIDIA A10G")
+A100_40 = Card((8, 0), 40_960 * 2**20, "NVIDIA A100-SXM4-40GB")
+A100_80 = Card((8, 0), 81_920 * 2**20, "NVIDIA A100-SXM4-80GB")
+T4 = Card((7, 5), 15_360 * 2**20, "Tesla T4")
+
+
+@pytest.mark.parametrize("cards,want", [
+    ([H100], "fp8"), ([H200], "fp8"), ([L4], "fp8"), ([RTX4090], "fp8"), ([L4, L4], "fp8"),
+    ([A10G], "nf4"), ([T4], "nf4"), ([A10G, A10G], "none"),
+    ([A100_40], "none"), ([A100_80], "none"),
+    ([], "none"),
+])
+def test_auto_picks_by_card(cards, want, full_size):
+    quant, reason = _auto(cards, full_size)
+    assert quant == want, reason
+    assert reason
+
+
+def test_auto_reasons_name_the_deciding_fact(full_size):
+    assert "compute capability >= 8.9" in _auto([H100], full_size)[1]
+    assert "do not fit" in _auto([Card((8, 9), 16_380 * 2**20, "RTX 4080")], full_size)[1]
+    assert "no FP8 tensor cores" in _auto([A10G], full_size)[1] and "too little" in _auto([A10G], full_size)[1]
+    assert "still leaves less KV room" in _auto([T4], full_size)[1]
+    assert "CPU" in _auto([], full_size)[1]
+    # an FP8 card on which torch._scaled_mm does not run falls back, and says why
+    q, why = _auto([H100], full_size, fp8_runs=False, fp8_why_not="torch._scaled_mm (rowwise) does not run here")
+    assert q == "none" and "_scaled_mm" in why
+    q, why = _auto([L4], full_size, fp8_runs=False)
+    assert q == "nf4"
+
+
+def test_auto_on_cpu_is_unquantized_and_says_why(tiny_dir, tmp_path, caplog):
+    from function.engine import loader
+    cfg = Config.from_env({"MODEL_PATH": str(tiny_dir), "MODEL_CACHE_DIR": str(tmp_path), "DEVICE": "cpu"})
+    with caplog.at_level("INFO", logger="function.engine.loader"):
+        c = loader.choose(cfg, tiny_dir)
+    assert c.quantization == "none" and "auto" in c.reason and "CPU" in c.reason
+    assert any("quantization none" in r.getMessage() for r in caplog.records)
+
+
+def test_config_accepts_fp8():
+    assert Config.from_env({"QUANTIZATION": "fp8"}).quantization == "fp8"
+    with pytest.raises(ConfigError, match="fp8"):
+        Config.from_env({"QUANTIZATION": "fp4"})
+
+
+def test_placement_knows_fp8_weight_size():
+    from function.engine.placement import weight_bytes_per_param
+    assert weight_bytes_per_param("fp8") == 1.0
+
+
+# ------------------------------------------------------------------------------------------- GPU only
+
+needs_fp8_gpu = pytest.mark.skipif(
+    not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= fp8.MIN_CAPABILITY),
+    reason="needs a CUDA card with FP8 tensor cores (compute capability >= 8.9)")
+
+
+@needs_fp8_gpu
+def test_scaled_mm_matches_the_emulation_and_runs_in_a_cuda_graph():
+    support = fp8.device_support("cuda")
+    assert support.scaled_mm, support.reason
+    g = torch.Generator().manual_seed(3)
+    lin = nn.Linear(4096, 1024).to("cuda", torch.bfloat16)
+    m = Fp8Linear.from_linear(lin, scaled_mm=True)
+    m.fuse_bias = support.fuse_bias
+    for rows in (1, 8, 64, 300):
+        x = torch.randn(rows, 4096, generator=g).to("cuda", torch.bfloat16)
+        out, ref = m(x).float(), m._emulated(x).float()
+        assert float((out - ref).norm() / ref.norm()) < 1e-2
+    static = torch.randn(8, 4096, generator=g).to("cuda", torch.bfloat16)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        m(static)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = m(static)
+    static.copy_(torch.randn(8, 4096, generator=g).to("cuda", torch.bfloat16))
+    graph.replay()
+    torch.testing.assert_close(y.float(), m(static).float(), rtol=0, atol=0)
