@@ -399,3 +399,108 @@ metadata: {name: x}
     ann = pa.annotations(pol)
     assert ann["autoscaling.knative.dev/window"] == "2m" and ann["autoscaling.knative.dev/target"] == "16"
     assert pa.policy_from_service(str(tmp_path / "missing.yaml"))[0] is None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scheduled min-scale (k8s/schedule.yaml)
+# ----------------------------------------------------------------------------------------------------------------
+
+def _at(text: str):
+    import datetime as dt
+    return dt.datetime.fromisoformat(text)
+
+
+@pytest.mark.parametrize("expr, when, hit", [
+    ("0 8 * * 1-5", "2026-01-05T08:00", True),        # Monday
+    ("0 8 * * 1-5", "2026-01-05T08:01", False),
+    ("0 8 * * 1-5", "2026-01-10T08:00", False),       # Saturday
+    ("0 8 * * mon-fri", "2026-01-09T08:00", True),    # Friday, by name
+    ("0 20 * * 0", "2026-01-11T20:00", True),         # Sunday as 0 ...
+    ("0 20 * * 7", "2026-01-11T20:00", True),         # ... and as 7
+    ("*/15 9-17 * * *", "2026-01-07T17:45", True),
+    ("*/15 9-17 * * *", "2026-01-07T17:50", False),
+    ("30 6 1 jan *", "2026-01-01T06:30", True),
+    # both day fields restricted: either matches (Friday the 2nd: a Friday; Tuesday the 13th: the 13th)
+    ("0 0 13 * 5", "2026-01-02T00:00", True),
+    ("0 0 13 * 5", "2026-01-13T00:00", True),
+    ("0 0 13 * 5", "2026-01-14T00:00", False),
+    # one restricted, the other *: both must match
+    ("0 0 13 * *", "2026-01-02T00:00", False),
+    ("5/20 * * * *", "2026-01-02T00:45", True),       # 5, 25, 45
+    ("@daily", "2026-01-02T00:00", True),
+    ("0 8 ? * 1-5", "2026-01-05T08:00", True),         # ? as * in a day field
+])
+def test_cron_matches_like_the_cronjob_controller(expr, when, hit):
+    assert pa.Cron(expr).matches(_at(when)) is hit
+
+
+@pytest.mark.parametrize("expr", ["0 8 * *", "60 8 * * *", "0 8 * * 1-9", "0 8 * * fri-mon", "*/0 * * * *",
+                                  "0 ? * * *"])
+def test_cron_rejects_what_is_not_cron(expr):
+    with pytest.raises(ValueError):
+        pa.Cron(expr)
+
+
+def test_schedule_is_read_from_the_cronjobs():
+    sched = pa.Schedule.load(str(ROOT / "k8s" / "schedule.yaml"))
+    assert sorted(e.min_scale for e in sched.entries) == [0, 1]
+    assert len({e.tz for e in sched.entries}) == 1
+    from zoneinfo import ZoneInfo
+    monday = _at("2026-01-05T00:00").replace(tzinfo=ZoneInfo(sched.tz))
+    initial, sw = sched.switches(monday, 7 * 86400)
+    # weekdays 08:00 -> 1 and 20:00 -> 0; Friday 20:00 before the Monday set 0
+    assert initial == 0
+    expected = sorted([(d * 86400 + 8 * 3600.0, 1) for d in range(5)] + [(d * 86400 + 20 * 3600.0, 0) for d in range(5)])
+    assert sw == expected
+    # a start inside business hours inherits the morning's 1
+    initial, sw = sched.switches(monday.replace(hour=9), 3600)
+    assert initial == 1 and sw == []
+
+
+def test_schedule_switch_is_a_new_revision_that_keeps_a_warm_pod():
+    # One request at t=1000; min-scale 0 (target 1, one request per pod). Without a schedule: the initial pod
+    # (0..10 cold) goes at t=74 (all-zero stable window from its first ready tick 12: inactive at 72, zero at 74),
+    # and the request at 1000 waits for a cold start: e2e 10 + 5 = 15 s; that pod goes 78 s later (1000..1078).
+    # With min-scale 1 from t=100 and 0 from t=2000: the patch at 100 is revision 2, one pod 100..110; the request is
+    # served warm (e2e 5 s); at 2000 revision 3 starts its initial pod (ready 2010), revision 2's pod leaves at the
+    # handover (2010), and revision 3's pod scales to zero like the first one, 74 s after its start.
+    p = pa.KPAPolicy(target=1, target_utilization=1.0)
+    tr = trace([1000.0], 2500)
+    plain = run(p, tr, ttft=5.0, cold=10.0)
+    sched = pa.Simulator(det_capacity(ttft=5.0, cold=10.0), p, tr, record=True,
+                         switches=[(100.0, 1), (2000.0, 0)]).run()
+    assert plain.series["e2e"][0] == pytest.approx(15.0) and plain.cold_start_hits == 1
+    assert plain.gpu_hours * 3600 == pytest.approx(74 + 78) and plain.revisions == 1
+    assert sched.series["e2e"][0] == pytest.approx(5.0) and sched.cold_start_hits == 0
+    assert (sched.pod_starts, sched.revisions, sched.max_pods) == (3, 3, 2)
+    assert sched.gpu_hours * 3600 == pytest.approx(74 + (2010 - 100) + 74)
+    # patching the value the template already has creates no revision and changes nothing
+    same = pa.Simulator(det_capacity(ttft=5.0, cold=10.0), p, tr, record=True, switches=[(100.0, 0)]).run()
+    assert same.revisions == 1 and same.gpu_hours == pytest.approx(plain.gpu_hours)
+
+
+def test_old_revision_serves_until_the_new_one_is_ready():
+    # min-scale 1 all along (one warm pod); at t=100 a switch to min-scale 2: the new revision's two pods are cold
+    # until 110 (cold 10 s). A request at 105 goes to the old revision's ready pod: no cold start, e2e 5 s.
+    p = pa.KPAPolicy(target=1, target_utilization=1.0, min_scale=1)
+    res = pa.Simulator(det_capacity(ttft=5.0, cold=10.0), p, trace([105.0], 400), record=True,
+                       switches=[(100.0, 2)]).run()
+    assert res.series["e2e"][0] == pytest.approx(5.0) and res.cold_start_hits == 0 and res.arrived_at_zero == 0
+    assert res.max_pods == 3 and res.revisions == 2
+    with pytest.raises(ValueError):
+        pa.Simulator(det_capacity(), pa.HPAPolicy(), trace([1.0], 10), switches=[(1.0, 1)])
+
+
+def test_cli_with_schedule(tmp_path):
+    out_json = tmp_path / "s.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "plan_autoscaling.py"), "--generate", "diurnal",
+                           "--quick", "--jobs", "1", "--no-search", "--schedule", str(ROOT / "k8s" / "schedule.yaml"),
+                           "--trace-start", "2026-01-05T07:00", "--json", str(out_json)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "| KPA (service.yaml) | KPA (service.yaml + schedule) |" in proc.stdout
+    assert "| revisions created | 1 | 1 | 1 | 2 |" in proc.stdout          # the 08:00 switch inside 07:00-10:00
+    doc = json.loads(out_json.read_text())
+    twin = doc["scenarios"][-1]
+    assert twin["switches"] == [[3600.0, 1]] and twin["revisions"] == 2
+    assert doc["scenarios"][-2]["gpu_hours"] <= twin["gpu_hours"]       # a warm pod from 08:00 costs GPU time
