@@ -30,6 +30,8 @@ Options:
   --with-prequantize     first run the Job that fills the model cache (scripts/prequantize-job.sh); needed once
   --with-eventing        also apply the Broker/Trigger wiring (scripts/broker-trigger.sh)
   --with-cache-front     also apply the CPU cache-front Service and Redis (k8s/cache-front.yaml)
+  --with-schedule        also apply the scheduled min-scale CronJobs and their RBAC (k8s/schedule.yaml; edit its
+                         times and zone first)
   --enable-features      enable the needed Knative feature flags (scripts/enable-knative-features.sh; cluster admin)
   --wait-timeout SECONDS how long to wait for readiness (default: 1800, the revision's progress-deadline)
   --dry-run              print the commands instead of running them (SHOW_MANIFESTS=1: and the rendered
@@ -46,6 +48,7 @@ PREPULL=1
 WITH_PREQUANTIZE=0
 WITH_EVENTING=0
 WITH_CACHE_FRONT=0
+WITH_SCHEDULE=0
 ENABLE_FEATURES=0
 WAIT_TIMEOUT=1800
 while (($#)); do
@@ -58,6 +61,7 @@ while (($#)); do
     --with-prequantize) WITH_PREQUANTIZE=1 ;;
     --with-eventing) WITH_EVENTING=1 ;;
     --with-cache-front) WITH_CACHE_FRONT=1 ;;
+    --with-schedule) WITH_SCHEDULE=1 ;;
     --enable-features) ENABLE_FEATURES=1 ;;
     --wait-timeout) WAIT_TIMEOUT="${2:?--wait-timeout needs a value}"; shift ;;
     --dry-run) DRY_RUN=1 ;;
@@ -129,6 +133,9 @@ if ((WITH_CACHE_FRONT)); then
 fi
 if ((WITH_EVENTING)); then
   "$REPO_ROOT/scripts/broker-trigger.sh" -n "$NAMESPACE"
+fi
+if ((WITH_SCHEDULE)); then
+  apply_manifest "$REPO_ROOT/k8s/schedule.yaml" "$NAMESPACE"
 fi
 
 print_usage_hint "$SERVICE_NAME" "$NAMESPACE"
