@@ -1575,6 +1575,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", dest="json_out", help="write all results as JSON")
     p.add_argument("--plot", help="write a PNG: traffic, pods and p99 latency over time")
     p.add_argument("--markdown", help="write the comparison (markdown) to this file")
+    p.add_argument("--readme", metavar="README.md",
+                   help="replace the comparison table in this file (the lines from '| | HPA' to '| meets objective') "
+                        "with this run's")
     return p
 
 
@@ -1679,6 +1682,23 @@ def policy_from_service(path: str) -> tuple[KPAPolicy | None, str]:
             kw[name] = conv(value)
     name = (svc.get("metadata") or {}).get("name", "service")
     return KPAPolicy(name=f"KPA ({os.path.basename(path)})", **kw), f"{path}: Service {name}"
+
+
+def comparison_table(text: str) -> tuple[int, int]:
+    """(first, last) line index of the planner's comparison table in a markdown text (README.md)."""
+    lines = text.splitlines()
+    try:
+        i = next(k for k, line in enumerate(lines) if line.startswith("| | HPA"))
+        j = next(k for k in range(i, len(lines)) if lines[k].startswith("| meets objective"))
+    except StopIteration:
+        raise ValueError("no planner comparison table ('| | HPA' ... '| meets objective')") from None
+    return i, j
+
+
+def replace_table(text: str, table: str) -> str:
+    i, j = comparison_table(text)
+    lines = text.splitlines()
+    return "\n".join(lines[:i] + table.splitlines() + lines[j + 1:]) + ("\n" if text.endswith("\n") else "")
 
 
 def _nan_to_none(o: Any) -> Any:
@@ -1809,6 +1829,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(report + "\n")
+    if args.readme:
+        with open(args.readme) as f:
+            text = f.read()
+        with open(args.readme, "w") as f:
+            f.write(replace_table(text, markdown_table(results, obj, revisions=bool(switches))))
     if args.plot:
         plot(results, trace, obj, args.plot)
         print(f"\nplot: {args.plot}")

@@ -504,3 +504,113 @@ def test_cli_with_schedule(tmp_path):
     twin = doc["scenarios"][-1]
     assert twin["switches"] == [[3600.0, 1]] and twin["revisions"] == 2
     assert doc["scenarios"][-2]["gpu_hours"] <= twin["gpu_hours"]       # a warm pod from 08:00 costs GPU time
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bench/make_capacity.py: the capacity file from the agent-turn bench
+# ----------------------------------------------------------------------------------------------------------------
+
+def _agent_bench() -> dict:
+    # p95 = p50 * exp(z95) is a log-normal with sigma 1, so p99 = p50 * exp(z99)
+    z95, z99 = 1.6448536269514722, 2.3263478740408408
+    return {"gpu": "NVIDIA H200", "date": "2026-12-01", "quantization": "bf16",
+            "engine": {"max_num_seqs": 32},
+            "levels": [
+                {"concurrency": 16, "ttft_s": {"p50": 2.0, "p95": 2.0 * np.exp(z95)}, "turn_s": {"p50": 9.0, "p95": 14.0},
+                 "turns_per_min": 100.0, "output_tok_s": 800.0},
+                {"concurrency": 1, "ttft_s": {"p50": 0.5, "p95": 0.5}, "turn_s": {"p50": 3.0, "p95": 4.0},
+                 "turns_per_min": 20.0, "output_tok_s": 40.0, "tpot_s": {"p50": 0.02, "p95": 0.02 * np.exp(z95)}},
+            ],
+            "cold_start_s": {"samples": [30.0, 40.0]}}, z99
+
+
+def test_make_capacity_from_the_agent_bench(tmp_path):
+    bench, z99 = _agent_bench()
+    src = tmp_path / "agent_bench.json"
+    src.write_text(json.dumps(bench))
+    out = tmp_path / "capacity.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "make_capacity.py"), "--agent-bench", str(src),
+                           "--out", str(out)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(out.read_text())
+    assert "NVIDIA H200" in doc["source"] and "agent_bench.py" in doc["source"] and not doc["placeholder"]
+    assert doc["engine"] == {"max_num_seqs": 32, "max_queue_size": 128, "quantization": "bf16"}
+    lo, hi = doc["levels"]                                      # sorted by concurrency
+    assert lo["ttft_s"]["p99"] == pytest.approx(0.5) and hi["ttft_s"]["p99"] == pytest.approx(2.0 * np.exp(z99),
+                                                                                              rel=1e-3)
+    assert lo["tpot_s"]["p99"] == pytest.approx(0.02 * np.exp(z99), rel=1e-3)
+    assert hi["tpot_s"]["p50"] == pytest.approx(16 / 800.0) == hi["tpot_s"]["p99"]   # from throughput, no spread
+    assert (hi["turns_per_min"], hi["turn_s"]) == (100.0, {"p50": 9.0, "p95": 14.0})
+    current = json.loads((ROOT / "bench" / "capacity.json").read_text())
+    assert doc["workload"] == current["workload"]               # not in the bench: carried over
+    assert all(lv["cpu_util"] is not None for lv in doc["levels"])
+    assert doc["cold_start_s"]["samples"] == [45.0, 55.0]       # + the assumed 15 s pod overhead
+    # the planner reads it and runs on it
+    cap = pa.Capacity.load(str(out))
+    assert cap.concurrency == [1.0, 16.0] and cap.ttft_p99[1] == pytest.approx(2.0 * np.exp(z99), rel=1e-3)
+    assert (cap.cold_start_p50, cap.max_num_seqs) == (50.0, 32)
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "plan_autoscaling.py"), "--capacity", str(out),
+                           "--quick", "--no-search", "--jobs", "1"], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT)
+    assert proc.returncode == 0 and "MEASURED on one NVIDIA H200" in proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda b: b.pop("gpu"), "'gpu'"),
+    (lambda b: b["levels"][0].pop("turn_s"), "'turn_s'"),
+    (lambda b: b["levels"][0].update(ttft_s=1.0), "ttft_s"),
+    (lambda b: b["levels"][0].update(output_tok_s=0), "output_tok_s"),
+    (lambda b: b.update(cold_start_s={"samples": []}), "cold_start_s"),
+])
+def test_make_capacity_says_what_is_missing(tmp_path, breakage, message):
+    bench, _ = _agent_bench()
+    breakage(bench)
+    src = tmp_path / "agent_bench.json"
+    src.write_text(json.dumps(bench))
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "make_capacity.py"), "--agent-bench", str(src),
+                           "--out", str(tmp_path / "c.json")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr and not (tmp_path / "c.json").exists()
+
+
+def test_make_capacity_reproduces_the_shipped_file(tmp_path):
+    out = tmp_path / "capacity.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "make_capacity.py"), "--h100", "--out", str(out)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    shipped = json.loads((ROOT / "bench" / "capacity.json").read_text())
+    if "agent_bench.py" in shipped["source"]:
+        pytest.skip("capacity.json now comes from the agent bench; --h100 rebuilds the earlier file")
+    assert json.loads(out.read_text()) == shipped
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The README's comparison is the planner's output on the shipped capacity file
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_readme_table_is_the_plan_made_from_the_shipped_capacity_file():
+    """bench/autoscaling_plan.{md,json} are the planner's output (docs/autoscaling.md has the command); the README
+    shows that table, and the plan was made from the capacity file as it is now. A new bench/capacity.json fails
+    this until the plan is rerun with --readme README.md."""
+    readme = (ROOT / "README.md").read_text()
+    plan_md = (ROOT / "bench" / "autoscaling_plan.md").read_text()
+    i, j = pa.comparison_table(readme)
+    k, m = pa.comparison_table(plan_md)
+    assert readme.splitlines()[i:j + 1] == plan_md.splitlines()[k:m + 1]
+    plan = json.loads((ROOT / "bench" / "autoscaling_plan.json").read_text())
+    capacity = json.loads((ROOT / "bench" / "capacity.json").read_text())
+    assert plan["capacity"]["source"] == capacity["source"]
+    assert [s["name"] for s in plan["scenarios"]] == [h.strip() for h in readme.splitlines()[i].split("|")[2:-1]]
+
+
+def test_readme_option_replaces_only_the_table(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n\n| | HPA | old |\n|---|---|\n| meets objective | no |\n\nafter\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "plan_autoscaling.py"), "--quick", "--no-search",
+                           "--jobs", "1", "--service", "", "--readme", str(readme)], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    text = readme.read_text()
+    assert text.startswith("intro\n\n| | HPA (guide: CPU 70%) | KPA (Knative defaults) |") and text.endswith(
+        "\n\nafter\n")
+    i, j = pa.comparison_table(text)
+    assert "\n".join(text.splitlines()[i:j + 1]) in proc.stdout
