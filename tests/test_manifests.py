@@ -943,7 +943,7 @@ def test_prequantize_job_fills_what_the_service_reads():
     uid, gid = _dockerfile_user()
     assert (pod["securityContext"]["runAsUser"], pod["securityContext"]["fsGroup"]) == (uid, gid)
     # The image carries the script the Job runs.
-    assert any(ins == "COPY" and args.split()[0] == "scripts" for ins, args in dockerfile())
+    assert any(ins == "COPY" and args.split()[0] == cmd[1] for ins, args in dockerfile())
 
 
 def test_prequantize_script_takes_the_jobs_arguments():
@@ -1203,10 +1203,13 @@ def dockerfile_args() -> dict[str, str]:
     return dict(shlex.split(a)[0].partition("=")[::2] for i, a in dockerfile() if i == "ARG")
 
 
-def test_dockerfile_base_is_a_cuda_runtime():
+def test_dockerfile_base_is_cudas_base_flavour():
+    """torch's wheels bring the CUDA libraries (nvidia-* wheels); the "runtime"/"devel" flavours would add a second,
+    unused copy (docs/image.md)."""
     (base,) = [a for i, a in dockerfile() if i == "FROM"]
     image = dockerfile_args()[base.strip("${}")] if base.startswith("$") else base
-    assert image.startswith("nvidia/cuda:") and "runtime" in image
+    assert image.startswith("nvidia/cuda:") and image.split(":")[1].split("-")[1] == "base"
+    assert image.endswith("-ubuntu24.04"), "Python 3.12 from the distribution"
 
 
 def test_dockerfile_env_and_user():
@@ -1538,3 +1541,22 @@ def test_schedule_pods_run_restricted():
         # kubectl's discovery cache goes to the writable emptyDir, not the read-only root
         cache = next(a for a in c["args"] if a.startswith("--cache-dir=")).split("=", 1)[1]
         assert under(cache, [m for m, v in mounts_of(pod, c).items() if "emptyDir" in v])
+
+
+# =================================================================================================================
+# docs/image.md: the size budget adds up and names the base the Dockerfile uses
+# =================================================================================================================
+
+def test_image_size_budget_adds_up():
+    text = (ROOT / "docs" / "image.md").read_text()
+    rows = [r for r in text.splitlines() if r.startswith("| ") and not r.startswith("| layer")]
+    cells = [[c.strip().strip("*") for c in r.strip("|").split("|")] for r in rows if len(r.split("|")) == 6]
+    *layers, total = cells
+    assert total[0] == "total" and len(layers) == 5
+    for col in (2, 3):
+        assert sum(int(r[col]) for r in layers) == int(total[col]), f"column {col}"
+    (base,) = [a for i, a in dockerfile() if i == "FROM"]
+    assert dockerfile_args()[base.strip("${}")] in layers[0][0]
+    for ins, args in dockerfile():
+        if ins == "COPY":
+            assert args.split()[0] in text, f"the budget covers COPY {args}"
