@@ -62,7 +62,7 @@ BUILD_ENV = {"VIRTUAL_ENV", "PATH", "PIP_NO_CACHE_DIR", "PIP_DISABLE_PIP_VERSION
 # Cold-start budget (seconds) the manifests must cover. Assumptions until bench/RESULTS.md has measurements; when it
 # does, set CONTAINER_COLD_START_S to about twice the worst measured container start -> ready time.
 CONTAINER_COLD_START_S = 600   # container start -> ready: weights from the PVC, CUDA graphs, warmup (or quantizing)
-IMAGE_PULL_S = 300             # ~10 GB CUDA image on a node that has never pulled it
+IMAGE_PULL_S = 300             # ~4.4 GB to pull, ~8 GB to unpack (docs/image.md), on a node without it
 NODE_PROVISION_S = 600         # a cluster autoscaler adding a GPU node
 
 # Knative Serving defaults (config-defaults / config-autoscaler) the manifests must fit without cluster changes.
