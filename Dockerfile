@@ -4,20 +4,26 @@
 #   docker build -t registry.example.com/autoglm/autoglm-phone-9b:0.1.0 .
 #   docker build --build-arg FLASH_ATTN_WHEEL=<url of a wheel for this torch/CUDA/Python/cxx11abi> ...
 #
-# Layers go from the slowest-changing to the fastest: OS packages, torch (~3 GB), the project's dependencies (read
-# from pyproject.toml alone), then the project's code. Editing function/ rebuilds only the last, small layers.
+# Layers go from the slowest-changing to the fastest: OS packages, torch with its CUDA libraries (~4.1 GB to pull,
+# ~7.2 GB on disk), the project's dependencies (read from pyproject.toml alone), then the project's code. Editing
+# function/ rebuilds only the last, small layers. What each layer weighs, and so what a cold start on a fresh node
+# pulls: docs/image.md (k8s/prepull.yaml takes that pull out of the cold start).
 # The model weights are not in the image: they live on the model cache volume (see service.yaml and
 # k8s/prequantize-job.yaml), so the image stays the same across checkpoints and quantization settings.
 
-# The torch wheels bring their own CUDA libraries; the base provides the CUDA user-space runtime and the
-# NVIDIA container-toolkit environment. Any CUDA 12.x runtime image works with a driver >= 525 (minor-version
-# compatibility); match it to your nodes' driver if you pin a torch CUDA build with TORCH_INDEX_URL.
-ARG CUDA_IMAGE=nvidia/cuda:12.6.3-runtime-ubuntu24.04
+# The torch wheels bring their own CUDA libraries (cuBLAS, cuDNN, NCCL, nvrtc, ... as nvidia-* wheels, loaded from
+# the venv), so the base is CUDA's "base" flavour: Ubuntu, cudart and the NVIDIA container-toolkit environment
+# (NVIDIA_VISIBLE_DEVICES, NVIDIA_DRIVER_CAPABILITIES). The "runtime" flavour would add a second copy of those
+# libraries, ~1.9 GB compressed that nothing loads (docs/image.md). The driver comes from the node; CUDA 12.x wheels
+# run on a driver >= 525 (minor-version compatibility).
+ARG CUDA_IMAGE=nvidia/cuda:12.6.3-base-ubuntu24.04
 FROM ${CUDA_IMAGE}
 
 ARG DEBIAN_FRONTEND=noninteractive
 # Python 3.12 (Ubuntu 24.04's). gcc and the Python headers are needed at run time by Triton, which compiles a small
-# launcher for every kernel that torch.compile/inductor generates.
+# launcher for every kernel that torch.compile/inductor generates (~240 MB with their dependencies; the launchers are
+# cached on the volume, TRITON_CACHE_DIR, but the first start on a fresh volume builds them). No apt cache, no pip
+# cache, no test extras: the image holds what serving and the pre-quantize Job run.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libc6-dev ca-certificates \
  && rm -rf /var/lib/apt/lists/*
@@ -52,11 +58,11 @@ RUN if [ -n "$FLASH_ATTN_WHEEL" ]; then \
     fi; \
     python -c "import flash_attn" 2>/dev/null && echo "flash-attn available" || echo "flash-attn absent: attention falls back to sdpa"
 
-# The project itself: the function package, then the scripts the pre-quantize Job runs (scripts/prequantize.py).
+# The project itself: the function package, then the one script the pre-quantize Job runs.
 COPY function ./function
 RUN pip install --no-deps . \
  && python -c "import func_python.http, function.config"
-COPY scripts ./scripts
+COPY scripts/prequantize.py ./scripts/prequantize.py
 
 # Non-root user; uid/gid 10001 is what service.yaml's securityContext and the Job's fsGroup use.
 # /models is where the model cache volume is mounted; the directories exist so the image also runs without it.

@@ -6,6 +6,7 @@ its env var; `ENV_VARS` lists them all (the README's table and the manifest test
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -45,6 +46,42 @@ def env(name: str, help: str, **kw):
     if "default_factory" in kw:
         return field(default_factory=kw["default_factory"], metadata=md)
     return field(default=kw["default"], metadata=md)
+
+
+# The deployment guide's names for two settings: accepted, mapped to ours, logged once per start; a value that
+# contradicts the setting it stands for is a start-up error (readiness shows it).
+ENV_ALIASES: dict[str, str] = {"MODEL_MAX_LENGTH": "MAX_MODEL_LEN", "USE_FLASH_ATTENTION": "ATTN_IMPLEMENTATION"}
+
+
+def _resolve_aliases(cfg: Mapping[str, str]) -> Mapping[str, str]:
+    """MODEL_MAX_LENGTH=N -> MAX_MODEL_LEN=N; USE_FLASH_ATTENTION=true -> ATTN_IMPLEMENTATION=flash_attention_2,
+    false -> sdpa. With both names set, the automatic value (ATTN_IMPLEMENTATION=auto, MAX_MODEL_LEN=0) and an equal
+    one agree (false also agrees with eager); anything else is a ConfigError naming both."""
+    if not any(a in cfg for a in ENV_ALIASES):
+        return cfg
+    out = dict(cfg)
+    for alias, target in ENV_ALIASES.items():
+        if alias not in cfg:
+            continue
+        raw = cfg[alias]
+        if alias == "USE_FLASH_ATTENTION":
+            flash = _bool(alias, raw)
+            value = "flash_attention_2" if flash else "sdpa"
+            agree, auto = ({value} if flash else {"sdpa", "eager"}), "auto"
+            mine = cfg.get(target, auto).strip()
+        else:
+            if not raw.strip().isdigit():
+                raise ConfigError(f"{alias}={raw!r}: expected a whole number of tokens")
+            value, agree, auto = str(int(raw)), {str(int(raw))}, "0"
+            mine = cfg.get(target, auto).strip()
+            mine = str(int(mine)) if mine.isdigit() else mine
+        if mine != auto and mine not in agree:
+            raise ConfigError(f"{alias}={raw!r} (the deployment guide's name for {target}) contradicts "
+                              f"{target}={cfg[target]!r}: set only one of them")
+        out[target] = value if mine == auto else mine
+        logging.getLogger(__name__).warning("%s=%s is the deployment guide's name: using %s=%s", alias, raw, target,
+                                         out[target])
+    return out
 
 
 @dataclass(frozen=True)
@@ -181,7 +218,7 @@ class Config:
     @classmethod
     def from_env(cls, cfg: Mapping[str, str] | None = None) -> "Config":
         """Build from an environment mapping (func-python's `cfg`); unknown keys are ignored."""
-        cfg = os.environ if cfg is None else cfg
+        cfg = _resolve_aliases(os.environ if cfg is None else cfg)
         kwargs = {}
         for f in fields(cls):
             name = f.metadata["env"]

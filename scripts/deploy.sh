@@ -5,13 +5,16 @@ set -euo pipefail
 # shellcheck source=scripts/deploy-lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/deploy-lib.sh"
 
+PREPULL_NAME="autoglm-prepull"             # k8s/prepull.yaml
+
 usage() {
   cat <<EOF
 Usage: scripts/deploy.sh [options]
 
 Checks the prerequisites (kubectl/kn, Knative Serving CRDs, the feature flags, GPU nodes), renders service.yaml with
-your image, namespace and GPU product, applies it (the model cache PVC and the Knative Service $SERVICE_NAME),
-waits until the newest revision is ready, and prints the URL and a curl that works.
+your image, namespace and GPU product, applies it (the model cache PVC and the Knative Service $SERVICE_NAME)
+together with the image pre-pull DaemonSet (k8s/prepull.yaml, rendered the same way, so the GPU nodes hold the image
+before a cold start needs it), waits until the newest revision is ready, and prints the URL and a curl that works.
 
   kubectl method (default):  kubectl apply -n NS -f service.yaml
   kn method:                 kubectl apply the PVC, then
@@ -23,9 +26,12 @@ Options:
   -n, --namespace NS     namespace (default: the kubeconfig context's, else "default")
   --image IMAGE          image built from the Dockerfile (default: $DEFAULT_IMAGE)
   --gpu-product LABEL    nvidia.com/gpu.product of the GPU nodes to use (default: $DEFAULT_GPU_PRODUCT)
+  --no-prepull           do not apply the image pre-pull DaemonSet $PREPULL_NAME (k8s/prepull.yaml)
   --with-prequantize     first run the Job that fills the model cache (scripts/prequantize-job.sh); needed once
   --with-eventing        also apply the Broker/Trigger wiring (scripts/broker-trigger.sh)
   --with-cache-front     also apply the CPU cache-front Service and Redis (k8s/cache-front.yaml)
+  --with-schedule        also apply the scheduled min-scale CronJobs and their RBAC (k8s/schedule.yaml; edit its
+                         times and zone first)
   --enable-features      enable the needed Knative feature flags (scripts/enable-knative-features.sh; cluster admin)
   --wait-timeout SECONDS how long to wait for readiness (default: 1800, the revision's progress-deadline)
   --dry-run              print the commands instead of running them (SHOW_MANIFESTS=1: and the rendered
@@ -38,9 +44,11 @@ METHOD=kubectl
 NAMESPACE=""
 IMAGE="$DEFAULT_IMAGE"
 GPU_PRODUCT="$DEFAULT_GPU_PRODUCT"
+PREPULL=1
 WITH_PREQUANTIZE=0
 WITH_EVENTING=0
 WITH_CACHE_FRONT=0
+WITH_SCHEDULE=0
 ENABLE_FEATURES=0
 WAIT_TIMEOUT=1800
 while (($#)); do
@@ -49,9 +57,11 @@ while (($#)); do
     -n | --namespace) NAMESPACE="${2:?--namespace needs a value}"; shift ;;
     --image) IMAGE="${2:?--image needs a value}"; shift ;;
     --gpu-product) GPU_PRODUCT="${2:?--gpu-product needs a value}"; shift ;;
+    --no-prepull) PREPULL=0 ;;
     --with-prequantize) WITH_PREQUANTIZE=1 ;;
     --with-eventing) WITH_EVENTING=1 ;;
     --with-cache-front) WITH_CACHE_FRONT=1 ;;
+    --with-schedule) WITH_SCHEDULE=1 ;;
     --enable-features) ENABLE_FEATURES=1 ;;
     --wait-timeout) WAIT_TIMEOUT="${2:?--wait-timeout needs a value}"; shift ;;
     --dry-run) DRY_RUN=1 ;;
@@ -87,6 +97,13 @@ if ((ENABLE_FEATURES)); then
 fi
 check_serving_features || die "enable the Knative feature flags first (or pass --enable-features)"
 
+# ---- the image on the GPU nodes: first, so that the pulls run while the Job and the first revision start
+if ((PREPULL)); then
+  prepull="$(render "$REPO_ROOT/k8s/prepull.yaml" "$IMAGE" "$NAMESPACE" "$GPU_PRODUCT" | tmp_file)"
+  apply_manifest "$prepull" "$NAMESPACE"
+  log "pre-pulling $IMAGE on the $GPU_PRODUCT nodes (kubectl rollout status -n $NAMESPACE daemonset/$PREPULL_NAME)"
+fi
+
 # ---- the model cache
 if ((WITH_PREQUANTIZE)); then
   "$REPO_ROOT/scripts/prequantize-job.sh" -n "$NAMESPACE" --image "$IMAGE" --gpu-product "$GPU_PRODUCT"
@@ -116,6 +133,9 @@ if ((WITH_CACHE_FRONT)); then
 fi
 if ((WITH_EVENTING)); then
   "$REPO_ROOT/scripts/broker-trigger.sh" -n "$NAMESPACE"
+fi
+if ((WITH_SCHEDULE)); then
+  apply_manifest "$REPO_ROOT/k8s/schedule.yaml" "$NAMESPACE"
 fi
 
 print_usage_hint "$SERVICE_NAME" "$NAMESPACE"

@@ -572,6 +572,144 @@ def generate_diurnal(cap: Capacity, hours: float = 24.0, peak_rps: float = 1.0, 
 
 
 # =================================================================================================================
+# Scheduled min-scale (k8s/schedule.yaml): CronJobs that patch the revision template's min-scale
+# =================================================================================================================
+
+_CRON_NAMES = {"jan": 1, "feb": 2, "mar": 3, "apr": 4, "may": 5, "jun": 6, "jul": 7, "aug": 8, "sep": 9, "oct": 10,
+               "nov": 11, "dec": 12, "sun": 0, "mon": 1, "tue": 2, "wed": 3, "thu": 4, "fri": 5, "sat": 6}
+_CRON_MACROS = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *", "@weekly": "0 0 * * 0",
+                "@daily": "0 0 * * *", "@midnight": "0 0 * * *", "@hourly": "0 * * * *"}
+
+
+class Cron:
+    """A standard 5-field cron expression (minute hour day-of-month month day-of-week), as Kubernetes' CronJob
+    controller reads it (robfig/cron's standard parser): numbers, names (jan, mon), * (? in the day fields), ranges
+    a-b, steps */n, a/n and a-b/n, lists, @daily-style macros; day-of-week 0 and 7 are Sunday; when both day fields are restricted a day matching either one
+    fires (the classic cron rule)."""
+    _RANGES = ((0, 59), (0, 23), (1, 31), (1, 12), (0, 7))
+
+    def __init__(self, expr: str):
+        self.expr = expr
+        fields_ = _CRON_MACROS.get(expr.strip(), expr).split()
+        if len(fields_) != 5:
+            raise ValueError(f"cron {expr!r}: expected 5 fields (minute hour day-of-month month day-of-week)")
+        fields_ = [("*" if f == "?" and i in (2, 4) else f) for i, f in enumerate(fields_)]
+        self.sets = [self._field(f, lo, hi, expr) for f, (lo, hi) in zip(fields_, self._RANGES)]
+        if 7 in self.sets[4]:
+            self.sets[4] = (self.sets[4] - {7}) | {0}
+        self.dom_star, self.dow_star = fields_[2].startswith("*"), fields_[4].startswith("*")
+
+    @staticmethod
+    def _field(text: str, lo: int, hi: int, expr: str) -> set[int]:
+        def num(v: str) -> int:
+            v = v.lower()
+            n = _CRON_NAMES[v] if v in _CRON_NAMES else int(v) if v.isdigit() else None
+            if n is None or not lo <= n <= hi:
+                raise ValueError(f"cron {expr!r}: {v!r} is not in {lo}-{hi}")
+            return n
+
+        out: set[int] = set()
+        for part in text.split(","):
+            rng, _, step = part.partition("/")
+            if step and (not step.isdigit() or int(step) == 0):
+                raise ValueError(f"cron {expr!r}: bad step in {part!r}")
+            if rng == "*":
+                a, b = lo, hi
+            elif "-" in rng:
+                a, b = (num(x) for x in rng.split("-", 1))
+                if a > b:
+                    raise ValueError(f"cron {expr!r}: range {rng!r} runs backwards")
+            else:
+                a = num(rng)
+                b = hi if step else a
+            out.update(range(a, b + 1, int(step) if step else 1))
+        return out
+
+    def matches(self, t) -> bool:
+        """t: a datetime (wall clock in the CronJob's time zone)."""
+        mi, hr, dom, mon, dow = self.sets
+        if t.minute not in mi or t.hour not in hr or t.month not in mon:
+            return False
+        d_ok, w_ok = t.day in dom, (t.isoweekday() % 7) in dow
+        if self.dom_star or self.dow_star:
+            return d_ok and w_ok
+        return d_ok or w_ok
+
+
+@dataclass
+class ScheduleEntry:
+    name: str
+    cron: Cron
+    tz: str
+    min_scale: int
+
+
+@dataclass
+class Schedule:
+    """min-scale switches at cron times: the CronJobs of k8s/schedule.yaml (or KEY=VALUE text, see parse)."""
+    entries: list[ScheduleEntry]
+    source: str = ""
+
+    @classmethod
+    def load(cls, path: str) -> "Schedule":
+        """The CronJobs in a manifest whose container patches autoscaling.knative.dev/min-scale (a JSON merge patch
+        passed with -p, as k8s/schedule.yaml does)."""
+        import yaml
+        with open(path) as f:
+            docs = [d for d in yaml.safe_load_all(f) if isinstance(d, dict)]
+        entries = []
+        for d in docs:
+            if d.get("kind") != "CronJob":
+                continue
+            spec = d["spec"]
+            pod = spec["jobTemplate"]["spec"]["template"]["spec"]
+            for c in pod["containers"]:
+                argv = list(c.get("command", [])) + list(c.get("args", []))
+                if "-p" not in argv:
+                    continue
+                patch = json.loads(argv[argv.index("-p") + 1])
+                anns = patch.get("spec", {}).get("template", {}).get("metadata", {}).get("annotations", {})
+                if "autoscaling.knative.dev/min-scale" in anns:
+                    entries.append(ScheduleEntry(d["metadata"]["name"], Cron(spec["schedule"]),
+                                                 spec.get("timeZone") or "Etc/UTC",
+                                                 int(anns["autoscaling.knative.dev/min-scale"])))
+        if not entries:
+            raise ValueError(f"{path}: no CronJob that patches autoscaling.knative.dev/min-scale")
+        return cls(entries, path)
+
+    @property
+    def tz(self) -> str:
+        return self.entries[0].tz
+
+    def describe(self) -> str:
+        return "; ".join(f"min-scale {e.min_scale} at '{e.cron.expr}'" for e in self.entries) + f" ({self.tz})"
+
+    def switches(self, start, horizon: float) -> tuple[int | None, list[tuple[float, int]]]:
+        """(min-scale in force at `start`, [(seconds after start, min-scale)] for every firing within the horizon).
+        `start`: an aware datetime. Firings are found minute by minute in each CronJob's zone (a CronJob fires at
+        most once a minute); the value in force at the start is the last firing in the 8 days before it."""
+        import datetime as dt
+        from zoneinfo import ZoneInfo
+        out: list[tuple[float, int]] = []
+        before: tuple[Any, int] | None = None
+        for e in self.entries:
+            zone = ZoneInfo(e.tz)
+            t0 = start.astimezone(dt.timezone.utc).replace(second=0, microsecond=0)
+            for k in range(-8 * 1440, int(math.ceil(horizon / 60.0)) + 1):
+                t = t0 + dt.timedelta(minutes=k)
+                if not e.cron.matches(t.astimezone(zone)):
+                    continue
+                rel = (t - start).total_seconds()
+                if rel <= 0:
+                    if before is None or t > before[0]:
+                        before = (t, e.min_scale)
+                elif rel <= horizon:
+                    out.append((rel, e.min_scale))
+        out.sort()
+        return (before[1] if before else None), out
+
+
+# =================================================================================================================
 # Simulation
 # =================================================================================================================
 
@@ -612,6 +750,7 @@ class SimResult:
     max_pods: int
     panic_ticks: int
     horizon_h: float
+    revisions: int = 1                   # revisions created (a scheduled min-scale switch creates one)
     cost: float = 0.0
     meets_slo: bool | None = None
     series: dict[str, Any] | None = field(default=None, repr=False)
@@ -633,12 +772,21 @@ class SimResult:
 
 
 class Simulator:
-    """Discrete-event simulation of one revision under one autoscaling policy (KPAPolicy or HPAPolicy)."""
+    """Discrete-event simulation of one Service under one autoscaling policy (KPAPolicy or HPAPolicy).
+
+    `switches` [(t, min-scale)] (KPA only, from Schedule.switches) patch the revision template's min-scale at t. As
+    in Knative, a changed template is a new revision: it gets a fresh autoscaler and starts max(initial-scale,
+    min-scale) pods; the old revision's ready pods keep taking requests until the new revision is ready (that many
+    pods ready), then drain and go; its starting pods are dropped. The new revision's autoscaler sees the Service's
+    whole concurrency (the requests still on old pods included), a small overestimate during the handover."""
 
     def __init__(self, cap: Capacity, policy: KPAPolicy | HPAPolicy, trace: Trace, seed: int = 0,
-                 record: bool = True):
+                 record: bool = True, switches: Sequence[tuple[float, int]] = ()):
         self.cap, self.p, self.trace, self.record = cap, policy, trace, record
         self.kpa = isinstance(policy, KPAPolicy)
+        if switches and not self.kpa:
+            raise ValueError("scheduled min-scale switches apply to the KPA only")
+        self.switches = sorted(switches)
         rng = np.random.default_rng(seed)
         n = len(trace.arrivals)
         # per-request randomness drawn up front: the same trace + seed gives every policy the same draws
@@ -686,6 +834,9 @@ class Simulator:
         pods: list[Pod] = []
         ready: list[Pod] = []          # ready, not terminating
         starting: list[Pod] = []
+        legacy: list[Pod] = []         # the previous revision's ready pods, serving until the new revision is ready
+        handover_n = 0                 # ready pods the new revision needs before the old one's go
+        revisions = 1
         act_q: deque = deque()
         act_live = 0
         n_sys = 0
@@ -756,7 +907,7 @@ class Simulator:
 
         def free_pod() -> Pod | None:
             best = None
-            for pd in ready:
+            for pd in (ready + legacy if legacy else ready):
                 load = pd.active + pd.qlive
                 if cc > 0 and load >= cc:
                     continue
@@ -824,12 +975,12 @@ class Simulator:
             cur_sec = s + 1
             last_t = float(cur_sec)
             area = 0.0
-            pods_seen = bool(ready)
+            pods_seen = bool(ready or legacy)
 
         def advance(t: float) -> None:
             nonlocal area, last_t, cur_sec
             while t >= cur_sec + 1:
-                if n_sys == 0 and not ready and not pods_seen and area == 0.0:
+                if n_sys == 0 and not ready and not legacy and not pods_seen and area == 0.0:
                     # idle at zero: jump to the second holding t (no writes, zero buckets)
                     s_to = int(t)
                     if s_to > cur_sec:
@@ -865,6 +1016,7 @@ class Simulator:
         else:  # multiscaler.createScaler: initial EBC assumes one pod
             ebc = int(1 * p.resolve_target()[1] - tbc0)
         max_pods = 0
+        rev_policy = p
         if self.kpa:
             decider = KPADecider(p)
             scaler = KPAScaler(p)
@@ -885,8 +1037,8 @@ class Simulator:
         def apply(t: float, n: int) -> None:
             nonlocal max_pods
             set_replicas(t, n)
-            if n > max_pods:
-                max_pods = n
+            if n + len(legacy) > max_pods:
+                max_pods = n + len(legacy)
 
         def kpa_tick(t: float) -> None:
             nonlocal desired, ebc, proxy, panic_ticks
@@ -919,6 +1071,34 @@ class Simulator:
                 apply(t, n)
             proxy = scaler.activator_in_path
 
+        def hand_over(t: float) -> None:
+            nonlocal handover_n
+            for pd in legacy:
+                retire(pd, t)
+            legacy.clear()
+            handover_n = 0
+
+        def switch_revision(t: float, min_scale: int) -> None:
+            """A patched min-scale: a new revision with its own autoscaler; the old one's pods serve until it is ready."""
+            nonlocal decider, scaler, proxy, handover_n, revisions, rev_policy
+            if min_scale == rev_policy.min_scale:
+                return                        # the same template: Knative creates no revision
+            revisions += 1
+            rev_policy = dataclasses.replace(rev_policy, min_scale=min_scale)
+            for pd in starting:
+                pd.state = 3
+                pd.gone_at = t
+            starting.clear()
+            legacy.extend(ready)
+            ready.clear()
+            decider = KPADecider(rev_policy, now=t)
+            scaler = KPAScaler(rev_policy, now=t)
+            handover_n = scaler.replicas
+            apply(t, scaler.replicas)
+            proxy = scaler.activator_in_path
+            if handover_n == 0:
+                hand_over(t)
+
         def hpa_tick(t: float) -> None:
             nonlocal last_sync, proxy
             utils = []
@@ -943,6 +1123,8 @@ class Simulator:
         kpa = self.kpa
         record = self.record
         aq_depth = p.activator_queue_depth
+        switches = self.switches
+        sw_i = 0
         while True:
             t_arr = arr[i] if i < N else INF
             t_ev = heap[0][0] if heap else INF
@@ -951,6 +1133,9 @@ class Simulator:
                     break
                 t = next_tick
                 advance(t)
+                while sw_i < len(switches) and switches[sw_i][0] <= t:
+                    switch_revision(t, switches[sw_i][1])
+                    sw_i += 1
                 if kpa:
                     kpa_tick(t)
                 else:
@@ -990,6 +1175,8 @@ class Simulator:
                         starting.remove(pod)
                         ready.append(pod)
                         pods_seen = True
+                        if legacy and len(ready) >= handover_n:
+                            hand_over(t)
                         if act_live:
                             drain_activator(t)
                 else:  # EV_TIMEOUT
@@ -1010,9 +1197,10 @@ class Simulator:
             i += 1
             advance(t)
             n_sys += 1
-            if not ready:
+            serving = ready + legacy if legacy else ready
+            if not serving:
                 at_zero += 1
-            if proxy or not ready:
+            if proxy or not serving:
                 if act_live == 0:
                     pod = free_pod()
                     if pod is not None:
@@ -1025,11 +1213,12 @@ class Simulator:
                 act_live += 1
                 seq += 1
                 heappush(heap, (arr[r] + timeout, seq, EV_TIMEOUT, r, None))
-                if kpa and desired == 0 and not ready and not starting:
+                if kpa and desired == 0 and not serving and not starting:
                     kpa_poke(t)
             else:
-                to_pod(r, ready[int(route[r] * len(ready))], t)
+                to_pod(r, serving[int(route[r] * len(serving))], t)
 
+        self.revisions = revisions
         return self._result(status, ttft_l, e2e_l, cold, at_zero, failures, pods, H, pod_starts, panic_ticks,
                             max_pods, dict(tick_t=tick_t, tick_ready=tick_ready, tick_repl=tick_repl,
                                  tick_desired=tick_desired, tick_panic=tick_panic, cum=cum) if self.record else None)
@@ -1053,7 +1242,7 @@ class Simulator:
                         e2e_p50=pct(e2e, 50), e2e_p99=pct(e2e, 99), gpu_hours=gpu_s / 3600.0,
                         pod_starts=pod_starts, mean_pods=mean_pods,
                         max_pods=max_pods,
-                        panic_ticks=panic_ticks, horizon_h=H / 3600.0)
+                        panic_ticks=panic_ticks, horizon_h=H / 3600.0, revisions=self.revisions)
         if series is not None:
             series["arrival"] = self.trace.arrivals
             series["status"] = st
@@ -1065,8 +1254,8 @@ class Simulator:
 
 
 def simulate(cap: Capacity, policy: KPAPolicy | HPAPolicy, trace: Trace, seed: int = 0,
-             record: bool = False) -> SimResult:
-    return Simulator(cap, policy, trace, seed=seed, record=record).run()
+             record: bool = False, switches: Sequence[tuple[float, int]] = ()) -> SimResult:
+    return Simulator(cap, policy, trace, seed=seed, record=record, switches=switches).run()
 
 
 # =================================================================================================================
@@ -1230,7 +1419,8 @@ def _s(x: float, nd: int = 2) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
 
 
-def markdown_table(results: Sequence[SimResult], obj: Objective, settings: Sequence[str] | None = None) -> str:
+def markdown_table(results: Sequence[SimResult], obj: Objective, settings: Sequence[str] | None = None,
+                   revisions: bool = False) -> str:
     heads = [r.name for r in results]
     rows: list[tuple[str, list[str]]] = [
         ("settings", list(settings) if settings else [r.label for r in results]),
@@ -1243,6 +1433,7 @@ def markdown_table(results: Sequence[SimResult], obj: Objective, settings: Seque
         ("429s (engine queue) / 504s", [f"{r.failures.get('429', 0)} / {r.failures.get('504', 0)}"
                                         for r in results]),
         ("pod cold starts", [str(r.pod_starts) for r in results]),
+        *([("revisions created", [str(r.revisions) for r in results])] if revisions else []),
         ("mean / max pods", [f"{r.mean_pods:.2f} / {r.max_pods}" for r in results]),
         ("time in panic mode", [f"{r.panic_ticks * 2 / 3600:.1f} h" if r.name.startswith("KPA") else "-"
                                 for r in results]),
@@ -1369,6 +1560,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-grid", help="comma-separated target/containerConcurrency fractions to search")
     p.add_argument("--min-scale-grid", help="comma-separated min-scale values to search")
     p.add_argument("--delay-grid", help="comma-separated scale-down-delay seconds to search")
+    p.add_argument("--schedule", metavar="MANIFEST",
+                   help="CronJobs that patch min-scale (k8s/schedule.yaml): the Service's and the recommended "
+                        "setting are also simulated with the schedule, as extra columns")
+    p.add_argument("--trace-start", metavar="ISO",
+                   help="wall-clock time of the trace's t=0 for --schedule, e.g. 2026-01-05T07:00 (without an offset: "
+                        "in the schedule's time zone; default: Monday 2026-01-05, at the generated trace's start hour)")
     p.add_argument("--candidate", action="append", default=[], metavar="KEY=VAL,...",
                    help="also simulate these KPA settings as an extra column, e.g. "
                         "'cc=8,target=6,min-scale=1,scale-down-delay=300' (durations in seconds; repeatable)")
@@ -1378,6 +1575,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", dest="json_out", help="write all results as JSON")
     p.add_argument("--plot", help="write a PNG: traffic, pods and p99 latency over time")
     p.add_argument("--markdown", help="write the comparison (markdown) to this file")
+    p.add_argument("--readme", metavar="README.md",
+                   help="replace the comparison table in this file (the lines from '| | HPA' to '| meets objective') "
+                        "with this run's")
     return p
 
 
@@ -1484,6 +1684,23 @@ def policy_from_service(path: str) -> tuple[KPAPolicy | None, str]:
     return KPAPolicy(name=f"KPA ({os.path.basename(path)})", **kw), f"{path}: Service {name}"
 
 
+def comparison_table(text: str) -> tuple[int, int]:
+    """(first, last) line index of the planner's comparison table in a markdown text (README.md)."""
+    lines = text.splitlines()
+    try:
+        i = next(k for k, line in enumerate(lines) if line.startswith("| | HPA"))
+        j = next(k for k in range(i, len(lines)) if lines[k].startswith("| meets objective"))
+    except StopIteration:
+        raise ValueError("no planner comparison table ('| | HPA' ... '| meets objective')") from None
+    return i, j
+
+
+def replace_table(text: str, table: str) -> str:
+    i, j = comparison_table(text)
+    lines = text.splitlines()
+    return "\n".join(lines[:i] + table.splitlines() + lines[j + 1:]) + ("\n" if text.endswith("\n") else "")
+
+
 def _nan_to_none(o: Any) -> Any:
     if isinstance(o, float) and (math.isnan(o) or math.isinf(o)):
         return None
@@ -1498,17 +1715,29 @@ def _csv(text: str | None, typ=float) -> list | None:
     return [typ(x) for x in text.split(",") if x.strip()] if text else None
 
 
+def trace_start(text: str | None, sched: Schedule, start_hour: float):
+    """The aware datetime of the trace's t=0."""
+    import datetime as dt
+    from zoneinfo import ZoneInfo
+    if text:
+        t = dt.datetime.fromisoformat(text)
+        return t if t.tzinfo else t.replace(tzinfo=ZoneInfo(sched.tz))
+    return dt.datetime(2026, 1, 5, tzinfo=ZoneInfo(sched.tz)) + dt.timedelta(hours=start_hour)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     t_start = time.perf_counter()
     cap = Capacity.load(args.capacity)
     hours = 3.0 if args.quick and args.hours == 24.0 else args.hours
+    start_hour = 7.0 if args.quick else 0.0
     if args.trace:
         trace = load_trace(args.trace, cap, seed=args.seed)
+        start_hour = 0.0
     else:
         trace = generate_diurnal(cap, hours=hours, peak_rps=args.peak_rps, seed=args.seed,
                                  bursts_per_day=args.bursts_per_day, night_trickle_per_hour=args.night_trickle,
-                                 start_hour=7.0 if args.quick else 0.0)
+                                 start_hour=start_hour)
     if args.save_trace:
         trace.save_csv(args.save_trace)
     obj = Objective(args.p99_slo, args.slo_metric, args.max_error_rate, args.gpu_hour_price)
@@ -1545,7 +1774,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         rec, grid_rows = search(cap, trace, obj, base, grid, seed=args.seed, jobs=args.jobs)
         scenarios.append(rec)
 
-    results = [obj.judge(simulate(cap, pol, trace, args.seed, record=bool(args.plot))) for pol in scenarios]
+    switches: dict[int, list[tuple[float, int]]] = {}      # scenario index -> its min-scale switches
+    sched_note = ""
+    if args.schedule:
+        sched = Schedule.load(args.schedule)
+        t0 = trace_start(args.trace_start, sched, start_hour)
+        initial, sw = sched.switches(t0, trace.horizon)
+        for k, pol in enumerate(list(scenarios)):
+            if isinstance(pol, KPAPolicy) and (pol is svc_pol or pol is rec or (svc_pol is None and pol is kpa_default)):
+                twin = dataclasses.replace(pol, name=f"{pol.name.removesuffix(')')} + schedule)",
+                                           min_scale=pol.min_scale if initial is None else initial)
+                switches[len(scenarios)] = sw
+                scenarios.append(twin)
+        sched_note = (f"Schedule: `{args.schedule}`: {sched.describe()}; trace starts {t0:%a %Y-%m-%d %H:%M %Z}, "
+                      f"{len(sw)} switches in it, min-scale {initial if initial is not None else 'unchanged'} at "
+                      "the start")
+
+    results = [obj.judge(simulate(cap, pol, trace, args.seed, record=bool(args.plot), switches=switches.get(k, ())))
+               for k, pol in enumerate(scenarios)]
 
     lines = []
     if cap.placeholder:
@@ -1555,9 +1801,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.service:
         lines.append(f"Service manifest: {svc_note}  ")
     lines.append(f"Trace: {trace.description}  ")
-    lines.append(f"Objective: {obj.describe()}; GPU price ${obj.gpu_hour_price:g}/h; max-scale {args.max_scale}")
+    lines.append(f"Objective: {obj.describe()}; GPU price ${obj.gpu_hour_price:g}/h; max-scale {args.max_scale}"
+                 + ("  " if sched_note else ""))
+    if sched_note:
+        lines.append(sched_note)
     lines.append("")
-    lines.append(markdown_table(results, obj))
+    lines.append(markdown_table(results, obj, revisions=bool(switches)))
     if rec is not None:
         lines.append("")
         feasible = sum(1 for s in grid_rows if s["meets_slo"])
@@ -1580,6 +1829,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(report + "\n")
+    if args.readme:
+        with open(args.readme) as f:
+            text = f.read()
+        with open(args.readme, "w") as f:
+            f.write(replace_table(text, markdown_table(results, obj, revisions=bool(switches))))
     if args.plot:
         plot(results, trace, obj, args.plot)
         print(f"\nplot: {args.plot}")
@@ -1589,7 +1843,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "trace": {"description": trace.description, "requests": int(len(trace.arrivals)),
                       "horizon_s": trace.horizon},
             "objective": dataclasses.asdict(obj),
-            "scenarios": [{"policy": dataclasses.asdict(pol), **r.summary()} for pol, r in zip(scenarios, results)],
+            "schedule": ({"path": args.schedule, "note": sched_note} if args.schedule else None),
+            "scenarios": [{"policy": dataclasses.asdict(pol), **r.summary(),
+                           **({"switches": switches[k]} if k in switches else {})}
+                          for k, (pol, r) in enumerate(zip(scenarios, results))],
             "recommendation": ({"policy": dataclasses.asdict(rec), "annotations": annotations(rec),
                                 "container_concurrency": rec.container_concurrency} if rec else None),
             "grid": grid_rows,

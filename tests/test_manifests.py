@@ -11,6 +11,10 @@
 * Knative Eventing: Broker/Trigger shapes (schemas written from eventing.knative.dev/v1 types) and DeliverySpec rules.
 * The autoscaling numbers as relations (target <= containerConcurrency <= engine slots + queue, progress-deadline
   above the startup window plus image pull and node provisioning, ...), not as magic numbers.
+* Image pre-pull (k8s/prepull.yaml): lands on exactly the nodes the Service's pods can (a small scheduling
+  predicate over provider-like nodes), pulls the Service's image with a no-op, asks for no GPU.
+* Scheduled scaling (k8s/schedule.yaml): the CronJobs' patch applied to the Service is still a valid Service that
+  differs only in min-scale, and their RBAC allows exactly that patch (a small RBAC authorizer).
 * Consistency with the app: env names from function.config.ENV_VARS and values that Config accepts, the port from
   func_python.sock's default LISTEN_ADDRESS, probe paths answered by func-python's own server, cache paths on the
   volume, CloudEvent types, and the same values in service.yaml, func.yaml, the Job and the Dockerfile.
@@ -58,7 +62,7 @@ BUILD_ENV = {"VIRTUAL_ENV", "PATH", "PIP_NO_CACHE_DIR", "PIP_DISABLE_PIP_VERSION
 # Cold-start budget (seconds) the manifests must cover. Assumptions until bench/RESULTS.md has measurements; when it
 # does, set CONTAINER_COLD_START_S to about twice the worst measured container start -> ready time.
 CONTAINER_COLD_START_S = 600   # container start -> ready: weights from the PVC, CUDA graphs, warmup (or quantizing)
-IMAGE_PULL_S = 300             # ~10 GB CUDA image on a node that has never pulled it
+IMAGE_PULL_S = 300             # ~4.4 GB to pull, ~8 GB to unpack (docs/image.md), on a node without it
 NODE_PROVISION_S = 600         # a cluster autoscaler adding a GPU node
 
 # Knative Serving defaults (config-defaults / config-autoscaler) the manifests must fit without cluster changes.
@@ -108,6 +112,7 @@ KSVCS = find("Service", api="serving.knative.dev/")
 MODEL = one("Service", FUNC["name"], "serving.knative.dev/")
 FRONT = one("Service", f"{FUNC['name']}-cache", "serving.knative.dev/")
 JOB = one("Job", "autoglm-prequantize", "batch/")
+PREPULL = one("DaemonSet", "autoglm-prepull", "apps/")
 
 
 def template(ksvc: dict) -> dict:
@@ -938,7 +943,7 @@ def test_prequantize_job_fills_what_the_service_reads():
     uid, gid = _dockerfile_user()
     assert (pod["securityContext"]["runAsUser"], pod["securityContext"]["fsGroup"]) == (uid, gid)
     # The image carries the script the Job runs.
-    assert any(ins == "COPY" and args.split()[0] == "scripts" for ins, args in dockerfile())
+    assert any(ins == "COPY" and args.split()[0] == cmd[1] for ins, args in dockerfile())
 
 
 def test_prequantize_script_takes_the_jobs_arguments():
@@ -1198,10 +1203,13 @@ def dockerfile_args() -> dict[str, str]:
     return dict(shlex.split(a)[0].partition("=")[::2] for i, a in dockerfile() if i == "ARG")
 
 
-def test_dockerfile_base_is_a_cuda_runtime():
+def test_dockerfile_base_is_cudas_base_flavour():
+    """torch's wheels bring the CUDA libraries (nvidia-* wheels); the "runtime"/"devel" flavours would add a second,
+    unused copy (docs/image.md)."""
     (base,) = [a for i, a in dockerfile() if i == "FROM"]
     image = dockerfile_args()[base.strip("${}")] if base.startswith("$") else base
-    assert image.startswith("nvidia/cuda:") and "runtime" in image
+    assert image.startswith("nvidia/cuda:") and image.split(":")[1].split("-")[1] == "base"
+    assert image.endswith("-ubuntu24.04"), "Python 3.12 from the distribution"
 
 
 def test_dockerfile_env_and_user():
@@ -1299,3 +1307,256 @@ def test_documented_kn_command_matches_service_yaml():
     mounts = dict(v.split("=", 1) for v in values("--mount"))
     assert set(mounts) == {m["mountPath"] for m in c["volumeMounts"]}
     assert f"pvc:{spec['volumes'][0]['persistentVolumeClaim']['claimName']}" == mounts["/models"]
+
+
+# =================================================================================================================
+# Where pods land: a small model of the scheduler's node filters (nodeSelector, required node affinity, taints)
+# =================================================================================================================
+
+H100 = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+GPU_TAINT = {"key": GPU, "value": "present", "effect": "NoSchedule"}
+# Nodes as the providers label and taint them (GPU feature discovery sets nvidia.com/gpu.product everywhere).
+NODES: dict[str, dict] = {
+    "on-demand H100": {"labels": {**H100}, "taints": [GPU_TAINT]},
+    "GKE spot H100": {"labels": {**H100, "cloud.google.com/gke-spot": "true"},
+                      "taints": [GPU_TAINT, {"key": "cloud.google.com/gke-spot", "value": "true",
+                                             "effect": "NoSchedule"}]},
+    "GKE preemptible H100": {"labels": {**H100, "cloud.google.com/gke-preemptible": "true"}, "taints": [GPU_TAINT]},
+    "EKS spot H100": {"labels": {**H100, "eks.amazonaws.com/capacityType": "SPOT"}, "taints": [GPU_TAINT]},
+    "EKS on-demand H100": {"labels": {**H100, "eks.amazonaws.com/capacityType": "ON_DEMAND"}, "taints": [GPU_TAINT]},
+    "Karpenter spot H100": {"labels": {**H100, "karpenter.sh/capacity-type": "spot"}, "taints": []},
+    "AKS spot H100": {"labels": {**H100, "kubernetes.azure.com/scalesetpriority": "spot"},
+                      "taints": [GPU_TAINT, {"key": "kubernetes.azure.com/scalesetpriority", "value": "spot",
+                                             "effect": "NoSchedule"}]},
+    "on-demand L4": {"labels": {"nvidia.com/gpu.product": "NVIDIA-L4"}, "taints": [GPU_TAINT]},
+    "H100 reserved for another team": {"labels": {**H100}, "taints": [GPU_TAINT, {"key": "team", "value": "ml",
+                                                                                  "effect": "NoSchedule"}]},
+    "CPU node": {"labels": {}, "taints": []},
+}
+
+
+def _expression_holds(e: dict, labels: dict[str, str]) -> bool:
+    op, key = e["operator"], e["key"]
+    if op == "In":
+        return labels.get(key) in e["values"]
+    if op == "NotIn":
+        return key not in labels or labels[key] not in e["values"]
+    if op == "Exists":
+        return key in labels
+    if op == "DoesNotExist":
+        return key not in labels
+    raise AssertionError(f"operator {op} not modelled")
+
+
+def _tolerates(tol: dict, taint: dict) -> bool:
+    if tol.get("effect") and tol["effect"] != taint["effect"]:
+        return False
+    if tol.get("operator", "Equal") == "Exists":
+        return not tol.get("key") or tol["key"] == taint["key"]
+    return tol.get("key") == taint["key"] and tol.get("value", "") == taint.get("value", "")
+
+
+def schedulable(pod_spec: dict, node: dict) -> bool:
+    """Whether the scheduler's filters (NodeSelector, NodeAffinity required terms, TaintToleration for NoSchedule /
+    NoExecute) let a pod with this spec onto the node."""
+    labels = node["labels"]
+    if not pod_spec.get("nodeSelector", {}).items() <= labels.items():
+        return False
+    req = pod_spec.get("affinity", {}).get("nodeAffinity", {}).get("requiredDuringSchedulingIgnoredDuringExecution")
+    if req is not None and not any(all(_expression_holds(e, labels) for e in term.get("matchExpressions", []))
+                                   for term in req["nodeSelectorTerms"]):
+        return False
+    return all(any(_tolerates(t, taint) for t in pod_spec.get("tolerations", []))
+               for taint in node["taints"] if taint["effect"] in ("NoSchedule", "NoExecute"))
+
+
+def landing_nodes(pod_spec: dict) -> set[str]:
+    return {name for name, node in NODES.items() if schedulable(pod_spec, node)}
+
+
+def test_scheduling_model():
+    spec = template(MODEL)["spec"]
+    assert landing_nodes(spec) == {"on-demand H100", "GKE preemptible H100", "EKS spot H100", "EKS on-demand H100",
+                                   "Karpenter spot H100"}
+    assert landing_nodes({}) == {"Karpenter spot H100", "CPU node"}
+    assert _tolerates({"operator": "Exists"}, GPU_TAINT) and not _tolerates({"key": "x", "operator": "Exists"},
+                                                                            GPU_TAINT)
+
+
+# =================================================================================================================
+# Image pre-pull DaemonSet
+# =================================================================================================================
+
+def _pod_placement(spec: dict) -> dict:
+    return {k: spec.get(k) for k in ("nodeSelector", "tolerations", "affinity")}
+
+
+def test_prepull_lands_where_the_service_can():
+    pod = PREPULL["spec"]["template"]["spec"]
+    assert _pod_placement(pod) == _pod_placement(template(MODEL)["spec"])
+    assert landing_nodes(pod) == landing_nodes(template(MODEL)["spec"])
+    assert PREPULL["spec"]["selector"]["matchLabels"].items() <= PREPULL["spec"]["template"]["metadata"][
+        "labels"].items()
+
+
+def test_prepull_pulls_the_service_image_with_a_no_op_and_holds_no_gpu():
+    pod = PREPULL["spec"]["template"]["spec"]
+    (pull,) = pod["initContainers"]
+    (pause,) = pod["containers"]
+    assert pull["image"] == container(MODEL)["image"] and pull["imagePullPolicy"] == "IfNotPresent"
+    assert pull["command"] == ["true"] and "args" not in pull, "the image's no-op, not its server"
+    assert env_of(pull) == {"NVIDIA_VISIBLE_DEVICES": "void"}, "no GPU handed to the no-op"
+    assert pause["image"].startswith("registry.k8s.io/pause:") and "command" not in pause
+    for c in (pull, pause):
+        res = c["resources"]
+        assert GPU not in res.get("limits", {}) and GPU not in res.get("requests", {})
+        cpu = res["requests"]["cpu"]
+        assert cpu.endswith("m") and int(cpu[:-1]) <= 10
+        for q in (res["requests"]["memory"], res["limits"]["memory"]):
+            assert q.endswith("Mi") and int(q[:-2]) <= 64
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+        assert sc["capabilities"]["drop"] == ["ALL"]
+    uid, gid = _dockerfile_user()
+    assert (pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"]) == (uid, gid)
+    assert pod["automountServiceAccountToken"] is False
+    assert PREPULL["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"] == "100%"
+
+
+# =================================================================================================================
+# Scheduled scaling: CronJobs, their patch, their RBAC
+# =================================================================================================================
+
+CRONJOBS = find("CronJob", api="batch/")
+SCALER_SA = one("ServiceAccount", "autoglm-scaler")
+
+
+def _job_request(cj: dict) -> tuple[str, str, str, str, dict]:
+    """(verb, API group, resource, name, merge patch) of the one kubectl call the CronJob's container makes."""
+    pod = cj["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert "command" not in c and c["image"].startswith("registry.k8s.io/kubectl:"), "the image's kubectl entrypoint"
+    argv = [a for a in c["args"] if not a.startswith("--cache-dir=")]
+    assert argv[0] == "patch" and "--type=merge" in argv
+    resource, _, group = argv[1].partition(".")
+    rest = [a for a in argv[3:] if a != "--type=merge"]
+    assert rest[0] == "-p" and len(rest) == 2, f"nothing but the patch: {argv}"
+    return "patch", group, resource, argv[2], json.loads(rest[1])
+
+
+def merge_patch(doc: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(doc) if isinstance(doc, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = merge_patch(out.get(k), v)
+    return out
+
+
+def rbac_allows(rules: list[dict], verb: str, group: str, resource: str, name: str) -> bool:
+    """The RBAC authorizer's rule matching (pkg/registry/rbac/validation/rule.go) for one namespaced request."""
+    def has(values: list[str], v: str) -> bool:
+        return "*" in values or v in values
+    return any(has(r.get("verbs", []), verb) and has(r.get("apiGroups", []), group)
+               and has(r.get("resources", []), resource)
+               and (not r.get("resourceNames") or name in r["resourceNames"]) for r in rules)
+
+
+def test_schedule_cronjobs_patch_min_scale_only():
+    assert len(CRONJOBS) == 2
+    values = []
+    for cj in CRONJOBS:
+        verb, group, resource, name, patch = _job_request(cj)
+        assert (group, resource, name) == ("serving.knative.dev", "services", MODEL["metadata"]["name"])
+        patched = merge_patch(MODEL, patch)
+        anns = annotations(patched)
+        # the result is service.yaml but for min-scale, and Knative would accept it
+        assert {k: v for k, v in anns.items() if k != AUTOSCALING + "min-scale"} == \
+            {k: v for k, v in annotations(MODEL).items() if k != AUTOSCALING + "min-scale"}
+        assert json.dumps({**patched, "spec": {}}) == json.dumps({**MODEL, "spec": {}})
+        assert template(patched)["spec"] == template(MODEL)["spec"]
+        assert not knative_service_check(patched)[0]
+        values.append(int(anns[AUTOSCALING + "min-scale"]))
+    # business hours: a warm pod within max-scale; night: service.yaml's own min-scale (scale to zero)
+    assert min(values) == int(_ann_num(MODEL, "min-scale")) == 0
+    assert 1 <= max(values) <= int(_ann_num(MODEL, "max-scale"))
+
+
+def test_schedule_times_and_zone():
+    import sys
+    from zoneinfo import ZoneInfo
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import plan_autoscaling as pa
+    zones = {cj["spec"]["timeZone"] for cj in CRONJOBS}
+    assert len(zones) == 1, "both switches in one zone"
+    ZoneInfo(zones.pop())
+    crons = [pa.Cron(cj["spec"]["schedule"]) for cj in CRONJOBS]
+    assert crons[0].sets != crons[1].sets
+    for cj in CRONJOBS:
+        assert cj["spec"]["concurrencyPolicy"] == "Forbid" and cj["spec"]["startingDeadlineSeconds"] > 0
+    # the planner reads the same switches from the file
+    assert len(pa.Schedule.load(str(ROOT / "k8s" / "schedule.yaml")).entries) == 2
+
+
+def test_schedule_rbac_allows_exactly_the_patch():
+    (role,) = find("Role", api="rbac.authorization.k8s.io/")
+    (binding,) = find("RoleBinding", api="rbac.authorization.k8s.io/")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": role["metadata"]["name"]}
+    (subject,) = binding["subjects"]
+    assert subject["kind"] == "ServiceAccount" and subject["name"] == SCALER_SA["metadata"]["name"]
+    assert subject.get("namespace") is None, "the binding's own namespace: the one the file is applied to"
+    needed = set()
+    for cj in CRONJOBS:
+        pod = cj["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+        assert pod["serviceAccountName"] == SCALER_SA["metadata"]["name"]
+        assert pod.get("automountServiceAccountToken", True), "kubectl needs the account's token"
+        needed.add(_job_request(cj)[:4])
+    name = MODEL["metadata"]["name"]
+    verbs = ["get", "list", "watch", "create", "update", "patch", "delete", "deletecollection", "escalate", "bind"]
+    resources = [("serving.knative.dev", "services"), ("serving.knative.dev", "revisions"),
+                 ("serving.knative.dev", "configurations"), ("serving.knative.dev", "routes"), ("", "services"),
+                 ("", "pods"), ("", "secrets"), ("apps", "deployments"), ("batch", "cronjobs"),
+                 ("autoscaling.internal.knative.dev", "podautoscalers"), ("rbac.authorization.k8s.io", "roles")]
+    allowed = {(v, g, r, n) for v in verbs for g, r in resources for n in (name, f"{name}-cache", "other")
+               if rbac_allows(role["rules"], v, g, r, n)}
+    assert allowed == needed == {("patch", "serving.knative.dev", "services", name)}
+    # the authorizer model itself
+    assert rbac_allows([{"verbs": ["*"], "apiGroups": ["*"], "resources": ["*"]}], "get", "", "pods", "x")
+    assert not rbac_allows([{"verbs": ["patch"], "apiGroups": [""], "resources": ["services"],
+                             "resourceNames": ["a"]}], "patch", "", "services", "b")
+
+
+def test_schedule_pods_run_restricted():
+    for cj in CRONJOBS:
+        pod = cj["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["restartPolicy"] == "Never"
+        (c,) = pod["containers"]
+        sc = c["securityContext"]
+        assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+        # kubectl's discovery cache goes to the writable emptyDir, not the read-only root
+        cache = next(a for a in c["args"] if a.startswith("--cache-dir=")).split("=", 1)[1]
+        assert under(cache, [m for m, v in mounts_of(pod, c).items() if "emptyDir" in v])
+
+
+# =================================================================================================================
+# docs/image.md: the size budget adds up and names the base the Dockerfile uses
+# =================================================================================================================
+
+def test_image_size_budget_adds_up():
+    text = (ROOT / "docs" / "image.md").read_text()
+    rows = [r for r in text.splitlines() if r.startswith("| ") and not r.startswith("| layer")]
+    cells = [[c.strip().strip("*") for c in r.strip("|").split("|")] for r in rows if len(r.split("|")) == 6]
+    *layers, total = cells
+    assert total[0] == "total" and len(layers) == 5
+    for col in (2, 3):
+        assert sum(int(r[col]) for r in layers) == int(total[col]), f"column {col}"
+    (base,) = [a for i, a in dockerfile() if i == "FROM"]
+    assert dockerfile_args()[base.strip("${}")] in layers[0][0]
+    for ins, args in dockerfile():
+        if ins == "COPY":
+            assert args.split()[0] in text, f"the budget covers COPY {args}"

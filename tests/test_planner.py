@@ -399,3 +399,218 @@ metadata: {name: x}
     ann = pa.annotations(pol)
     assert ann["autoscaling.knative.dev/window"] == "2m" and ann["autoscaling.knative.dev/target"] == "16"
     assert pa.policy_from_service(str(tmp_path / "missing.yaml"))[0] is None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scheduled min-scale (k8s/schedule.yaml)
+# ----------------------------------------------------------------------------------------------------------------
+
+def _at(text: str):
+    import datetime as dt
+    return dt.datetime.fromisoformat(text)
+
+
+@pytest.mark.parametrize("expr, when, hit", [
+    ("0 8 * * 1-5", "2026-01-05T08:00", True),        # Monday
+    ("0 8 * * 1-5", "2026-01-05T08:01", False),
+    ("0 8 * * 1-5", "2026-01-10T08:00", False),       # Saturday
+    ("0 8 * * mon-fri", "2026-01-09T08:00", True),    # Friday, by name
+    ("0 20 * * 0", "2026-01-11T20:00", True),         # Sunday as 0 ...
+    ("0 20 * * 7", "2026-01-11T20:00", True),         # ... and as 7
+    ("*/15 9-17 * * *", "2026-01-07T17:45", True),
+    ("*/15 9-17 * * *", "2026-01-07T17:50", False),
+    ("30 6 1 jan *", "2026-01-01T06:30", True),
+    # both day fields restricted: either matches (Friday the 2nd: a Friday; Tuesday the 13th: the 13th)
+    ("0 0 13 * 5", "2026-01-02T00:00", True),
+    ("0 0 13 * 5", "2026-01-13T00:00", True),
+    ("0 0 13 * 5", "2026-01-14T00:00", False),
+    # one restricted, the other *: both must match
+    ("0 0 13 * *", "2026-01-02T00:00", False),
+    ("5/20 * * * *", "2026-01-02T00:45", True),       # 5, 25, 45
+    ("@daily", "2026-01-02T00:00", True),
+    ("0 8 ? * 1-5", "2026-01-05T08:00", True),         # ? as * in a day field
+])
+def test_cron_matches_like_the_cronjob_controller(expr, when, hit):
+    assert pa.Cron(expr).matches(_at(when)) is hit
+
+
+@pytest.mark.parametrize("expr", ["0 8 * *", "60 8 * * *", "0 8 * * 1-9", "0 8 * * fri-mon", "*/0 * * * *",
+                                  "0 ? * * *"])
+def test_cron_rejects_what_is_not_cron(expr):
+    with pytest.raises(ValueError):
+        pa.Cron(expr)
+
+
+def test_schedule_is_read_from_the_cronjobs():
+    sched = pa.Schedule.load(str(ROOT / "k8s" / "schedule.yaml"))
+    assert sorted(e.min_scale for e in sched.entries) == [0, 1]
+    assert len({e.tz for e in sched.entries}) == 1
+    from zoneinfo import ZoneInfo
+    monday = _at("2026-01-05T00:00").replace(tzinfo=ZoneInfo(sched.tz))
+    initial, sw = sched.switches(monday, 7 * 86400)
+    # weekdays 08:00 -> 1 and 20:00 -> 0; Friday 20:00 before the Monday set 0
+    assert initial == 0
+    expected = sorted([(d * 86400 + 8 * 3600.0, 1) for d in range(5)] + [(d * 86400 + 20 * 3600.0, 0) for d in range(5)])
+    assert sw == expected
+    # a start inside business hours inherits the morning's 1
+    initial, sw = sched.switches(monday.replace(hour=9), 3600)
+    assert initial == 1 and sw == []
+
+
+def test_schedule_switch_is_a_new_revision_that_keeps_a_warm_pod():
+    # One request at t=1000; min-scale 0 (target 1, one request per pod). Without a schedule: the initial pod
+    # (0..10 cold) goes at t=74 (all-zero stable window from its first ready tick 12: inactive at 72, zero at 74),
+    # and the request at 1000 waits for a cold start: e2e 10 + 5 = 15 s; that pod goes 78 s later (1000..1078).
+    # With min-scale 1 from t=100 and 0 from t=2000: the patch at 100 is revision 2, one pod 100..110; the request is
+    # served warm (e2e 5 s); at 2000 revision 3 starts its initial pod (ready 2010), revision 2's pod leaves at the
+    # handover (2010), and revision 3's pod scales to zero like the first one, 74 s after its start.
+    p = pa.KPAPolicy(target=1, target_utilization=1.0)
+    tr = trace([1000.0], 2500)
+    plain = run(p, tr, ttft=5.0, cold=10.0)
+    sched = pa.Simulator(det_capacity(ttft=5.0, cold=10.0), p, tr, record=True,
+                         switches=[(100.0, 1), (2000.0, 0)]).run()
+    assert plain.series["e2e"][0] == pytest.approx(15.0) and plain.cold_start_hits == 1
+    assert plain.gpu_hours * 3600 == pytest.approx(74 + 78) and plain.revisions == 1
+    assert sched.series["e2e"][0] == pytest.approx(5.0) and sched.cold_start_hits == 0
+    assert (sched.pod_starts, sched.revisions, sched.max_pods) == (3, 3, 2)
+    assert sched.gpu_hours * 3600 == pytest.approx(74 + (2010 - 100) + 74)
+    # patching the value the template already has creates no revision and changes nothing
+    same = pa.Simulator(det_capacity(ttft=5.0, cold=10.0), p, tr, record=True, switches=[(100.0, 0)]).run()
+    assert same.revisions == 1 and same.gpu_hours == pytest.approx(plain.gpu_hours)
+
+
+def test_old_revision_serves_until_the_new_one_is_ready():
+    # min-scale 1 all along (one warm pod); at t=100 a switch to min-scale 2: the new revision's two pods are cold
+    # until 110 (cold 10 s). A request at 105 goes to the old revision's ready pod: no cold start, e2e 5 s.
+    p = pa.KPAPolicy(target=1, target_utilization=1.0, min_scale=1)
+    res = pa.Simulator(det_capacity(ttft=5.0, cold=10.0), p, trace([105.0], 400), record=True,
+                       switches=[(100.0, 2)]).run()
+    assert res.series["e2e"][0] == pytest.approx(5.0) and res.cold_start_hits == 0 and res.arrived_at_zero == 0
+    assert res.max_pods == 3 and res.revisions == 2
+    with pytest.raises(ValueError):
+        pa.Simulator(det_capacity(), pa.HPAPolicy(), trace([1.0], 10), switches=[(1.0, 1)])
+
+
+def test_cli_with_schedule(tmp_path):
+    out_json = tmp_path / "s.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "plan_autoscaling.py"), "--generate", "diurnal",
+                           "--quick", "--jobs", "1", "--no-search", "--schedule", str(ROOT / "k8s" / "schedule.yaml"),
+                           "--trace-start", "2026-01-05T07:00", "--json", str(out_json)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "| KPA (service.yaml) | KPA (service.yaml + schedule) |" in proc.stdout
+    assert "| revisions created | 1 | 1 | 1 | 2 |" in proc.stdout          # the 08:00 switch inside 07:00-10:00
+    doc = json.loads(out_json.read_text())
+    twin = doc["scenarios"][-1]
+    assert twin["switches"] == [[3600.0, 1]] and twin["revisions"] == 2
+    assert doc["scenarios"][-2]["gpu_hours"] <= twin["gpu_hours"]       # a warm pod from 08:00 costs GPU time
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bench/make_capacity.py: the capacity file from the agent-turn bench
+# ----------------------------------------------------------------------------------------------------------------
+
+def _agent_bench() -> dict:
+    # p95 = p50 * exp(z95) is a log-normal with sigma 1, so p99 = p50 * exp(z99)
+    z95, z99 = 1.6448536269514722, 2.3263478740408408
+    return {"gpu": "NVIDIA H200", "date": "2026-12-01", "quantization": "bf16",
+            "engine": {"max_num_seqs": 32},
+            "levels": [
+                {"concurrency": 16, "ttft_s": {"p50": 2.0, "p95": 2.0 * np.exp(z95)}, "turn_s": {"p50": 9.0, "p95": 14.0},
+                 "turns_per_min": 100.0, "output_tok_s": 800.0},
+                {"concurrency": 1, "ttft_s": {"p50": 0.5, "p95": 0.5}, "turn_s": {"p50": 3.0, "p95": 4.0},
+                 "turns_per_min": 20.0, "output_tok_s": 40.0, "tpot_s": {"p50": 0.02, "p95": 0.02 * np.exp(z95)}},
+            ],
+            "cold_start_s": {"samples": [30.0, 40.0]}}, z99
+
+
+def test_make_capacity_from_the_agent_bench(tmp_path):
+    bench, z99 = _agent_bench()
+    src = tmp_path / "agent_bench.json"
+    src.write_text(json.dumps(bench))
+    out = tmp_path / "capacity.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "make_capacity.py"), "--agent-bench", str(src),
+                           "--out", str(out)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(out.read_text())
+    assert "NVIDIA H200" in doc["source"] and "agent_bench.py" in doc["source"] and not doc["placeholder"]
+    assert doc["engine"] == {"max_num_seqs": 32, "max_queue_size": 128, "quantization": "bf16"}
+    lo, hi = doc["levels"]                                      # sorted by concurrency
+    assert lo["ttft_s"]["p99"] == pytest.approx(0.5) and hi["ttft_s"]["p99"] == pytest.approx(2.0 * np.exp(z99),
+                                                                                              rel=1e-3)
+    assert lo["tpot_s"]["p99"] == pytest.approx(0.02 * np.exp(z99), rel=1e-3)
+    assert hi["tpot_s"]["p50"] == pytest.approx(16 / 800.0) == hi["tpot_s"]["p99"]   # from throughput, no spread
+    assert (hi["turns_per_min"], hi["turn_s"]) == (100.0, {"p50": 9.0, "p95": 14.0})
+    current = json.loads((ROOT / "bench" / "capacity.json").read_text())
+    assert doc["workload"] == current["workload"]               # not in the bench: carried over
+    assert all(lv["cpu_util"] is not None for lv in doc["levels"])
+    assert doc["cold_start_s"]["samples"] == [45.0, 55.0]       # + the assumed 15 s pod overhead
+    # the planner reads it and runs on it
+    cap = pa.Capacity.load(str(out))
+    assert cap.concurrency == [1.0, 16.0] and cap.ttft_p99[1] == pytest.approx(2.0 * np.exp(z99), rel=1e-3)
+    assert (cap.cold_start_p50, cap.max_num_seqs) == (50.0, 32)
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "plan_autoscaling.py"), "--capacity", str(out),
+                           "--quick", "--no-search", "--jobs", "1"], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT)
+    assert proc.returncode == 0 and "MEASURED on one NVIDIA H200" in proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda b: b.pop("gpu"), "'gpu'"),
+    (lambda b: b["levels"][0].pop("turn_s"), "'turn_s'"),
+    (lambda b: b["levels"][0].update(ttft_s=1.0), "ttft_s"),
+    (lambda b: b["levels"][0].update(output_tok_s=0), "output_tok_s"),
+    (lambda b: b.update(cold_start_s={"samples": []}), "cold_start_s"),
+])
+def test_make_capacity_says_what_is_missing(tmp_path, breakage, message):
+    bench, _ = _agent_bench()
+    breakage(bench)
+    src = tmp_path / "agent_bench.json"
+    src.write_text(json.dumps(bench))
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "make_capacity.py"), "--agent-bench", str(src),
+                           "--out", str(tmp_path / "c.json")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr and not (tmp_path / "c.json").exists()
+
+
+def test_make_capacity_reproduces_the_shipped_file(tmp_path):
+    out = tmp_path / "capacity.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "make_capacity.py"), "--h100", "--out", str(out)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    shipped = json.loads((ROOT / "bench" / "capacity.json").read_text())
+    if "agent_bench.py" in shipped["source"]:
+        pytest.skip("capacity.json now comes from the agent bench; --h100 rebuilds the earlier file")
+    assert json.loads(out.read_text()) == shipped
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The README's comparison is the planner's output on the shipped capacity file
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_readme_table_is_the_plan_made_from_the_shipped_capacity_file():
+    """bench/autoscaling_plan.{md,json} are the planner's output (docs/autoscaling.md has the command); the README
+    shows that table, and the plan was made from the capacity file as it is now. A new bench/capacity.json fails
+    this until the plan is rerun with --readme README.md."""
+    readme = (ROOT / "README.md").read_text()
+    plan_md = (ROOT / "bench" / "autoscaling_plan.md").read_text()
+    i, j = pa.comparison_table(readme)
+    k, m = pa.comparison_table(plan_md)
+    assert readme.splitlines()[i:j + 1] == plan_md.splitlines()[k:m + 1]
+    plan = json.loads((ROOT / "bench" / "autoscaling_plan.json").read_text())
+    capacity = json.loads((ROOT / "bench" / "capacity.json").read_text())
+    assert plan["capacity"]["source"] == capacity["source"]
+    assert [s["name"] for s in plan["scenarios"]] == [h.strip() for h in readme.splitlines()[i].split("|")[2:-1]]
+
+
+def test_readme_option_replaces_only_the_table(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n\n| | HPA | old |\n|---|---|\n| meets objective | no |\n\nafter\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "plan_autoscaling.py"), "--quick", "--no-search",
+                           "--jobs", "1", "--service", "", "--readme", str(readme)], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    text = readme.read_text()
+    assert text.startswith("intro\n\n| | HPA (guide: CPU 70%) | KPA (Knative defaults) |") and text.endswith(
+        "\n\nafter\n")
+    i, j = pa.comparison_table(text)
+    assert "\n".join(text.splitlines()[i:j + 1]) in proc.stdout

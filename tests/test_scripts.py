@@ -28,6 +28,7 @@ from test_manifests import (
 )
 
 SCRIPTS = ROOT / "scripts"
+PREPULL_YAML = ROOT / "k8s" / "prepull.yaml"
 ENTRY_SCRIPTS = ["deploy.sh", "func-deploy.sh", "prequantize-job.sh", "broker-trigger.sh",
                  "enable-knative-features.sh"]
 ALL_SCRIPTS = [*ENTRY_SCRIPTS, "deploy-lib.sh"]
@@ -154,7 +155,8 @@ def test_lib_defaults_match_the_manifests():
 
 
 def test_render_with_the_defaults_changes_nothing_and_select_docs_splits():
-    for path in (SERVICE_YAML, ROOT / "k8s" / "cache-front.yaml", ROOT / "k8s" / "prequantize-job.yaml"):
+    for path in (SERVICE_YAML, ROOT / "k8s" / "cache-front.yaml", ROOT / "k8s" / "prequantize-job.yaml",
+                 PREPULL_YAML):
         out = lib(f'render {shlex.quote(str(path))} "$DEFAULT_IMAGE" default "$DEFAULT_GPU_PRODUCT"')
         assert out == path.read_text()
     ksvc = lib(f'select_docs Service serving.knative.dev/ < {SERVICE_YAML}')
@@ -179,8 +181,13 @@ def test_deploy_kubectl_dry_run(fake_tools):
     out = dry_run(fake_tools, "deploy.sh", "-n", NS, "--image", IMAGE, "--gpu-product", GPU_PRODUCT)
     cmds = commands(out)
     applies = [c for c in cmds if c[:2] == ["kubectl", "apply"]]
-    assert len(applies) == 1 and applies[0][2:4] == ["-n", NS]
-    (manifest,) = shown_manifests(out)
+    assert len(applies) == 2 and all(a[2:4] == ["-n", NS] for a in applies)
+    # the image pre-pull first (rendered with the same image and GPU product), then the Service
+    prepull, manifest = shown_manifests(out)
+    _expect_rendered(prepull, load_docs(PREPULL_YAML))
+    ds = prepull[0]
+    assert ds["spec"]["template"]["spec"]["initContainers"][0]["image"] == IMAGE
+    assert ds["spec"]["template"]["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": GPU_PRODUCT}
     _expect_rendered(manifest, load_docs(SERVICE_YAML))
     ksvc = next(d for d in manifest if d["kind"] == "Service")
     assert container(ksvc)["image"] == IMAGE and template(ksvc)["spec"]["nodeSelector"] == {
@@ -202,7 +209,8 @@ def test_deploy_kn_dry_run(fake_tools):
     (kn,) = [c for c in cmds if c[0] == "kn"]
     assert kn[:6] == ["kn", "service", "create", MODEL["metadata"]["name"], "-n", NS]
     assert "--filename" in kn and "--force" in kn
-    pvc_docs, ksvc_docs = shown_manifests(out)
+    prepull, pvc_docs, ksvc_docs = shown_manifests(out)
+    _expect_rendered(prepull, load_docs(PREPULL_YAML))
     assert [d["kind"] for d in pvc_docs] == ["PersistentVolumeClaim"]
     _expect_rendered(ksvc_docs, [MODEL])
     # The PVC is applied before the Service is created.
@@ -211,7 +219,8 @@ def test_deploy_kn_dry_run(fake_tools):
 
 def test_deploy_everything_dry_run(fake_tools):
     out = dry_run(fake_tools, "deploy.sh", "-n", NS, "--image", IMAGE, "--gpu-product", GPU_PRODUCT,
-                  "--with-prequantize", "--with-cache-front", "--with-eventing", "--enable-features")
+                  "--with-prequantize", "--with-cache-front", "--with-eventing", "--enable-features",
+                  "--with-schedule")
     cmds = commands(out)
     patches = {c[c.index("-n") + 1]: json.loads(c[c.index("-p") + 1])["data"]
                for c in cmds if c[:3] == ["kubectl", "patch", "configmap"]}
@@ -222,18 +231,26 @@ def test_deploy_everything_dry_run(fake_tools):
         c for c in cmds if c[:3] == ["kubectl", "delete", "job"]][0][:6]
     manifests = shown_manifests(out)
     kinds = [[d["kind"] for d in m] for m in manifests]
-    assert kinds == [["PersistentVolumeClaim"], ["Job"], ["Service", "PersistentVolumeClaim"],
+    assert kinds == [["DaemonSet"], ["PersistentVolumeClaim"], ["Job"], ["Service", "PersistentVolumeClaim"],
                      ["Service", "Deployment", "Service", "NetworkPolicy"],
-                     ["Broker", "Trigger", "Service"]]
-    _expect_rendered(manifests[1], [JOB])
-    _expect_rendered(manifests[3], load_docs(ROOT / "k8s" / "cache-front.yaml"))
-    front = manifests[3][0]
+                     ["Broker", "Trigger", "Service"],
+                     ["ServiceAccount", "Role", "RoleBinding", "CronJob", "CronJob"]]
+    _expect_rendered(manifests[2], [JOB])
+    _expect_rendered(manifests[4], load_docs(ROOT / "k8s" / "cache-front.yaml"))
+    assert manifests[6] == load_docs(ROOT / "k8s" / "schedule.yaml")
+    front = manifests[4][0]
     assert env_of(container(front))["MODEL_URL"] == f"http://{MODEL['metadata']['name']}.{NS}.svc.cluster.local"
-    # Order: flags, model cache (PVC, Job, wait), model Service (apply, wait), cache front, broker.
+    # Order: flags, pre-pull, model cache (PVC, Job, wait), model Service (apply, wait), cache front, broker,
+    # schedule.
     order = [c[:3] for c in cmds if c[:2] in (["kubectl", "patch"], ["kubectl", "apply"], ["kubectl", "wait"])]
     assert order[:2] == [["kubectl", "patch", "configmap"]] * 2
-    assert [c for c in order if c[1] != "patch"] == [["kubectl", "apply", "-n"]] * 5 + [["kubectl", "wait",
-                                                                                          "--for=condition=Ready"]]
+    assert [c for c in order if c[1] != "patch"] == [["kubectl", "apply", "-n"]] * 6 + [
+        ["kubectl", "wait", "--for=condition=Ready"], ["kubectl", "apply", "-n"]]
+
+
+def test_deploy_without_prepull(fake_tools):
+    out = dry_run(fake_tools, "deploy.sh", "-n", NS, "--image", IMAGE, "--no-prepull")
+    assert [[d["kind"] for d in m] for m in shown_manifests(out)] == [["Service", "PersistentVolumeClaim"]]
 
 
 # =================================================================================================================
