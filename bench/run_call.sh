@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One device call of the H200 measurement plan: bench/run_call.sh perf | soak   (results under $OUT)
+set -u
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site || exit 1
+export PYTHONUNBUFFERED=1
+O=$OUT
+mkdir -p "$O/a" "$O/b" "$O/c"
+case "${1:-perf}" in
+  perf)
+    OUT=$O timeout 45 python3 bench/attention_check.py
+    OUT=$O/a timeout 80 python3 bench/agent_bench.py build
+    OUT=$O/c timeout 85 python3 bench/fp8_bench.py gemm,accuracy 80
+    OUT=$O/a timeout 160 python3 bench/agent_bench.py agent --quant none --clients 1,8,32 --turns-s 25 --deadline 155
+    OUT=$O/b timeout 175 python3 bench/agent_bench.py agent --quant fp8 --clients 1,8,32 --turns-s 25 --deadline 170
+    ;;
+  soak)
+    OUT=$O/a timeout 80 python3 bench/agent_bench.py build
+    OUT=$O/c timeout 90 python3 bench/agent_bench.py graphcheck --deadline 85
+    OUT=$O/b timeout 300 python3 bench/agent_bench.py soak --quant fp8 --minutes 4.2 --deadline 295
+    ;;
+esac
+rm -f "$O"/*/build.log "$O"/*/naive.log
+ls -R "$O"
