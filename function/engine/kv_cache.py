@@ -25,6 +25,8 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
     q_len, kv_len = query.shape[2], key.shape[2]
     causal = attention_mask is None and q_len > 1 and q_len == kv_len
     if attention_mask is None and 1 < q_len < kv_len:
+        if query.is_cuda:
+            return _lower_right_cuda(query, key, value, scaling)
         attention_mask = causal_lower_right(q_len, kv_len)
     if _GQA:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling,
@@ -33,6 +35,34 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
         rep = query.shape[1] // key.shape[1]
         out = F.scaled_dot_product_attention(query, key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1),
                                              attn_mask=attention_mask, scale=scaling, is_causal=causal)
+    return out.transpose(1, 2).contiguous(), None
+
+
+_FLASH_GQA: list[bool] = []   # whether the flash kernel took GQA shapes directly (decided on first use)
+
+
+def _lower_right_cuda(query, key, value, scaling):
+    """A chunk after cached tokens: FlashAttention's causal mask is aligned to the lower right when q < L, and it
+    reads grouped K/V heads as they are. SDPA's own dispatch of `causal_lower_right` refuses GQA shapes for flash
+    and falls back to a materialized [q, L] mask in the math kernel (seconds for a screenshot suffix), so the
+    flash op is called directly; if this torch build refuses that, K/V heads are expanded for the CausalBias
+    flash path instead."""
+    if not _FLASH_GQA or _FLASH_GQA[0]:
+        try:
+            out = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, 0.0, True, False,
+                                                                     scale=scaling)[0]
+            if not _FLASH_GQA:
+                _FLASH_GQA.append(True)
+            return out.transpose(1, 2).contiguous(), None
+        except RuntimeError:
+            if _FLASH_GQA:
+                raise
+            _FLASH_GQA.append(False)
+    rep = query.shape[1] // key.shape[1]
+    if rep > 1:
+        key, value = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
+    out = F.scaled_dot_product_attention(query, key, value, scale=scaling,
+                                         attn_mask=causal_lower_right(query.shape[2], key.shape[2]))
     return out.transpose(1, 2).contiguous(), None
 
 
