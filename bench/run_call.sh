@@ -15,9 +15,10 @@ case "${1:-perf}" in
     OUT=$O/b timeout 175 python3 bench/agent_bench.py agent --quant fp8 --clients 1,8,32 --turns-s 25 --deadline 170
     ;;
   soak)
-    OUT=$O/a timeout 80 python3 bench/agent_bench.py build
-    OUT=$O/c timeout 90 python3 bench/agent_bench.py graphcheck --deadline 85
-    OUT=$O/b timeout 300 python3 bench/agent_bench.py soak --quant fp8 --minutes 4.2 --deadline 295
+    OUT=$O/a timeout 70 python3 bench/agent_bench.py build
+    OUT=$O timeout 70 python3 bench/decode_probe.py
+    OUT=$O/c timeout 80 python3 bench/agent_bench.py graphcheck --deadline 78
+    OUT=$O/b timeout 240 python3 bench/agent_bench.py soak --quant fp8 --minutes 2.8 --deadline 238
     ;;
 esac
 rm -f "$O"/*/build.log "$O"/*/naive.log
