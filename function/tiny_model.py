@@ -377,6 +377,11 @@ def _complete(d: Path, seed: int) -> bool:
     return marker_matches(d, MARKER_FILE, builder_version=BUILDER_VERSION, seed=seed)
 
 
+def is_built(out_dir: str | os.PathLike[str], seed: int = 0) -> bool:
+    """Whether `out_dir` already holds a finished checkpoint of this builder version (so a start only reuses it)."""
+    return Path(out_dir).is_dir() and _complete(Path(out_dir), seed)
+
+
 def build_tiny_model(out_dir: str | os.PathLike[str], seed: int = 0, *, force: bool = False) -> Path:
     """Build the tiny checkpoint into `out_dir` (once) and return its path.
 

@@ -55,8 +55,8 @@ def resolve_model_path(config: Config, on_phase: Callable[[str], None] = lambda 
                                     "local checkpoint directory (downloads are disabled; fill the model cache volume "
                                     "with the pre-quantize Job first)")
         return p, "checkpoint"
-    on_phase("building tiny model")
-    from ..tiny_model import build_tiny_model
+    from ..tiny_model import build_tiny_model, is_built
+    on_phase("reusing the tiny model" if is_built(config.tiny_model_dir) else "building tiny model")
     return Path(build_tiny_model(config.tiny_model_dir)), "tiny"
 
 
