@@ -381,9 +381,10 @@ async def test_an_engine_crash_turns_liveness_false_and_requests_fail_fast(model
         async with asgi_client(wrapper) as c:
             t = time.monotonic()
             in_flight = await c.post(CHAT, json=ask(max_tokens=8))
-            assert_error(in_flight, 500, "internal")
+            assert_error(in_flight, 503, "engine_stopped")               # retriable: the pod is restarted
             after = await c.post(CHAT, json=ask(max_tokens=8))
-            assert after.status_code == 500 and "engine stopped" in after.json()["error"]["message"]
+            assert after.status_code == 503 and "engine stopped" in after.json()["error"]["message"]
+            assert int(after.headers["retry-after"]) > 0
             assert time.monotonic() - t < 10
             live = await c.get("/health/liveness")                    # func-python's probe, from alive()
             assert live.status_code == 500 and "illegal memory access" in live.text
