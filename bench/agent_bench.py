@@ -417,6 +417,9 @@ def summarize(recs: list[dict], wall: float, max_tokens: int | None = None) -> d
          "output_tok_s": round(out_tok / wall, 1) if wall else None,
          "itl_p50_ms": pct(gaps, 50, 1000, 1), "itl_p99_ms": pct(gaps, 99, 1000, 1),
          "itl_max_ms": pct(gaps, 100, 1000, 1),
+         # ~1.0 when every token carries text (the premise of TTFT-at-first-content and the gaps above)
+         "content_chunks_per_token": round(sum(r["chunks"] for r in full if r["usage"]) / out_tok, 3)
+         if out_tok else None,
          "prompt_tokens_mean": round(prompt / len(usage), 1) if usage else None,
          "cached_tokens_mean": round(cached / len(usage), 1) if usage else None,
          "prefix_hit_rate": round(cached / prompt, 3) if prompt else None,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call of the H200 measurement plan: bench/run_call.sh perf | soak   (results under $OUT)
+# One device call of the H200 measurement plan: bench/run_call.sh perf | probe | soak   (results under $OUT)
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site || exit 1
@@ -13,6 +13,12 @@ case "${1:-perf}" in
     OUT=$O/c timeout 85 python3 bench/fp8_bench.py gemm,accuracy 80
     OUT=$O/a timeout 160 python3 bench/agent_bench.py agent --quant none --clients 1,8,32 --turns-s 25 --deadline 155
     OUT=$O/b timeout 175 python3 bench/agent_bench.py agent --quant fp8 --clients 1,8,32 --turns-s 25 --deadline 170
+    ;;
+  probe)
+    OUT=$O/a timeout 80 python3 bench/agent_bench.py build
+    OUT=$O timeout 130 python3 bench/prefill_probe.py
+    OUT=$O/b timeout 95 python3 bench/agent_bench.py naive --naive-turns 3 --deadline 90
+    OUT=$O/a timeout 165 python3 bench/agent_bench.py agent --quant none --clients 1,8,32 --turns-s 25 --deadline 160
     ;;
   soak)
     OUT=$O/a timeout 70 python3 bench/agent_bench.py build
