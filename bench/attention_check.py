@@ -1,5 +1,5 @@
-"""GPU check of the suffix-after-prefix attention (kv_cache._lower_right_cuda) against SDPA's math kernel with a
-dense lower-right causal mask, at an agent turn's shapes (32 query heads, 2 KV heads, head_dim 128), and its time
+"""GPU check of the prefill attention (kv_cache._causal_flash_cuda: a suffix after a cached prefix, q < L, and a
+prompt from position 0, q == L) against SDPA's math kernel with a dense lower-right causal mask, at an agent turn's shapes (32 query heads, 2 KV heads, head_dim 128), and its time
 against the dense-mask path the engine used before.   python3 bench/attention_check.py  -> $OUT/attention.json"""
 import json
 import os
@@ -14,7 +14,7 @@ from function.engine import kv_cache  # noqa: E402
 
 res = {}
 torch.manual_seed(0)
-for q, L in ((3627, 5527), (2048, 4096), (300, 5400)):
+for q, L in ((3627, 5527), (2048, 4096), (300, 5400), (5231, 5231)):
     qq = torch.randn(1, 32, q, 128, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, 2, L, 128, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(1, 2, L, 128, device="cuda", dtype=torch.bfloat16)
@@ -25,7 +25,7 @@ for q, L in ((3627, 5527), (2048, 4096), (300, 5400)):
     ref = ref.transpose(1, 2)
 
     def ours():
-        return kv_cache._lower_right_cuda(qq, k, v, None)[0]
+        return kv_cache._causal_flash_cuda(qq, k, v, None)[0]
 
     def dense():
         return F.scaled_dot_product_attention(qq, k, v, attn_mask=mask, enable_gqa=True)

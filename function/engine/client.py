@@ -197,10 +197,12 @@ class LocalEngine(EngineClient):
         t = time.perf_counter()
         n = 0
         if runner.use_graphs:
-            # before ready: the graphs a first request after scale-from-zero uses (small batches, short and
-            # screenshot-length context, a short prompt); the engine captures the rest when idle (or on first use)
+            # before ready: the graphs a first request after scale-from-zero uses (small batches at short context,
+            # one stream at every context length: an agent turn of 5-6k tokens decodes in the 8192 bucket, a graph
+            # first captured mid-traffic stalls every running stream); the engine captures the rest of the plan,
+            # every batch bucket at every length, when idle (or on first use)
             import torch
-            plan = runner.graph_plan(min(4096, runner.len_buckets[-1]))
+            plan = runner.graph_plan(runner.len_buckets[-1])
             first = [k for k in plan if (k[0] != "prefill" and k[0] <= 8 and k[1] == runner.len_buckets[0])
                      or (k[0] != "prefill" and k[0] == 1) or k in (("prefill", 1, 256), ("prefill", 1, 512))]
 

@@ -20,14 +20,15 @@ _GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """query [B,H,q,D]; key/value [B,Hkv,L,D] straight from the slot cache; attention_mask bool [B,1,q,L], or None
     for a prefill where causal attention is exact: from position 0 (q == L), or one sequence's chunk after the
-    part of its prompt already in the cache (q < L: the causal diagonal aligned to the lower right). Both let SDPA
-    pick a flash kernel instead of materializing a [q, L] mask."""
+    part of its prompt already in the cache (q < L: the causal diagonal aligned to the lower right). Both run a
+    flash kernel instead of materializing a [q, L] mask."""
     q_len, kv_len = query.shape[2], key.shape[2]
-    causal = attention_mask is None and q_len > 1 and q_len == kv_len
-    if attention_mask is None and 1 < q_len < kv_len:
+    if attention_mask is None and q_len > 1:
         if query.is_cuda:
-            return _lower_right_cuda(query, key, value, scaling)
-        attention_mask = causal_lower_right(q_len, kv_len)
+            return _causal_flash_cuda(query, key, value, scaling)
+        if q_len < kv_len:
+            attention_mask = causal_lower_right(q_len, kv_len)
+    causal = attention_mask is None and q_len > 1
     if _GQA:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling,
                                              is_causal=causal, enable_gqa=key.shape[1] != query.shape[1])
@@ -41,12 +42,14 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
 _FLASH_GQA: list[bool] = []   # whether the flash kernel took GQA shapes directly (decided on first use)
 
 
-def _lower_right_cuda(query, key, value, scaling):
-    """A chunk after cached tokens: FlashAttention's causal mask is aligned to the lower right when q < L, and it
-    reads grouped K/V heads as they are. SDPA's own dispatch of `causal_lower_right` refuses GQA shapes for flash
-    and falls back to a materialized [q, L] mask in the math kernel (seconds for a screenshot suffix), so the
-    flash op is called directly; if this torch build refuses that, K/V heads are expanded for the CausalBias
-    flash path instead."""
+def _causal_flash_cuda(query, key, value, scaling):
+    """A prefill's causal attention on FlashAttention, called directly. From position 0 SDPA's dispatch would pick
+    cuDNN on Hopper, which builds an execution plan for every new sequence length (~40 ms per new prompt length
+    on an H200, measured in bench/prefill_probe.py; flash: none), and agent prompts rarely repeat a length. For a
+    chunk after cached tokens (q < L) FlashAttention's causal mask is aligned to the lower right, and it reads
+    grouped K/V heads as they are, where SDPA's dispatch of `causal_lower_right` refuses GQA shapes for flash and
+    falls back to a materialized [q, L] mask in the math kernel. If this torch build refuses the direct call, K/V
+    heads are expanded for SDPA's own causal paths instead."""
     if not _FLASH_GQA or _FLASH_GQA[0]:
         try:
             out = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, 0.0, True, False,
@@ -61,8 +64,12 @@ def _lower_right_cuda(query, key, value, scaling):
     rep = query.shape[1] // key.shape[1]
     if rep > 1:
         key, value = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
-    out = F.scaled_dot_product_attention(query, key, value, scale=scaling,
-                                         attn_mask=causal_lower_right(query.shape[2], key.shape[2]))
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if q_len == kv_len:
+        out = F.scaled_dot_product_attention(query, key, value, scale=scaling, is_causal=True)
+    else:
+        out = F.scaled_dot_product_attention(query, key, value, scale=scaling,
+                                             attn_mask=causal_lower_right(q_len, kv_len))
     return out.transpose(1, 2).contiguous(), None
 
 

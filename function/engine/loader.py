@@ -196,21 +196,44 @@ def model_classes(model_dir: Path):
     return AutoConfig, AutoModelForImageTextToText
 
 
+def image_processor_class():
+    """GLM-4.1V's image processor: transformers' torchvision backend where torchvision imports, else its PIL
+    backend. Both implement the same preprocessing (smart resize to a multiple of 28, rescale, normalize,
+    14x14 patches); the torchvision one runs it as tensor ops, and a 1080x2400 screenshot is most of a turn's
+    preparation time: ~0.3 s with PIL/numpy on the H200 host vs ~0.04 s (bench/prefill_probe.py), i.e. more than
+    the prefill itself. The product image installs torchvision beside torch (Dockerfile); the CPU test venv has
+    none and tests the PIL backend."""
+    from transformers.utils import is_torchvision_available
+    if is_torchvision_available():
+        try:
+            from transformers.models.glm4v.image_processing_glm4v import Glm4vImageProcessor as Fast
+            from transformers.image_processing_backends import TorchvisionBackend
+            if issubclass(Fast, TorchvisionBackend):
+                return Fast
+        except ImportError:     # transformers before the backend split: the torchvision class is the "fast" one
+            try:
+                from transformers.models.glm4v.image_processing_glm4v_fast import Glm4vImageProcessorFast
+                return Glm4vImageProcessorFast
+            except ImportError:
+                pass
+    try:
+        from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
+        return Glm4vImageProcessorPil
+    except ImportError:     # transformers before the backend split: the slow class is the PIL one
+        from transformers.models.glm4v.image_processing_glm4v import Glm4vImageProcessor
+        return Glm4vImageProcessor
+
+
 def load_processor(model_path: Path):
-    """Glm4vProcessor from its tokenizer, its PIL image processor and the chat template, without a video processor:
-    the API takes no video, and the video processor (and transformers' torchvision image backend, which AutoProcessor
-    picks where torchvision is installed) would make the processor depend on torchvision. The PIL backend is what the
-    product image (no torchvision) always serves, so every image serves the same preprocessing. Checkpoints of
-    another architecture go through AutoProcessor."""
+    """Glm4vProcessor from its tokenizer, its image processor (`image_processor_class`) and the chat template,
+    without a video processor: the API takes no video, and transformers' video processor would make the processor
+    depend on torchvision. Checkpoints of another architecture go through AutoProcessor."""
     if _model_type(model_path) != "glm4v":
         from transformers import AutoProcessor
         return AutoProcessor.from_pretrained(model_path)
     from transformers import AutoTokenizer
     from transformers.models.glm4v.processing_glm4v import Glm4vProcessor
-    try:
-        from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil as ImageProcessor
-    except ImportError:     # transformers before the backend split: the slow class is the PIL one
-        from transformers.models.glm4v.image_processing_glm4v import Glm4vImageProcessor as ImageProcessor
+    ImageProcessor = image_processor_class()
 
     tok = AutoTokenizer.from_pretrained(model_path)
     template = None

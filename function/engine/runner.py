@@ -101,7 +101,8 @@ class ModelRunner:
         # a split model runs eagerly: one CUDA graph cannot span the cards' streams
         self.use_graphs = use_graphs and self.device.type == "cuda" and not self.split
         self.batch_buckets = _buckets(S, graph_batch_sizes or (1, 2, 4, 8, 16, 32, 48, 64, 96, 128))
-        # attention reads the cache up to the bucket length: short chats use 1024, a screenshot turn 4096
+        # attention reads the cache up to the bucket length: short chats use 1024, a screenshot alone 4096, an
+        # agent turn (system prompt + history + screenshot) 8192
         self.len_buckets = _buckets(max_len + 1, (1024, 4096) + tuple(2 ** i for i in range(13, 20)))
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
@@ -342,8 +343,8 @@ class ModelRunner:
         return self.graphs[key]
 
     def graph_plan(self, max_len_bucket: int) -> list[tuple]:
-        """Every graph worth having, most needed first: decode for each batch bucket at the short and the
-        screenshot-length bucket, then the short prefill shapes."""
+        """Every graph worth having, most needed first: decode for the small batch buckets at every length bucket
+        up to `max_len_bucket`, then the large ones, then the short prefill shapes."""
         keys = [(b, ln) for ln in self.len_buckets if ln <= max_len_bucket for b in self.batch_buckets]
         keys.sort(key=lambda k: (k[0] > 8, k[1], k[0]))
         keys += [("prefill", nb, qb) for nb in PREFILL_GRAPH_ROWS for qb in (256, 512)
