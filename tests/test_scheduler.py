@@ -124,3 +124,37 @@ def test_fresh_prompts_share_a_forward_only_when_padding_is_cheap():
     groups = _prefill_groups([ch(300), ch(5500), ch(250), ch(2000), ch(5400), ch(100, start=900)])
     sizes = [[c.tokens for c in g] for g in groups]
     assert sizes == [[5500, 5400], [2000], [300, 250], [100]]
+
+
+def test_an_unrelated_request_does_not_evict_a_lone_agents_cached_turn():
+    """The order of real traffic: one agent's turn finishes (its 5k-token prompt cached in slot 0, nothing
+    running), an unrelated chat arrives, then the agent's next turn. The chat takes an empty slot, and the
+    next turn still reuses the agent's prefix."""
+    s = Scheduler(num_slots=4, max_prefill_tokens=16384)
+    history = prompt(1, 5000)
+    s.waiting.append(Seq("turn1", history))
+    (t1,) = s.schedule()
+    s.chunk_done(t1)
+    s.release(t1.slot, [7, 8, 9])
+    s.waiting.append(Seq("chat", prompt(2, 300)))
+    (chat,) = s.schedule()
+    assert chat.slot != t1.slot and chat.reuse == 0
+    s.chunk_done(chat)
+    s.release(chat.slot, [])
+    s.waiting.append(Seq("turn2", history + [7, 8, 9] + prompt(3, 400)))
+    (t2,) = s.schedule()
+    assert (t2.slot, t2.reuse, t2.copy_from) == (t1.slot, 5003, None)
+
+
+def test_with_no_empty_slot_the_least_recently_used_prefix_is_overwritten():
+    s = Scheduler(num_slots=3, max_prefill_tokens=16384)
+    for tag in (1, 2, 3):
+        s.waiting.append(Seq(f"p{tag}", prompt(tag, 100)))
+    chunks = s.schedule()
+    for c in chunks:
+        s.chunk_done(c)
+    for c in (chunks[1], chunks[0], chunks[2]):           # released in the order p2, p1, p3
+        s.release(c.slot, [])
+    s.waiting.append(Seq("new", prompt(4, 100)))
+    (n,) = s.schedule()
+    assert n.slot == chunks[1].slot and n.reuse == 0        # p2's was used least recently

@@ -165,15 +165,20 @@ class Scheduler:
             self.partial[chunk.slot] = chunk.end
 
     def _pick_free(self, free: list[int]) -> int:
-        """Decode runs rows 0..B-1 of a batch bucket, so a slot above the highest running one makes every step
-        bigger (and for bitsandbytes nf4, batch 1 -> 2 leaves its fast single-row kernel). Among free slots that do
-        not grow the batch, take an empty one, else the least recently used; otherwise the lowest free slot."""
+        """A slot for a prompt that matches no free slot's cache. Decode runs rows 0..B-1 of a batch bucket, so a
+        slot above the highest running one makes every step bigger (and for bitsandbytes nf4, batch 1 -> 2 leaves
+        its fast single-row kernel): free slots below it come first. Within a group an empty slot goes before one
+        that holds a reusable prefix, and among those the least recently used is overwritten: a lone agent's
+        cached turn is not evicted by the first unrelated request while empty slots exist (the next turn of that
+        agent would recompute its whole 5k-token prompt)."""
         running = [i for i, s in enumerate(self.slots) if s.owner is not None]
         top = max(running) if running else -1
         inside = [i for i in free if i < top]
-        if not inside:
-            return min(free)
-        return min(inside, key=lambda i: (self.slots[i].valid >= MIN_PREFIX_REUSE, self.slots[i].last_used, i))
+
+        def victim(i: int) -> tuple:
+            cached = self.slots[i].valid >= MIN_PREFIX_REUSE
+            return (cached, self.slots[i].last_used if cached else i, i)
+        return min(inside or free, key=victim)
 
     def release(self, slot: int, generated: list[int] | None = None) -> None:
         """Free a slot, keeping its KV for reuse: the prompt tokens whose KV was written plus the generated tokens
