@@ -15,6 +15,7 @@ case "${1:-perf}" in
     OUT=$O/b timeout 175 python3 bench/agent_bench.py agent --quant fp8 --clients 1,8,32 --turns-s 25 --deadline 170
     ;;
   probe)
+    OUT=$O timeout 45 python3 bench/attention_check.py
     OUT=$O/a timeout 80 python3 bench/agent_bench.py build
     OUT=$O timeout 130 python3 bench/prefill_probe.py
     OUT=$O/b timeout 95 python3 bench/agent_bench.py naive --naive-turns 3 --deadline 90
