@@ -27,6 +27,17 @@ case "${1:-perf}" in
     OUT=$O/c timeout 80 python3 bench/agent_bench.py graphcheck --deadline 78
     OUT=$O/b timeout 240 python3 bench/agent_bench.py soak --quant fp8 --minutes 2.8 --deadline 238
     ;;
+  soak2)     # bf16 and nf4 side by side on one card (each GPU_MEMORY_UTILIZATION=0.45): survival, not speed
+    OUT=$O/a timeout 70 python3 bench/agent_bench.py build
+    OUT=$O timeout 60 python3 bench/import_probe.py
+    OUT=$O/b timeout 420 python3 bench/agent_bench.py soak --quant none --minutes 5 --deadline 410 \
+      --env GPU_MEMORY_UTILIZATION=0.45 > "$O/b/soak.out" 2>&1 &
+    sleep 25
+    OUT=$O/c timeout 400 python3 bench/agent_bench.py soak --quant nf4 --minutes 5 --deadline 390 \
+      --cache-dir /tmp/mc-nf4 --env GPU_MEMORY_UTILIZATION=0.45 > "$O/c/soak.out" 2>&1 &
+    wait
+    tail -c 3000 "$O/b/soak.out"; tail -c 3000 "$O/c/soak.out"
+    ;;
 esac
 rm -f "$O"/*/build.log "$O"/*/naive.log
 ls -R "$O"

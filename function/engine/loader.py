@@ -387,10 +387,7 @@ def load(config: Config, on_phase: Callable[[str], None] = lambda p: None) -> Lo
         from transformers import AutoTokenizer, GenerationConfig  # noqa: F401
         if _model_type(model_path) == "glm4v":
             from transformers.models.glm4v import processing_glm4v  # noqa: F401
-            try:
-                from transformers.models.glm4v import image_processing_pil_glm4v  # noqa: F401
-            except ImportError:
-                pass
+            image_processor_class()
         return classes
 
     config_cls, model_cls = timed("import_transformers", _imports)
