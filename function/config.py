@@ -174,6 +174,25 @@ class Config:
     events_trust_network: bool = env("EVENTS_TRUST_NETWORK", "With keys configured, accept CloudEvents on / and "
                                      "/events without a key (only where the Service is cluster-local and a "
                                      "NetworkPolicy admits only the broker).", default=False)
+    events_oidc_audience: str = env("EVENTS_OIDC_AUDIENCE", "Knative Eventing sender identity (feature "
+                                    "authentication-oidc): CloudEvents on / and /events must carry Authorization: "
+                                    "Bearer <JWT> issued for this audience (the Trigger's subscriber.audience), or, "
+                                    "with API keys configured, a valid key (empty: no OIDC check).", default="")
+    events_oidc_issuer: str = env("EVENTS_OIDC_ISSUER", "The tokens' `iss` (empty: the issuer that the API server's "
+                                  "discovery document https://kubernetes.default.svc/.well-known/openid-configuration "
+                                  "names, as Knative's own receivers do).", default="")
+    events_oidc_jwks_url: str = env("EVENTS_OIDC_JWKS_URL", "Where the issuer's signing keys are fetched, with the "
+                                    "pod's service-account token and CA.",
+                                    default="https://kubernetes.default.svc/openid/v1/jwks")
+    events_oidc_jwks_file: str = env("EVENTS_OIDC_JWKS_FILE", "A JWKS file used instead of EVENTS_OIDC_JWKS_URL (a "
+                                     "mounted ConfigMap; tests); re-read when it changes.", default="")
+    events_oidc_allowed_subjects: str = env("EVENTS_OIDC_ALLOWED_SUBJECTS", "Comma-separated `sub` values accepted, "
+                                            "e.g. system:serviceaccount:<ns>:<trigger>-oidc-eventing.knative.dev-"
+                                            "trigger (empty: any subject the issuer signed for the audience).",
+                                            default="")
+    events_oidc_jwks_ttl_s: float = env("EVENTS_OIDC_JWKS_TTL_S", "Seconds the fetched signing keys are kept before "
+                                        "they are fetched again (a token with an unknown key id fetches them "
+                                        "sooner, at most every 30 s).", default=300.0)
     response_cache_share_keys: bool = env("RESPONSE_CACHE_SHARE_KEYS", "Let cached answers cross API keys (default: "
                                           "each key has its own entries).", default=False)
     max_json_depth: int = env("MAX_JSON_DEPTH", "Deepest nesting of arrays and objects in a request body (400 "
@@ -293,6 +312,17 @@ class Config:
             bad("MAX_JSON_ELEMENTS", "must be at least 16")
         if not 0 <= self.remote_image_max_redirects <= 10:
             bad("REMOTE_IMAGE_MAX_REDIRECTS", "must be between 0 and 10")
+        if not 10 <= self.events_oidc_jwks_ttl_s <= 86400:
+            bad("EVENTS_OIDC_JWKS_TTL_S", "must be between 10 and 86400 seconds")
+        if self.events_oidc_audience and self.events_trust_network:
+            bad("EVENTS_TRUST_NETWORK", "cannot be combined with EVENTS_OIDC_AUDIENCE: with OIDC configured every "
+                "CloudEvent must carry a token (or an API key); unset one of them")
+        if self.events_oidc_audience:
+            if not (self.events_oidc_jwks_file or self.events_oidc_jwks_url.startswith(("https://", "http://"))):
+                bad("EVENTS_OIDC_JWKS_URL", "must be an http(s) URL (or set EVENTS_OIDC_JWKS_FILE)")
+            if self.events_oidc_jwks_file and not self.events_oidc_issuer:
+                bad("EVENTS_OIDC_ISSUER", "must be set with EVENTS_OIDC_JWKS_FILE (the issuer is discovered only "
+                    "from the API server)")
 
     # --- derived values
     @property
