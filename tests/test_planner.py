@@ -621,3 +621,62 @@ def test_readme_option_replaces_only_the_table(tmp_path):
         "\n\nafter\n")
     i, j = pa.comparison_table(text)
     assert "\n".join(text.splitlines()[i:j + 1]) in proc.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The package behind the CLI (scripts/autoscaling/)
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_cli_module_reexports_the_package():
+    import autoscaling
+    from autoscaling import cli, simulator
+    assert pa.Simulator is simulator.Simulator and pa.main is cli.main
+    assert set(autoscaling.__all__) <= set(vars(pa))
+    assert pa.REPO_ROOT == ROOT
+
+
+def test_cli_module_loads_by_path(tmp_path):
+    # without scripts/ on sys.path (importlib by file name): the package beside it is found
+    code = ("import importlib.util, sys; s = importlib.util.spec_from_file_location('pa', sys.argv[1]); "
+            "m = importlib.util.module_from_spec(s); s.loader.exec_module(m); print(m.KPAPolicy().resolve_target())")
+    proc = subprocess.run([sys.executable, "-c", code, str(ROOT / "scripts" / "plan_autoscaling.py")],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "(70.0, 100.0)"
+
+
+def test_concurrency_metric_buckets_and_windows():
+    m = pa.ConcurrencyMetric((4, 2))
+    m.advance(0.5, 0, False)
+    m.advance(2.0, 1, False)                # one request in the system from 0.5 s to 2.0 s
+    assert m.cum == [0.0, 0.5, 1.5]         # bucket 0 holds 0.5 request-seconds, bucket 1 holds 1
+    # two buckets written so far: the windows average over those two, not over 4 (a partial window)
+    assert m.window_avg(4, 1) == 0.75 and m.window_avg(2, 1) == 0.75
+    m.advance(10.5, 0, False)               # idle at zero pods: no writes, the seconds in between are zero buckets
+    assert (m.sec, len(m.cum), m.cum[-1]) == (10, 11, 1.5)
+    assert m.window_avg(4, 5) == 0.0        # a whole window after the last write: zero
+    assert m.window_avg(4, 9) is None       # more than a window after it: no data, no decision
+    # the activator's poke: its stat is the only data in a fresh window
+    assert m.with_stat(4, 3) == 3.0
+
+
+def test_concurrency_metric_ready_pod_writes_zero_buckets():
+    m = pa.ConcurrencyMetric((2,))
+    m.advance(1.5, 0, True)                 # bucket 0 closes before the pod was seen in it: not written
+    assert m.window_avg(2, 0) is None
+    m.advance(2.5, 0, True)                 # bucket 1 saw a ready pod: written, with 0 requests
+    assert m.window_avg(2, 1) == 0.0
+
+
+def test_pod_retire_and_drain():
+    from autoscaling.simulator import POD_GONE, POD_TERMINATING
+    idle = pa.Pod(0, 0.0, 10.0)
+    idle.retire(3.0)
+    assert (idle.state, idle.gone_at) == (POD_GONE, 3.0)
+    busy = pa.Pod(1, 0.0, 10.0)
+    busy.active = 1
+    busy.retire(5.0)
+    assert busy.state == POD_TERMINATING and busy.gone_at == float("inf")    # drains first
+    busy.active = 0
+    busy.drained(7.0)
+    assert (busy.state, busy.gone_at) == (POD_GONE, 7.0)                    # GPU time ends when it has drained
