@@ -18,8 +18,8 @@ from .policies import HPAPolicy, KPAPolicy
 from .report import annotations, grid_table, markdown_table, plot, replace_table, service_snippet
 from .schedule import Schedule, trace_start
 from .search import Grid, Objective, search
-from .simulator import simulate
-from .trace import generate_diurnal, load_trace
+from .simulator import SimResult, simulate
+from .trace import Trace, generate_diurnal, load_trace
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -94,23 +94,30 @@ def _csv(text: str | None, typ=float) -> list | None:
     return [typ(x) for x in text.split(",") if x.strip()] if text else None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    t_start = time.perf_counter()
-    cap = Capacity.load(args.capacity)
+def _trace(args: argparse.Namespace, cap: Capacity) -> tuple[Trace, float]:
+    """The trace (read or generated) and the hour of the day of its t=0."""
     hours = 3.0 if args.quick and args.hours == 24.0 else args.hours
     start_hour = 7.0 if args.quick else 0.0
     if args.trace:
-        trace = load_trace(args.trace, cap, seed=args.seed)
-        start_hour = 0.0
-    else:
-        trace = generate_diurnal(cap, hours=hours, peak_rps=args.peak_rps, seed=args.seed,
-                                 bursts_per_day=args.bursts_per_day, night_trickle_per_hour=args.night_trickle,
-                                 start_hour=start_hour)
-    if args.save_trace:
-        trace.save_csv(args.save_trace)
-    obj = Objective(args.p99_slo, args.slo_metric, args.max_error_rate, args.gpu_hour_price)
+        return load_trace(args.trace, cap, seed=args.seed), 0.0
+    return generate_diurnal(cap, hours=hours, peak_rps=args.peak_rps, seed=args.seed,
+                            bursts_per_day=args.bursts_per_day, night_trickle_per_hour=args.night_trickle,
+                            start_hour=start_hour), start_hour
 
+
+@dataclasses.dataclass
+class _Plan:
+    """The columns of a run: the policies, the Service's, the recommendation, the grid and the scheduled twins."""
+    scenarios: list[KPAPolicy | HPAPolicy]
+    svc_pol: KPAPolicy | None
+    svc_note: str
+    rec: KPAPolicy | None = None
+    grid_rows: list[dict] = dataclasses.field(default_factory=list)
+    switches: dict[int, list[tuple[float, int]]] = dataclasses.field(default_factory=dict)   # scenario -> switches
+    sched_note: str = ""
+
+
+def _plan(args: argparse.Namespace, cap: Capacity, trace: Trace, obj: Objective, start_hour: float) -> _Plan:
     svc_pol, svc_note = policy_from_service(args.service) if args.service else (None, "")
     cc = args.container_concurrency
     if cc is None:
@@ -121,15 +128,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     request_timeout=timeout)
     kpa_default = KPAPolicy(name="KPA (Knative defaults)", container_concurrency=cc,
                             max_scale=args.max_scale, request_timeout=timeout)
-    scenarios: list[KPAPolicy | HPAPolicy] = [hpa, kpa_default]
+    plan = _Plan([hpa, kpa_default], svc_pol, svc_note)
+    scenarios = plan.scenarios
     if svc_pol is not None:
         if args.request_timeout:
             svc_pol.request_timeout = args.request_timeout
         scenarios.append(svc_pol)
     for k, text in enumerate(args.candidate, 1):
         scenarios.append(parse_candidate(text, kpa_default, f"KPA (candidate {k})"))
-    grid_rows: list[dict] = []
-    rec: KPAPolicy | None = None
     if not args.no_search:
         grid = Grid.default(cap, args.quick)
         grid.container_concurrency = _csv(args.cc_grid, int) or grid.container_concurrency
@@ -140,60 +146,93 @@ def main(argv: Sequence[str] | None = None) -> int:
             base = dataclasses.replace(svc_pol, max_scale=args.max_scale)
         else:
             base = KPAPolicy(max_scale=args.max_scale, request_timeout=timeout)
-        rec, grid_rows = search(cap, trace, obj, base, grid, seed=args.seed, jobs=args.jobs)
-        scenarios.append(rec)
-
-    switches: dict[int, list[tuple[float, int]]] = {}      # scenario index -> its min-scale switches
-    sched_note = ""
+        plan.rec, plan.grid_rows = search(cap, trace, obj, base, grid, seed=args.seed, jobs=args.jobs)
+        scenarios.append(plan.rec)
     if args.schedule:
         sched = Schedule.load(args.schedule)
         t0 = trace_start(args.trace_start, sched, start_hour)
         initial, sw = sched.switches(t0, trace.horizon)
-        for k, pol in enumerate(list(scenarios)):
-            if isinstance(pol, KPAPolicy) and (pol is svc_pol or pol is rec or (svc_pol is None and pol is kpa_default)):
+        for pol in list(scenarios):
+            if isinstance(pol, KPAPolicy) and (pol is svc_pol or pol is plan.rec or
+                                               (svc_pol is None and pol is kpa_default)):
                 twin = dataclasses.replace(pol, name=f"{pol.name.removesuffix(')')} + schedule)",
                                            min_scale=pol.min_scale if initial is None else initial)
-                switches[len(scenarios)] = sw
+                plan.switches[len(scenarios)] = sw
                 scenarios.append(twin)
-        sched_note = (f"Schedule: `{args.schedule}`: {sched.describe()}; trace starts {t0:%a %Y-%m-%d %H:%M %Z}, "
-                      f"{len(sw)} switches in it, min-scale {initial if initial is not None else 'unchanged'} at "
-                      "the start")
+        plan.sched_note = (f"Schedule: `{args.schedule}`: {sched.describe()}; trace starts "
+                           f"{t0:%a %Y-%m-%d %H:%M %Z}, {len(sw)} switches in it, min-scale "
+                           f"{initial if initial is not None else 'unchanged'} at the start")
+    return plan
 
-    results = [obj.judge(simulate(cap, pol, trace, args.seed, record=bool(args.plot), switches=switches.get(k, ())))
-               for k, pol in enumerate(scenarios)]
 
+def _report(args: argparse.Namespace, cap: Capacity, trace: Trace, obj: Objective, plan: _Plan,
+            results: Sequence[SimResult]) -> str:
     lines = []
     if cap.placeholder:
         lines.append("> **PLACEHOLDER capacity numbers** - " + cap.source)
         lines.append("")
     lines.append(f"Capacity: `{args.capacity}`" + ("" if cap.placeholder else f" ({cap.source})") + "  ")
     if args.service:
-        lines.append(f"Service manifest: {svc_note}  ")
+        lines.append(f"Service manifest: {plan.svc_note}  ")
     lines.append(f"Trace: {trace.description}  ")
     lines.append(f"Objective: {obj.describe()}; GPU price ${obj.gpu_hour_price:g}/h; max-scale {args.max_scale}"
-                 + ("  " if sched_note else ""))
-    if sched_note:
-        lines.append(sched_note)
+                 + ("  " if plan.sched_note else ""))
+    if plan.sched_note:
+        lines.append(plan.sched_note)
     lines.append("")
-    lines.append(markdown_table(results, obj, revisions=bool(switches)))
-    if rec is not None:
+    lines.append(markdown_table(results, obj, revisions=bool(plan.switches)))
+    if plan.rec is not None:
         lines.append("")
-        feasible = sum(1 for s in grid_rows if s["meets_slo"])
-        lines.append(f"Searched {len(grid_rows)} KPA settings, {feasible} meet the objective. "
+        feasible = sum(1 for s in plan.grid_rows if s["meets_slo"])
+        lines.append(f"Searched {len(plan.grid_rows)} KPA settings, {feasible} meet the objective. "
                      + ("Recommended (cheapest that meets it):" if results[-1].meets_slo else
                         "**None meets the objective**; closest:"))
         lines.append("")
         lines.append("```yaml")
-        lines.append(service_snippet(rec))
+        lines.append(service_snippet(plan.rec))
         lines.append("```")
         lines.append("")
         lines.append("Best grid points:")
         lines.append("")
-        lines.append(grid_table(grid_rows, obj))
+        lines.append(grid_table(plan.grid_rows, obj))
     lines.append("")
     lines.append("The HPA column models CPU utilisation from the capacity file's cpu_util-vs-concurrency: on a GPU "
                  "server the CPU mostly waits for the GPU, so CPU is a poor proxy for load.")
-    report = "\n".join(lines)
+    return "\n".join(lines)
+
+
+def _json_doc(args: argparse.Namespace, cap: Capacity, trace: Trace, obj: Objective, plan: _Plan,
+              results: Sequence[SimResult], t_start: float) -> dict:
+    rec, switches = plan.rec, plan.switches
+    return {
+        "capacity": {"path": args.capacity, "source": cap.source, "placeholder": cap.placeholder},
+        "trace": {"description": trace.description, "requests": int(len(trace.arrivals)),
+                  "horizon_s": trace.horizon},
+        "objective": dataclasses.asdict(obj),
+        "schedule": ({"path": args.schedule, "note": plan.sched_note} if args.schedule else None),
+        "scenarios": [{"policy": dataclasses.asdict(pol), **r.summary(),
+                       **({"switches": switches[k]} if k in switches else {})}
+                      for k, (pol, r) in enumerate(zip(plan.scenarios, results))],
+        "recommendation": ({"policy": dataclasses.asdict(rec), "annotations": annotations(rec),
+                            "container_concurrency": rec.container_concurrency} if rec else None),
+        "grid": plan.grid_rows,
+        "elapsed_s": time.perf_counter() - t_start,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    t_start = time.perf_counter()
+    cap = Capacity.load(args.capacity)
+    trace, start_hour = _trace(args, cap)
+    if args.save_trace:
+        trace.save_csv(args.save_trace)
+    obj = Objective(args.p99_slo, args.slo_metric, args.max_error_rate, args.gpu_hour_price)
+    plan = _plan(args, cap, trace, obj, start_hour)
+    results = [obj.judge(simulate(cap, pol, trace, args.seed, record=bool(args.plot),
+                                  switches=plan.switches.get(k, ())))
+               for k, pol in enumerate(plan.scenarios)]
+    report = _report(args, cap, trace, obj, plan, results)
     print(report)
     if args.markdown:
         with open(args.markdown, "w") as f:
@@ -202,26 +241,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(args.readme) as f:
             text = f.read()
         with open(args.readme, "w") as f:
-            f.write(replace_table(text, markdown_table(results, obj, revisions=bool(switches))))
+            f.write(replace_table(text, markdown_table(results, obj, revisions=bool(plan.switches))))
     if args.plot:
         plot(results, trace, obj, args.plot)
         print(f"\nplot: {args.plot}")
     if args.json_out:
-        doc = {
-            "capacity": {"path": args.capacity, "source": cap.source, "placeholder": cap.placeholder},
-            "trace": {"description": trace.description, "requests": int(len(trace.arrivals)),
-                      "horizon_s": trace.horizon},
-            "objective": dataclasses.asdict(obj),
-            "schedule": ({"path": args.schedule, "note": sched_note} if args.schedule else None),
-            "scenarios": [{"policy": dataclasses.asdict(pol), **r.summary(),
-                           **({"switches": switches[k]} if k in switches else {})}
-                          for k, (pol, r) in enumerate(zip(scenarios, results))],
-            "recommendation": ({"policy": dataclasses.asdict(rec), "annotations": annotations(rec),
-                                "container_concurrency": rec.container_concurrency} if rec else None),
-            "grid": grid_rows,
-            "elapsed_s": time.perf_counter() - t_start,
-        }
         with open(args.json_out, "w") as f:
-            json.dump(_nan_to_none(doc), f, indent=2, default=str)
+            json.dump(_nan_to_none(_json_doc(args, cap, trace, obj, plan, results, t_start)), f, indent=2,
+                      default=str)
     print(f"\n({time.perf_counter() - t_start:.1f} s)", file=sys.stderr)
     return 0
