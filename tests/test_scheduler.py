@@ -158,3 +158,59 @@ def test_with_no_empty_slot_the_least_recently_used_prefix_is_overwritten():
     s.waiting.append(Seq("new", prompt(4, 100)))
     (n,) = s.schedule()
     assert n.slot == chunks[1].slot and n.reuse == 0        # p2's was used least recently
+
+
+def shot_prompt(tag: int, text_before: int, image: int, text_after: int):
+    """A prompt with one screenshot: [text_before tokens][image tokens][text_after tokens], and its image span."""
+    keys = prompt(tag, text_before + image + text_after)
+    return keys, [(text_before, text_before + image, None, None)]
+
+
+def test_while_streams_decode_a_screenshots_encode_is_charged_to_the_step():
+    """A 3,354-token screenshot arrives while others decode: its encode does not come on top of a full 2048-token
+    text chunk. The first step encodes it with MIN_CHUNK decoder tokens; later steps are plain text chunks."""
+    s = Scheduler(num_slots=4, max_prefill_tokens=16384, chunk_tokens=2048)
+    keys, images = shot_prompt(1, 300, 3354, 200)
+    s.waiting.append(Seq("agent", keys, images))
+    pieces = []
+    while True:
+        chunks = s.schedule(decoding=True)
+        if not chunks:
+            break
+        for c in chunks:
+            pieces.append((c.start, c.end))
+            s.chunk_done(c)
+    # text before the image, then the image's encode with MIN_CHUNK tokens alone, then text chunks
+    assert pieces[0] == (0, 300)
+    assert pieces[1] == (300, 300 + MIN_CHUNK)
+    assert all(e - st <= 2048 for st, e in pieces[2:]) and pieces[-1][1] == len(keys)
+
+
+def test_idle_prefill_is_one_step_with_its_image():
+    s = Scheduler(num_slots=4, max_prefill_tokens=16384, chunk_tokens=2048)
+    keys, images = shot_prompt(1, 300, 3354, 200)
+    s.waiting.append(Seq("agent", keys, images))
+    (c,) = s.schedule(decoding=False)
+    assert (c.start, c.end) == (0, len(keys))
+
+
+def test_a_second_screenshot_waits_for_a_step_with_room_for_its_encode():
+    """Two agent turns arrive while others decode: one step never starts two screenshot encodes, and the second
+    keeps its place in the queue (arrival order) instead of being skipped."""
+    s = Scheduler(num_slots=4, max_prefill_tokens=16384, chunk_tokens=2048)
+    for tag in (1, 2):
+        keys, images = shot_prompt(tag, 0, 3354, 200)
+        s.waiting.append(Seq(f"a{tag}", keys, images))
+    steps = []
+    while True:
+        chunks = s.schedule(decoding=True)
+        if not chunks:
+            break
+        encodes = [c.seq.name for c in chunks if any(c.start <= s0 < c.end for s0, *_ in c.seq.prompt.images)]
+        assert len(encodes) <= 1
+        steps.append([(c.seq.name, c.start, c.end) for c in chunks])
+        for c in chunks:
+            s.chunk_done(c)
+    assert steps[0] == [("a1", 0, MIN_CHUNK)]
+    firsts = [i for i, st in enumerate(steps) if any(n == "a2" for n, *_ in st)]
+    assert firsts and firsts[0] >= 1

@@ -61,7 +61,15 @@ class Scheduler:
     decoding (so running streams keep a bounded inter-token gap while screenshots arrive), or
     `max_prefill_tokens` when nothing decodes (one big step is the fastest first token). Started prefills go
     first, shortest remaining first, then new admissions in arrival order: the earliest request reaches its
-    first token first instead of every arrival waiting for all of them."""
+    first token first instead of every arrival waiting for all of them.
+
+    While sequences decode, an image's vision-tower encode is charged to the step's budget too, one token per
+    image token (on an H200 a 1080x2400 screenshot's encode, 3,354 image tokens, costs about what a 3.4k-token
+    text chunk costs in the decoder: bench/prefill_probe.py). Without that a step could take a full text chunk
+    plus one whole encode per new screenshot and stall every stream for half a second (the 32-agent ITL p99 of
+    bench/RESULTS.md). As in vLLM's encoder budget, a chunk stops before an image that does not fit; the first
+    chunk of a step always progresses, so an image larger than the budget is encoded in a step of its own with
+    MIN_CHUNK decoder tokens."""
 
     def __init__(self, num_slots: int, max_prefill_tokens: int, prefix_caching: bool = True,
                  chunk_tokens: int = 2048):
@@ -118,9 +126,11 @@ class Scheduler:
             if take <= 0:
                 return out
             st = self.slots[slot]
-            end = min(len(st.keys), done + take)
+            end, cost = self._chunk_end(st.owner, done, take, decoding, first=not out)
+            if end <= done:
+                continue
             out.append(Chunk(seq=st.owner, slot=slot, start=done, end=end))
-            budget -= end - done
+            budget -= cost
         while self.waiting:
             free = self.free_slots()
             if not free:
@@ -128,10 +138,14 @@ class Scheduler:
             take = self._take(budget, out)
             if take <= 0:
                 break
-            seq = self.waiting.popleft()
+            seq = self.waiting[0]
             keys = seq.prompt.keys
             spans = [(s, e) for s, e, *_ in seq.prompt.images]
             reuse, src = self.best_prefix(keys, spans)
+            end, cost = self._chunk_end(seq, reuse, take, decoding, first=not out)
+            if end <= reuse:
+                break               # its next image does not fit in this step: it keeps its place in the queue
+            self.waiting.popleft()
             self.prefix_query_tokens += len(keys)
             self.prefix_hit_tokens += reuse
             if src is not None and self.slots[src].owner is None:
@@ -144,11 +158,31 @@ class Scheduler:
             st.valid = reuse
             self._clock += 1
             st.last_used = self._clock
-            end = min(len(keys), reuse + take)
             out.append(Chunk(seq=seq, slot=slot, start=reuse, end=end, copy_from=copy_from, first=True,
                              reuse=reuse))
-            budget -= end - reuse
+            budget -= cost
         return out
+
+    @staticmethod
+    def _chunk_end(seq, start: int, take: int, decoding: bool, first: bool) -> tuple[int, int]:
+        """(end, cost) of the chunk of `seq` from `start` within `take`: cost counts the decoder tokens and,
+        while decoding, the image tokens of every image whose encode this chunk starts (an image begun before
+        `start` was encoded by an earlier chunk). end == start: nothing fits."""
+        length = len(seq.prompt.keys)
+        end = min(length, start + take)
+        if not decoding:
+            return end, end - start
+        spans = sorted((s0, e0) for s0, e0, *_ in seq.prompt.images if s0 >= start)
+
+        def encode(upto: int) -> int:
+            return sum(e0 - s0 for s0, e0 in spans if s0 < upto)
+        while end > start and (end - start) + encode(end) > take:
+            last = max(s0 for s0, _ in spans if s0 < end)
+            fit = start + take - encode(end)      # keep that image, shorten the text after it
+            end = fit if fit > last else last     # or stop just before it
+        if end <= start and first:
+            end = min(length, start + MIN_CHUNK)
+        return end, (end - start) + encode(end)
 
     def _take(self, budget: int, out: list) -> int:
         if not out:
