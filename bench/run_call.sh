@@ -38,6 +38,18 @@ case "${1:-perf}" in
     wait
     tail -c 3000 "$O/b/soak.out"; tail -c 3000 "$O/c/soak.out"
     ;;
+  fp8)       # bf16 vs fp8 agent turns in one run, then fresh starts in a row
+    [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
+    OUT=$O/a timeout 150 python3 bench/agent_bench.py agent --quant none --clients 1,8,32 --turns-s 20 --deadline 145
+    OUT=$O/b timeout 175 python3 bench/agent_bench.py agent --quant fp8 --clients 1,8,32 --turns-s 20 --deadline 170
+    OUT=$O/c timeout 130 python3 bench/agent_bench.py starts --n 6 --deadline 125
+    ;;
+  final)     # the encoder-charged scheduler against call 7's bf16 numbers; scale-from-zero vs naive
+    OUT=$O/a timeout 80 python3 bench/agent_bench.py build
+    OUT=$O/a timeout 150 python3 bench/agent_bench.py agent --quant none --clients 1,8,32 --turns-s 20 --deadline 145
+    OUT=$O/b timeout 170 python3 bench/cold_bench.py --quant none --repeat 2 --timeout 80 > "$O/b/cold.out" 2>&1
+    tail -c 2500 "$O/b/cold.out"
+    ;;
 esac
 rm -f "$O"/*/build.log "$O"/*/naive.log
 ls -R "$O"
