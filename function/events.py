@@ -42,7 +42,7 @@ from cloudevents.core.exceptions import BaseCloudEventException
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
 from pydantic import ValidationError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from function import metrics
@@ -54,6 +54,7 @@ from function.api.protocol import ChatCompletionRequest, ChatCompletionResponse,
 from function.api.serving import ChatService
 from function.config import Config
 from function.engine.protocol import EngineError
+from function.http_common import CLIENT_CLOSED, read_body, unless_disconnected, until_disconnected
 
 log = logging.getLogger(__name__)
 
@@ -262,21 +263,14 @@ class RecentReplies:
         elif running.digest != digest:
             raise IdConflict()
         running.waiters += 1
-        gone = False
-        watcher = asyncio.ensure_future(disconnected()) if disconnected is not None else None
+        reply: Any = None
         try:
-            waiting = {running.task} if watcher is None else {running.task, watcher}
-            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-            gone = running.task not in done
+            reply = await unless_disconnected(running.task, disconnected, cancel=False, gone=_GONE)
         finally:
             running.waiters -= 1
-            if watcher is not None:
-                watcher.cancel()
-            if gone and running.waiters == 0 and not running.task.done():
+            if reply is _GONE and running.waiters == 0 and not running.task.done():
                 running.task.cancel()           # nobody is left to answer: stop the generation
-        if gone:
-            return None
-        return running.task.result(), replayed
+        return None if reply is _GONE else (reply, replayed)
 
     def _finished(self, key: Key, digest: str, task: asyncio.Future[EncodedEvent]) -> None:
         del self._running[key]
@@ -341,7 +335,7 @@ class EventService:
         if outcome is None:                             # the sender reset the connection: nobody to answer
             log.info("event %s from %s: the sender disconnected; generation stopped", event.get_id(),
                      event.get_source())
-            return Response(status_code=499)
+            return Response(status_code=CLIENT_CLOSED)
         reply, replayed = outcome
         metrics.observe_event_replied(replayed)
         if replayed:
@@ -369,13 +363,12 @@ class EventService:
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_request_bytes:
             raise self._too_large(int(declared))
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_request_bytes:
-                raise self._too_large(size)
-            chunks.append(chunk)
-        return b"".join(chunks)
+        body = await read_body(request.receive, self.max_request_bytes)
+        if body.gone:
+            raise ClientDisconnect()
+        if body.data is None:
+            raise self._too_large(body.size)
+        return body.data
 
     def _too_large(self, size: int) -> EventError:
         return EventError("request_too_large", f"the event has at least {size} bytes; the limit is "
@@ -387,7 +380,7 @@ class EventService:
         key = (http.scope.get(SCOPE_KEY, ""), event.get_source(), event.get_id())
         try:
             return await self.replies.get_or_compute(key, partial(self._complete, event, request), digest,
-                                                     partial(_disconnected, http))
+                                                     partial(until_disconnected, http.receive))
         except IdConflict:
             raise EventError("event_id_conflict", f"an event with source {event.get_source()[:100]!r} and id "
                              f"{event.get_id()[:100]!r} was already received with other data; a redelivery must "
@@ -429,12 +422,10 @@ class EventService:
         return {CORRELATION_ID: event.get_id(), CORRELATION_SOURCE: event.get_source()}
 
 
+_GONE = object()      # the delivery's client left before the reply
+
+
 async def _never() -> None:
     """ChatService's `disconnected` for events: never; RecentReplies watches the deliveries' connections."""
     await asyncio.get_running_loop().create_future()
 
-
-async def _disconnected(request: Request) -> None:
-    """Returns once the delivery's client has gone (its body was read, so the next message is the disconnect)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass

@@ -126,6 +126,14 @@ assert not heavy, heavy
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60, cwd=ROOT)
 
 
+def test_the_front_package_does_not_import_the_model_app():
+    """function.front reuses the probes and HTTP metrics from function.http_common, not from the model's app."""
+    code = ("import sys, function.front; "
+            "loaded = [m for m in ('function.api.app', 'function.api.serving', 'function.engine.client') "
+            "if m in sys.modules]; assert not loaded, loaded")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60, cwd=ROOT)
+
+
 # ----------------------------------------------------------------------------------------------- real servers
 def start(kind: str, argv_kind: str, env_extra: dict[str, str], log_dir: Path) -> Server:
     port = free_port()

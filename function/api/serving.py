@@ -29,6 +29,7 @@ from function.audio import AudioLoader
 from function.config import Config
 from function.engine.protocol import (ChatInput, CompletionChunk, EngineClient, EngineDead, EngineError, InternalError,
                                       GenerationFailed, InvalidInput, NotReady, SamplingParams, TokenLogprob)
+from function.http_common import SSE_DONE, sse_event, unless_disconnected
 from function.images import ImageLoader
 
 from .errors import ModelNotFound, RequestTimeout, error_json
@@ -43,8 +44,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Disconnected = Callable[[], Awaitable[None]]
 """Returns when the client has gone away."""
-
-SSE_DONE = "data: [DONE]\n\n"
 
 
 def system_fingerprint(config: Config) -> str:
@@ -280,7 +279,7 @@ class ChatService:
             chunk = ChatCompletionChunk(id=gen.request_id, created=gen.created, model=self.model_name,
                                         system_fingerprint=self.fingerprint, choices=choices, usage=usage,
                                         transcripts=transcripts)
-            return f"data: {chunk.model_dump_json()}\n\n"
+            return sse_event(chunk)
 
         try:
             for i in range(n):
@@ -308,10 +307,10 @@ class ChatService:
         except EngineError as e:
             if not isinstance(e, RequestTimeout):       # logged where it was raised
                 log.warning("%s failed while streaming: %s", gen.request_id, e.message)
-            yield f"data: {error_json(e)}\n\n"
+            yield sse_event(error_json(e))
         except Exception:
             log.exception("%s failed while streaming", gen.request_id)
-            yield f"data: {error_json(InternalError('internal error while streaming'))}\n\n"
+            yield sse_event(error_json(InternalError('internal error while streaming')))
         finally:
             await _close_all(gens)
         yield SSE_DONE
@@ -407,15 +406,4 @@ def _finish_reason(chunk: CompletionChunk) -> str:
 
 async def _unless_disconnected(work: Awaitable[T], disconnected: Disconnected) -> T | None:
     """`work`'s result, or None (and `work` cancelled) if the client disconnects first."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(disconnected())
-    try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-    if task.cancelled():
-        return None
-    return task.result()
+    return await unless_disconnected(work, disconnected)
