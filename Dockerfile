@@ -62,7 +62,10 @@ RUN if [ -n "$FLASH_ATTN_WHEEL" ]; then \
 
 # The project itself: the function package, then the one script the pre-quantize Job runs.
 COPY function ./function
+# The server imports /app/function (the working directory comes first on sys.path); PYTHONDONTWRITEBYTECODE and a
+# read-only /app for uid 10001 mean its bytecode is never cached at run time, so it is compiled here, once.
 RUN pip install --no-deps . \
+ && python -m compileall -q function \
  && python -c "import func_python.http, function.config"
 COPY scripts/prequantize.py ./scripts/prequantize.py
 
