@@ -317,3 +317,21 @@ def test_enable_thinking_false_ends_the_prompt_with_an_empty_think_block(engine)
     out = prep._skip_thinking(enc)        # a template that ignored the flag
     assert out["input_ids"][0].tolist() == [5, 6, 7] + empty
     assert out["attention_mask"].shape == out["mm_token_type_ids"].shape == out["input_ids"].shape
+
+
+def test_prepared_pixels_are_in_the_vision_towers_dtype(engine):
+    """A queued screenshot holds its pixels in the dtype the vision tower casts them to (bf16 on a GPU: half the
+    host memory of fp32); the values are exactly the processor's, cast."""
+    prep = engine._preparer
+    model = engine._core.runner.model
+    assert prep.pixel_dtype == model.model.visual.dtype
+    original = prep.pixel_dtype
+    try:
+        prep.pixel_dtype = torch.bfloat16
+        p = prep.prepare(chat("with image", img((9, 80, 160))), GREEDY)
+    finally:
+        prep.pixel_dtype = original
+    ref = prep.processor.image_processor(images=[img((9, 80, 160))], return_tensors="pt")["pixel_values"]
+    (_, _, pixels, _), = p.images
+    assert pixels.dtype == torch.bfloat16
+    assert torch.equal(pixels, ref.to(torch.bfloat16))

@@ -34,6 +34,11 @@ class InputPreparer:
         self.tokenizer = processor.tokenizer
         self.image_token_id = int(model.config.image_token_id)
         self._rope_index = model.model.get_rope_index
+        # the vision tower casts pixel values to its dtype first thing (get_image_features); casting here instead
+        # gives it the same values and halves what a queued screenshot holds in host memory (fp32: ~63 MB for
+        # 1080x2400, times every request waiting for a slot) and the host-to-device copy in its prefill
+        visual = getattr(model.model, "visual", None)
+        self.pixel_dtype = getattr(visual, "dtype", None)
         self.max_model_len = max_model_len
         # the longest token's text: a prompt of C characters has at least C / this many tokens (a cheap bound
         # checked before tokenizing, so that megabytes of text are refused without being tokenized)
@@ -99,7 +104,10 @@ class InputPreparer:
                 digest = chat.image_digests[i] if i < len(chat.image_digests) else \
                     hashlib.sha256(pv[offset:offset + n_patches].numpy().tobytes()).hexdigest()
                 keys[s:s + n_tokens] = -(int(digest[:15], 16) + 1)
-                images.append((s, s + n_tokens, pv[offset:offset + n_patches], g.clone()))
+                pixels = pv[offset:offset + n_patches]
+                if self.pixel_dtype is not None and pixels.is_floating_point():
+                    pixels = pixels.to(self.pixel_dtype)
+                images.append((s, s + n_tokens, pixels, g.clone()))
                 offset += n_patches
         return PreparedPrompt(token_ids=ids.tolist(), position_ids=pos[:, 0], rope_delta=int(delta.view(-1)[0]),
                               keys=keys, images=images)
