@@ -44,11 +44,13 @@ case "${1:-perf}" in
     OUT=$O/b timeout 175 python3 bench/agent_bench.py agent --quant fp8 --clients 1,8,32 --turns-s 20 --deadline 170
     OUT=$O/c timeout 130 python3 bench/agent_bench.py starts --n 6 --deadline 125
     ;;
-  final)     # the encoder-charged scheduler against call 7's bf16 numbers; scale-from-zero vs naive
+  final)     # the encoder-charged scheduler against call 7's bf16 numbers; exec -> first token vs naive; starts
     OUT=$O/a timeout 80 python3 bench/agent_bench.py build
     OUT=$O/a timeout 150 python3 bench/agent_bench.py agent --quant none --clients 1,8,32 --turns-s 20 --deadline 145
-    OUT=$O/b timeout 170 python3 bench/cold_bench.py --quant none --repeat 2 --timeout 80 > "$O/b/cold.out" 2>&1
-    tail -c 2500 "$O/b/cold.out"
+    OUT=$O/b timeout 100 python3 bench/cold_bench.py --quant none --timeout 80 > "$O/b/cold.out" 2>&1
+    tail -c 2000 "$O/b/cold.out"
+    OUT=$O/c timeout 200 python3 bench/agent_bench.py starts --n 10 --deadline 195
+    ls /opt/torch/.venv/lib/python3.12/site-packages/transformers/__pycache__ 2>&1 | head -3
     ;;
 esac
 rm -f "$O"/*/build.log "$O"/*/naive.log
