@@ -35,7 +35,7 @@ from function import metrics
 from function.api.protocol import AudioPart, AudioTranscript, ChatCompletionRequest, TextPart
 from function.audio import MAX_PARTS, SAMPLE_RATE, AudioLoader
 from function.config import Config
-from function.engine.client import FAILED_GRACE_S
+from function.engine.protocol import FAILED_GRACE_S
 from function.engine.protocol import EngineDead, GenerationFailed, InvalidInput, NotReady, Overloaded
 
 log = logging.getLogger(__name__)

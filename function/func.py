@@ -35,7 +35,8 @@ from function.api.errors import error_response
 from function.api.gate import Drain
 from function.asr import SpeechRecognizer
 from function.config import Config, ConfigError
-from function.engine.client import FAILED_GRACE_S, LocalEngine
+from function.engine.client import LocalEngine
+from function.engine.protocol import FAILED_GRACE_S
 from function.engine.protocol import EngineClient
 from function.http_common import Lifecycle, Readiness, Status
 

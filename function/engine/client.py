@@ -17,12 +17,11 @@ from typing import AsyncIterator
 
 from .. import metrics
 from ..config import Config
-from .protocol import (ChatInput, CompletionChunk, EngineClient, EngineDead, EngineError, InvalidInput, NotReady,
-                       Overloaded, SamplingParams, TokenLogprob)
+from .protocol import (FAILED_GRACE_S, ChatInput, CompletionChunk, EngineClient, EngineDead, EngineError,
+                       InvalidInput, NotReady, Overloaded, SamplingParams, TokenLogprob)
 
 log = logging.getLogger(__name__)
 
-FAILED_GRACE_S = 30.0   # after a fatal load error, liveness stays up this long so readiness can say why
 
 
 def _host_memory_bytes() -> int:

@@ -9,6 +9,8 @@ import abc
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
+FAILED_GRACE_S = 30.0   # after a fatal load error, liveness stays up this long so readiness can say why
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -156,6 +158,12 @@ class EngineClient(abc.ABC):
     def token_texts(self, token_ids: list[int]) -> list[str]:
         """The text of each token alone (logprobs' `token`)."""
         return [str(t) for t in token_ids]
+
+    def start_loading(self) -> None:
+        """Begin loading in the background and return at once (an engine that needs no loading: nothing)."""
+
+    def shutdown(self) -> None:
+        """Stop, blocking until stopped; requests still running end with an error."""
 
     @abc.abstractmethod
     def status(self) -> tuple[bool, bool, str]:
