@@ -231,8 +231,8 @@ def test_runner_matches_transformers_forward(model_cache_dir, engine):
         ids = torch.tensor([p.token_ids + list(extra)])
         kw = {}
         if p.images:
-            kw = dict(pixel_values=torch.cat([im[2] for im in p.images]),
-                      image_grid_thw=torch.stack([im[3] for im in p.images]),
+            kw = dict(pixel_values=torch.cat([im.pixels for im in p.images]),
+                      image_grid_thw=torch.stack([im.grid for im in p.images]),
                       mm_token_type_ids=(ids == ref.config.image_token_id).int())
         with torch.no_grad():
             return ref(input_ids=ids, **kw).logits[0, -1]

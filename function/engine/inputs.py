@@ -7,11 +7,21 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from .protocol import ChatInput, InvalidInput, SamplingParams
+
+
+class PromptImage(NamedTuple):
+    """One image of a prompt: its token span [start, end), its pixel patches [N, C*T*P*P] (in the vision tower's
+    dtype) and its grid_thw [3]. A tuple, so the scheduler's `for start, end, *_ in images` needs no torch."""
+    start: int
+    end: int
+    pixels: torch.Tensor
+    grid: torch.Tensor
 
 
 @dataclass
@@ -20,8 +30,7 @@ class PreparedPrompt:
     position_ids: torch.Tensor                 # [3, L] long (CPU)
     rope_delta: int                            # decode position = cache position + rope_delta
     keys: np.ndarray                           # [L] int64: token ids, image tokens replaced by a per-image key
-    images: list[tuple[int, int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    # (start, end) token span of each image, its pixel patches [N, C*T*P*P] and grid_thw [3]
+    images: list[PromptImage] = field(default_factory=list)
 
     @property
     def length(self) -> int:
@@ -107,7 +116,7 @@ class InputPreparer:
                 pixels = pv[offset:offset + n_patches]
                 if self.pixel_dtype is not None and pixels.is_floating_point():
                     pixels = pixels.to(self.pixel_dtype)
-                images.append((s, s + n_tokens, pixels, g.clone()))
+                images.append(PromptImage(s, s + n_tokens, pixels, g.clone()))
                 offset += n_patches
         return PreparedPrompt(token_ids=ids.tolist(), position_ids=pos[:, 0], rope_delta=int(delta.view(-1)[0]),
                               keys=keys, images=images)

@@ -57,7 +57,7 @@ class PrefillItem:
     token_ids: list[int]          # the whole prompt
     start: int                    # tokens already in the slot's cache (reused prefix, earlier chunks)
     position_ids: torch.Tensor    # [3, L] for the whole prompt
-    images: list                  # the prompt's images: (s, e, pixels, grid); those overlapping [start, end) are used
+    images: list                  # the prompt's PromptImages; those overlapping [start, end) are used
     end: int | None = None        # prefill up to here (None: the whole prompt)
     features: dict | None = None  # image start -> vision features, kept across the chunks of one prompt
 
@@ -180,20 +180,20 @@ class ModelRunner:
             store = it.features if it.features is not None else {}
             stores.append(store)
             for img in it.images:
-                if img[0] < e and img[1] > it.start and img[0] not in store:
+                if img.start < e and img.end > it.start and img.start not in store:
                     todo.append((store, img))
         if todo:
             dev = self.device
-            grids = torch.stack([img[3] for _, img in todo]).to(dev)
-            pixels = torch.cat([img[2] for _, img in todo]).to(dev)
+            grids = torch.stack([img.grid for _, img in todo]).to(dev)
+            pixels = torch.cat([img.pixels for _, img in todo]).to(dev)
             feats = self.model.model.get_image_features(pixels, grids, return_dict=True).pooler_output
             for (store, img), f in zip(todo, feats):
-                store[img[0]] = f.to(embeds.dtype)
+                store[img.start] = f.to(embeds.dtype)
         for i, (it, e, store) in enumerate(zip(items, ends, stores)):
-            for s0, e0, *_ in it.images:
-                a, b = max(s0, it.start), min(e0, e)
+            for img in it.images:
+                a, b = max(img.start, it.start), min(img.end, e)
                 if a < b:
-                    embeds[i, a - it.start:b - it.start] = store[s0][a - s0:b - s0]
+                    embeds[i, a - it.start:b - it.start] = store[img.start][a - img.start:b - img.start]
 
     # --- graphed prefill (from position 0, small batches): static inputs, one graph per (rows, length) bucket
     def _prefill_bucket(self, n: int, q: int) -> tuple[int, int] | None:
