@@ -16,6 +16,8 @@ Sections:
   decode    the engine's ModelRunner (CUDA graphs) decode step, ms per step at B = 1, 8, 32, 64, bf16 vs fp8.
   engine    engine_bench's engine section (streams 1/8/32/64, TTFT with 8 clients, agent turns) for none and fp8.
   cold      process exec -> ready: bf16, fp8 first start (convert + write the copy), fp8 from the pre-quantized copy.
+  check     Fp8Linear on torch._scaled_mm against its fp32 emulation (rows 1, 8, 64, 300) and replayed in a CUDA
+            graph (bit-identical to eager): the GPU half of tests/test_fp8.py, which CI runs on CPU.
 """
 from __future__ import annotations
 
@@ -216,6 +218,42 @@ def cold():
             eb.log("cold_" + name, r)
 
 
+def check():
+    """Fp8Linear's _scaled_mm path against its emulation, and inside a CUDA graph."""
+    import torch
+    from torch import nn
+    from function.engine import fp8
+    from function.engine.fp8 import Fp8Linear
+
+    support = fp8.device_support("cuda")
+    if not support.scaled_mm:
+        eb.log("check", {"skipped": support.reason})
+        return
+    g = torch.Generator().manual_seed(3)
+    lin = nn.Linear(4096, 1024).to("cuda", torch.bfloat16)
+    m = Fp8Linear.from_linear(lin, scaled_mm=True)
+    m.fuse_bias = support.fuse_bias
+    rel = {}
+    for rows in (1, 8, 64, 300):
+        x = torch.randn(rows, 4096, generator=g).to("cuda", torch.bfloat16)
+        out, ref = m(x).float(), m._emulated(x).float()
+        rel[rows] = float((out - ref).norm() / ref.norm())
+    static = torch.randn(8, 4096, generator=g).to("cuda", torch.bfloat16)
+    st = torch.cuda.Stream()
+    st.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(st):
+        m(static)
+    torch.cuda.current_stream().wait_stream(st)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = m(static)
+    static.copy_(torch.randn(8, 4096, generator=g).to("cuda", torch.bfloat16))
+    graph.replay()
+    same = bool(torch.equal(y, m(static)))
+    eb.log("check", {"rel_err_vs_emulation": rel, "pass_rel_err_below_1e-2": max(rel.values()) < 1e-2,
+                     "graph_equals_eager": same})
+
+
 def smoke():
     """CPU: the accuracy section on the tiny model (FP8 emulated in fp32), as JSON on stdout."""
     from function.config import Config
@@ -234,7 +272,7 @@ def main():
     if "smoke" in what:
         return smoke()
     if "all" in what:
-        what |= {"build", "gemm", "accuracy", "decode", "engine", "cold"}
+        what |= {"build", "gemm", "accuracy", "decode", "engine", "cold", "check"}
     eb.DEADLINE = float(sys.argv[2]) if len(sys.argv) > 2 else 1800.0
     os.makedirs(eb.OUT, exist_ok=True)
     if "build" in what and not os.path.exists(os.path.join(eb.MODEL_DIR, "config.json")):
@@ -250,6 +288,8 @@ def main():
         eb.bounded("engine_fp8", 200, eb.engine_section, "fp8")
     if "cold" in what:
         cold()
+    if "check" in what:
+        eb.bounded("check", 60, check)
     eb.log("done", round(time.time() - eb.T0, 1))
 
 

@@ -49,7 +49,8 @@ case "${1:-perf}" in
     OUT=$O/a timeout 150 python3 bench/agent_bench.py agent --quant none --clients 1,8,32 --turns-s 20 --deadline 145
     OUT=$O/b timeout 100 python3 bench/cold_bench.py --quant none --timeout 80 > "$O/b/cold.out" 2>&1
     tail -c 2000 "$O/b/cold.out"
-    OUT=$O/c timeout 200 python3 bench/agent_bench.py starts --n 10 --deadline 195
+    OUT=$O/c timeout 60 python3 bench/fp8_bench.py check 55
+    OUT=$O/c timeout 190 python3 bench/agent_bench.py starts --n 10 --deadline 185
     ls /opt/torch/.venv/lib/python3.12/site-packages/transformers/__pycache__ 2>&1 | head -3
     ;;
 esac
