@@ -851,7 +851,7 @@ def _runner_checks(args, e, tag, res) -> None:
     prefill, then the capture of smaller buckets) must leave a live slot's K/V unchanged."""
     import torch
     from function.engine.runner import PrefillItem
-    runner = e._core.runner
+    runner = e.runner
     e._core.stop()
     dev = runner.device
     gen = torch.Generator().manual_seed(0)
@@ -961,12 +961,12 @@ def graphcheck_section(args, tag: str) -> None:
         wl = Workload(model_dir(args))      # after the load: --tiny builds its checkpoint there
         cases = _script(args, wl)
         t = time.time()
-        while e._core.runner.pending and time.time() - t < 120:     # every planned graph captured first
+        while e.runner.pending and time.time() - t < 120:     # every planned graph captured first
             time.sleep(0.1)
-        res.update(idle_capture_wait_s=round(time.time() - t, 1), pending_left=len(e._core.runner.pending),
-                   use_graphs=e._core.runner.use_graphs, slots=e.num_slots)
+        res.update(idle_capture_wait_s=round(time.time() - t, 1), pending_left=len(e.runner.pending),
+                   use_graphs=e.runner.use_graphs, slots=e.num_slots)
         toks = _run_script(e, cases, args.check_tokens)
-        res["graphs_captured"] = sorted(str(k) for k in e._core.runner.graphs)
+        res["graphs_captured"] = sorted(str(k) for k in e.runner.graphs)
         with open(os.path.join(LOGS, f"graphcheck-{args.phase}.json"), "w") as f:
             json.dump(toks, f)
         log(tag, res)

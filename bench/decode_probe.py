@@ -19,13 +19,13 @@ from function.engine.protocol import ChatInput, SamplingParams  # noqa: E402
 res = {}
 e, load_s = eb.make_engine("none")
 res["load_s"] = load_s
-runner = e._core.runner
+runner = e.runner
 core = e._core
 
 
 def runner_step_ms(B, pos):
     def step():
-        return e._core.runner.decode({s: 11 for s in range(B)}, {s: pos for s in range(B)}, {s: 0 for s in range(B)})
+        return e.runner.decode({s: 11 for s in range(B)}, {s: pos for s in range(B)}, {s: 0 for s in range(B)})
     step()
     torch.cuda.synchronize()
     t = time.perf_counter()

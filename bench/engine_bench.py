@@ -216,7 +216,7 @@ def engine_section(quant):
     e, load_s = make_engine(quant)
     tag = f"engine_{quant}"
     t = time.time()
-    while e._core.runner.pending:   # measure the steady state: the engine captures its other graphs when idle
+    while e.runner.pending:   # measure the steady state: the engine captures its other graphs when idle
         time.sleep(0.05)
     idle_capture_s = round(time.time() - t, 2)
     info = {"load_to_ready_s": load_s, "idle_graph_capture_after_ready_s": idle_capture_s, "timings": e.timings, "slots": e.num_slots, "max_model_len": e.max_model_len,
@@ -228,7 +228,7 @@ def engine_section(quant):
     res = {}
 
     def stats_delta(before):
-        now = dict(e._core.stats)
+        now = e.stats()
         d = {k: round(now[k] - before[k], 3) for k in now}
         if d["decode_steps"]:
             d["decode_ms_per_step"] = round(1000 * d["decode_s"] / d["decode_steps"], 2)
@@ -241,7 +241,7 @@ def engine_section(quant):
         chats = [ChatInput(messages=[{"role": "user", "content": text_prompt(tok, rng)}]) for _ in range(N)]
         p = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
         rec = []
-        before = dict(e._core.stats)
+        before = e.stats()
         t = time.perf_counter()
         await asyncio.gather(*(_one(e, f"s{N}-{i}-{rng.random()}", c, p, rec) for i, c in enumerate(chats)))
         dt = time.perf_counter() - t
@@ -255,7 +255,7 @@ def engine_section(quant):
     async def closed_loop(clients, per_client, make_chat, new=32):
         p = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
         rec = []
-        before = dict(e._core.stats)
+        before = e.stats()
 
         async def client(ci):
             for j in range(per_client):
@@ -322,9 +322,9 @@ def engine_section(quant):
         del shot
 
     asyncio.run(run())
-    res["profile"] = {B: profile_decode(e._core.runner, B, e._core.sampler) for B in (1, 32)}
+    res["profile"] = {B: profile_decode(e.runner, B, e._core.sampler) for B in (1, 32)}
     res["gpu_mem_peak_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
-    res["graphs"] = len(e._core.runner.graphs)
+    res["graphs"] = len(e.runner.graphs)
     log(tag, res)
     e.shutdown()
     del e

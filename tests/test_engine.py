@@ -53,10 +53,10 @@ def chat(text, image=None, system="You are a phone agent."):
 async def idle(e):
     """Wait until aborts from earlier tests have reached the engine thread."""
     for _ in range(250):
-        if not e._core.by_id:
+        if e.idle():
             return
         await asyncio.sleep(0.02)
-    raise AssertionError(f"engine still busy: {list(e._core.by_id)}")
+    raise AssertionError("engine still busy")
 
 
 async def run(e, c, p=GREEDY, rid=None):
@@ -193,7 +193,7 @@ async def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(en
 
 
 async def test_non_finite_logits_fail_only_that_request(engine):
-    real = engine._core.runner.decode
+    real = engine.runner.decode
 
     def nan_decode(tokens, positions, deltas):
         out = real(tokens, positions, deltas).clone()
@@ -201,12 +201,12 @@ async def test_non_finite_logits_fail_only_that_request(engine):
         return out
 
     await idle(engine)
-    engine._core.runner.decode = nan_decode
+    engine.runner.decode = nan_decode
     try:
         with pytest.raises(GenerationFailed):
             await run(engine, chat("nan"))
     finally:
-        engine._core.runner.decode = real
+        engine.runner.decode = real
     assert (await run(engine, chat("fine")))[1].finish_reason == "length"
 
 
@@ -323,7 +323,7 @@ def test_prepared_pixels_are_in_the_vision_towers_dtype(engine):
     """A queued screenshot holds its pixels in the dtype the vision tower casts them to (bf16 on a GPU: half the
     host memory of fp32); the values are exactly the processor's, cast."""
     prep = engine._preparer
-    model = engine._core.runner.model
+    model = engine.runner.model
     assert prep.pixel_dtype == model.model.visual.dtype
     original = prep.pixel_dtype
     try:

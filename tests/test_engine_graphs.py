@@ -167,7 +167,7 @@ async def test_out_of_memory_and_failed_idle_captures_keep_the_engine_serving(mo
             await _collect(e, "victim", chat("victim"))
         e.set_fault_hook(None)
         # an idle capture that fails for a survivable reason leaves its bucket eager and the engine up
-        runner = e._core.runner
+        runner = e.runner
 
         def bad_capture(key):
             raise RuntimeError("CUBLAS_STATUS_NOT_INITIALIZED when calling `cublasCreate(handle)`")
@@ -229,13 +229,13 @@ async def test_chunked_prefill_in_the_engine_gives_the_same_tokens(model_cache_d
         gen = e.generate("decoding", chat("keep decoding"), SamplingParams(max_tokens=200, temperature=0.0,
                                                                             ignore_eos=True))
         await gen.__anext__()                                   # a stream is decoding: prefill is chunked now
-        before = dict(e._core.stats)
+        before = e.stats()
         e._core.scheduler.prefix_caching = False               # every prompt prefilled in full, in chunks
         together = await asyncio.gather(*(_collect(e, f"tog{i}", c, p) for i, c in enumerate(chats)))
         await gen.aclose()
         assert [[t for ch in r for t in ch.token_ids] for r in together] == alone
-        steps = e._core.stats["prefills"] - before["prefills"]
-        tokens = e._core.stats["prefill_tokens"] - before["prefill_tokens"]
+        steps = e.stats()["prefills"] - before["prefills"]
+        tokens = e.stats()["prefill_tokens"] - before["prefill_tokens"]
         assert tokens > 3 * 256 and steps >= -(-tokens // 256)   # no step took more than the chunk budget
     finally:
         e.shutdown()

@@ -294,7 +294,7 @@ def test_engine_serves_an_fp8_model(tiny_dir, tmp_path):
         time.sleep(0.05)
     try:
         assert e.choices.quantization == "fp8"
-        assert isinstance(e._core.runner.lm.layers[0].mlp.down_proj, Fp8Linear)
+        assert isinstance(e.runner.lm.layers[0].mlp.down_proj, Fp8Linear)
         msgs = ChatInput(messages=[{"role": "user", "content": [{"type": "text", "text": "open the settings"}]}])
         greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 

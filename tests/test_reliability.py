@@ -286,7 +286,7 @@ def real_app(engine: LocalEngine, **env: str):
 
 
 async def idle(engine: LocalEngine) -> None:
-    await until(lambda: not engine._core.by_id, what="the engine to be idle")
+    await until(lambda: engine.idle(), what="the engine to be idle")
 
 
 class Crash(BaseException):
@@ -321,7 +321,7 @@ async def test_out_of_memory_fails_that_request_with_503_and_the_next_succeeds(r
 
 
 async def test_non_finite_logits_fail_only_their_request(real_engine):
-    runner = real_engine._core.runner
+    runner = real_engine.runner
     real_decode, poisoned = runner.decode, []
 
     def decode(tokens, positions, deltas):
@@ -362,7 +362,7 @@ async def test_deadline_aborts_the_engine_request_and_frees_its_slot(real_engine
     else:
         assert_error(r, 504, "timeout")
     assert 1.0 <= took < 10
-    await until(lambda: not real_engine._core.by_id, timeout=5, what="the slot to be freed")
+    await until(lambda: real_engine.idle(), timeout=5, what="the slot to be freed")
 
 
 async def test_an_engine_crash_turns_liveness_false_and_requests_fail_fast(model_cache_dir):

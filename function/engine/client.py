@@ -266,6 +266,20 @@ class LocalEngine(EngineClient):
             return True, False, "shutting down"
         return True, self._ready, "ready" if self._ready else self.phase
 
+    # ------------------------------------------------------------------ observation (tests, the bench, /metrics)
+    def idle(self) -> bool:
+        """No request is queued or running on the engine thread (aborts included once it has seen them)."""
+        return self._core is None or not self._core.by_id
+
+    def stats(self) -> dict:
+        """Cumulative engine-step counters (prefills, prefill tokens and seconds, decode steps and rows, ...)."""
+        return dict(self._core.stats) if self._core is not None else {}
+
+    @property
+    def runner(self):
+        """The loaded ModelRunner (the model, its graphs and cache), for the bench and tests; None before load."""
+        return self._core.runner if self._core is not None else None
+
     def shutdown(self, timeout: float = 30.0) -> None:
         self._stopping = True
         if self._core is not None:
@@ -400,7 +414,7 @@ class LocalEngine(EngineClient):
         if self._core is not None:
             self._core.abort(request_id)
 
-    # test hook: make the next steps fail (see tests/test_engine_faults)
+    # test hook: make the next steps fail (see tests/test_reliability.py)
     def set_fault_hook(self, hook) -> None:
         self._core.fault_hook = hook
 
