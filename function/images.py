@@ -3,10 +3,18 @@
 Sources: `data:` URLs (base64, strictly decoded), `file://` paths inside ALLOWED_LOCAL_MEDIA_PATH, and http(s) URLs
 when ALLOW_REMOTE_IMAGES is on. Every source is capped in bytes before it is decoded, and the bytes must really be a
 PNG, JPEG or WebP whatever the URL claims. `load_many` takes a request's images together: the count first (no byte
-is fetched for a request over MAX_IMAGES_PER_REQUEST), then every image's bytes, then every header (dimensions
-against MAX_IMAGE_SOURCE_PIXELS each and MAX_REQUEST_IMAGE_PIXELS summed), and only then the full decodes, so that
-no pixel is decompressed for a request that is refused. Reading and decoding run in worker threads. Every refusal
-is an `InvalidInput` (HTTP 400) naming the offending part.
+is fetched for a request over MAX_IMAGES_PER_REQUEST), then every image's bytes (a data: URL is only base64-decoded),
+then every header (PIL's `Image.open` without `load()`: dimensions against MAX_IMAGE_SOURCE_PIXELS each and
+MAX_REQUEST_IMAGE_PIXELS summed), then the admission decision (the serving layer's 429 when the server is full, see
+`set_admission`), and only then the full decodes, so that no pixel is decompressed for a request that is refused.
+Reading and decoding run in worker threads. Every refusal is an `InvalidInput` (HTTP 400) naming the offending part,
+or the admission's `Overloaded` (429).
+
+Admission: the serving layer (api/serving.py) registers, for the Config object it serves, a context manager that
+refuses with `Overloaded` when the server is at capacity and counts the request as queued while its images are
+decoded. Every `ImageLoader` built from that Config object (the chat route's, and the response cache's, which loads
+images for the key before the route, function/front.py) enters it around its decodes, so a full server answers 429
+without decoding anything; a loader of a Config nobody registered (the cache-front role) decodes without it.
 
 `file://` paths are opened by walking from the root directory's descriptor one component at a time with
 `O_NOFOLLOW` (openat): no symbolic link is followed and `..` is refused, so swapping a directory for a symlink
@@ -42,9 +50,10 @@ import logging
 import os
 import socket
 import stat
+import weakref
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterator, Sequence
+from typing import Callable, ContextManager, Iterator, Sequence
 from urllib.parse import unquote, urljoin, urlsplit
 
 import httpx
@@ -62,6 +71,20 @@ _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 _PREFETCHED: contextvars.ContextVar[dict[str, LoadedImage] | None] = contextvars.ContextVar("prefetched",
                                                                                               default=None)
+
+
+Admit = Callable[[], ContextManager[None]]
+"""Entered around a request's decodes: raises `Overloaded` (429) when the server is full, else counts the request
+as queued until the decodes are done."""
+_ADMISSIONS: dict[int, Admit] = {}
+
+
+def set_admission(config: Config, admit: Admit) -> None:
+    """Every ImageLoader of this very Config object (not an equal one) enters `admit` before it decodes."""
+    key = id(config)
+    if key not in _ADMISSIONS:
+        weakref.finalize(config, _ADMISSIONS.pop, key, None)
+    _ADMISSIONS[key] = admit
 
 
 @dataclass(frozen=True)
@@ -97,6 +120,8 @@ def public_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
 
 class ImageLoader:
     def __init__(self, config: Config):
+        self._config_id = id(config)
+        self._config_ref = weakref.ref(config)
         self.max_bytes = config.max_image_bytes
         self.max_pixels = config.max_image_source_pixels
         self.max_request_pixels = config.max_request_image_pixels
@@ -125,15 +150,20 @@ class ImageLoader:
         data = [await self._bytes(*items[i]) for i in todo]
         opened = await asyncio.to_thread(self._headers, data, [items[i][1] for i in todo])
         try:
-            for i, img, blob in zip(todo, opened, data):
-                loaded = await asyncio.to_thread(self._decode, img, items[i][1])
-                if items[i][0][:4].lower() == "http":
-                    loaded = LoadedImage(loaded.image, loaded.digest, blob)
-                out[i] = loaded
+            with self._admission():         # the 429 decision, before any pixel is decompressed
+                for i, img, blob in zip(todo, opened, data):
+                    loaded = await asyncio.to_thread(self._decode, img, items[i][1])
+                    if items[i][0][:4].lower() == "http":
+                        loaded = LoadedImage(loaded.image, loaded.digest, blob)
+                    out[i] = loaded
         finally:
             for img in opened:
                 img.close()
         return out                                       # type: ignore[return-value]
+
+    def _admission(self) -> ContextManager[None]:
+        admit = _ADMISSIONS.get(self._config_id) if self._config_ref() is not None else None
+        return admit() if admit is not None else contextlib.nullcontext()
 
     async def _bytes(self, url: str, param: str) -> bytes:
         scheme = url.split(":", 1)[0].lower() if ":" in url else ""

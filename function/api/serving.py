@@ -9,17 +9,26 @@ disconnect (non-stream: a watcher on the ASGI receive channel; stream: the respo
 send, the deadline (REQUEST_TIMEOUT_S from the start of `create`: images, audio, queueing and generation), or an
 error here. Errors before the first chunk become HTTP errors (a deadline: 504); after it, vLLM's error event and
 [DONE].
+
+Admission before decoding (`Admission`): the engine makes its 429 decision (MAX_QUEUE_SIZE) when a request reaches
+it, which is after the request's images are decoded. So this layer keeps its own count of the same thing - requests
+decoding images or started and waiting for their first chunk (`pending`), and engine requests past their first chunk
+(`running`) - and refuses a request with images by the engine's rule (pending >= queue limit + free slots) after its
+image headers are checked and before any image is decoded (function/images.py enters it around the decodes, for the
+response cache's loader too). It never refuses what the engine would take: the engine also counts prefilling
+requests as occupying slots, this count does not.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator
-from typing import AsyncIterator, Awaitable, Callable, TypeVar
+from typing import AsyncIterator, Awaitable, Callable, Iterator, TypeVar
 
 import anyio
 
@@ -28,9 +37,10 @@ from function.asr import SpeechRecognizer, transcribe_audio_parts
 from function.audio import AudioLoader
 from function.config import Config
 from function.engine.protocol import (ChatInput, CompletionChunk, EngineClient, EngineDead, EngineError, InternalError,
-                                      GenerationFailed, InvalidInput, NotReady, SamplingParams, TokenLogprob)
+                                      GenerationFailed, InvalidInput, NotReady, Overloaded, SamplingParams,
+                                      TokenLogprob)
 from function.http_common import SSE_DONE, sse_event, unless_disconnected
-from function.images import ImageLoader
+from function.images import ImageLoader, set_admission
 
 from .errors import ModelNotFound, RequestTimeout, error_json
 from .protocol import (AssistantMessage, AudioTranscript, ChatCompletionChunk, ChatCompletionRequest,
@@ -55,6 +65,39 @@ def system_fingerprint(config: Config) -> str:
     return "fp_" + hashlib.sha256(key.encode()).hexdigest()[:10]
 
 
+class Admission:
+    """This process's view of the engine's queue, for the 429 decision before images are decoded. Used on the
+    event loop only (no lock)."""
+
+    def __init__(self, queue_limit: int, slots: int):
+        self.queue_limit = queue_limit
+        self.slots = slots
+        self.pending = 0        # decoding images, or started and waiting for the engine's first chunk
+        self.running = 0        # engine requests past their first chunk, not yet closed
+
+    def full(self) -> bool:
+        return self.pending >= self.queue_limit + max(0, self.slots - self.running)
+
+    @contextlib.contextmanager
+    def decoding(self) -> Iterator[None]:
+        """Around a request's image decodes: Overloaded (429) when the server is full, else counted as pending."""
+        if self.full():
+            log.info("refused a request with images before decoding them: %d waiting, %d running", self.pending,
+                     self.running)
+            raise Overloaded(f"the server is at capacity ({self.pending} requests waiting); retry later",
+                             retry_after=1.0)
+        with self.waiting():
+            yield
+
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        self.pending += 1
+        try:
+            yield
+        finally:
+            self.pending -= 1
+
+
 class ChatService:
     def __init__(self, config: Config, engine: EngineClient, asr: SpeechRecognizer | None = None):
         """`asr`: the speech-to-text stage for input_audio parts (None: audio is refused with a 400)."""
@@ -66,6 +109,8 @@ class ChatService:
         self.default_max_tokens = config.default_max_tokens or None
         self.max_images = config.max_images_per_request
         self.images = ImageLoader(config)
+        self.admission = Admission(config.queue_limit, config.max_num_seqs)
+        set_admission(config, self.admission.decoding)     # this loader's and the response cache's (same config)
         self.fingerprint = system_fingerprint(config)
         self.timeout_s = config.request_timeout_s
 
@@ -96,11 +141,12 @@ class ChatService:
 
         async def begin() -> list[CompletionChunk]:
             rid = lambda i: request_id if i == 0 else f"{request_id}-{i}"   # noqa: E731
-            gens.append(_Generation(self.engine, rid(0), *inputs[0], arrival))
-            first = [await gens[0].next()]
-            gens.extend(_Generation(self.engine, rid(i), chat, params, arrival)
-                        for i, (chat, params) in enumerate(inputs[1:], 1))
-            return first + list(await asyncio.gather(*(g.next() for g in gens[1:])))
+            with self.admission.waiting():
+                gens.append(_Generation(self.engine, rid(0), *inputs[0], arrival, self.admission))
+                first = [await gens[0].next()]
+                gens.extend(_Generation(self.engine, rid(i), chat, params, arrival, self.admission)
+                            for i, (chat, params) in enumerate(inputs[1:], 1))
+                return first + list(await asyncio.gather(*(g.next() for g in gens[1:])))
 
         try:
             async with asyncio.timeout_at(deadline):
@@ -361,8 +407,10 @@ class _Generation:
     """One engine request: its chunks, their metrics, and an abort when it is closed before finishing."""
 
     def __init__(self, engine: EngineClient, request_id: str, chat: ChatInput, params: SamplingParams,
-                 arrival: float):
+                 arrival: float, admission: Admission | None = None):
         self.engine = engine
+        self._admission = admission
+        self._running = False       # counted in admission.running (past its first chunk, not closed)
         self.request_id = request_id
         self.created = int(time.time())
         self._chunks = engine.generate(request_id, chat, params)
@@ -377,6 +425,9 @@ class _Generation:
             self.finished = True
             raise GenerationFailed("the engine ended the request without a finish reason") from None
         now = time.monotonic()
+        if not self._running and self._admission is not None:
+            self._running = True
+            self._admission.running += 1
         if chunk.token_ids:
             if self._last_token_at is None:
                 metrics.observe_ttft(now - self._arrival)
@@ -390,6 +441,9 @@ class _Generation:
 
     async def close(self) -> None:
         """Release the engine stream, which aborts the request unless it finished. Safe to call more than once."""
+        if self._running and self._admission is not None:
+            self._running = False
+            self._admission.running -= 1
         with anyio.CancelScope(shield=True):    # runs while the request is being cancelled, too
             if isinstance(self._chunks, AsyncGenerator):
                 await self._chunks.aclose()     # EngineClient contract: closing early aborts
