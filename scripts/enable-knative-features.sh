@@ -7,7 +7,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/deploy-lib.sh"
 
 usage() {
   cat <<EOF
-Usage: scripts/enable-knative-features.sh [--no-eventing] [--dry-run] [-h|--help]
+Usage: scripts/enable-knative-features.sh [--no-eventing] [--oidc] [--dry-run] [-h|--help]
 
 Patches the Knative feature-flag ConfigMaps with kubectl (needs rights in knative-serving / knative-eventing):
 
@@ -22,15 +22,20 @@ k8s/config-features.yaml holds the same patches as YAML.
 
 Options:
   --no-eventing   only patch knative-serving (no Knative Eventing installed)
+  --oidc          also enable authentication-oidc in knative-eventing (Eventing >= 1.14): brokers then send
+                  an OIDC sender token with every delivery, which the service verifies when EVENTS_OIDC_AUDIENCE
+                  is set (docs/events.md). Enable transport-encryption too, so the token is not sent in clear.
   --dry-run       print the kubectl commands instead of running them
   -h, --help      show this help
 EOF
 }
 
 EVENTING=1
+OIDC=0
 while (($#)); do
   case "$1" in
     --no-eventing) EVENTING=0 ;;
+    --oidc) OIDC=1 ;;
     --dry-run) DRY_RUN=1 ;;
     -h | --help) usage; exit 0 ;;
     *) usage >&2; die "unknown argument: $1" ;;
@@ -56,9 +61,14 @@ run kubectl patch configmap config-features -n knative-serving --type merge \
   -p "$(merge_patch "${SERVING_FEATURE_FLAGS[@]}")"
 
 if ((EVENTING)); then
-  log "enabling in knative-eventing/config-features: ${EVENTING_FEATURE_FLAGS[*]}"
+  eventing_flags=("${EVENTING_FEATURE_FLAGS[@]}")
+  # optional, not needed by the manifests: Knative Eventing's OIDC sender identity (docs/events.md)
+  ((OIDC)) && eventing_flags+=(authentication-oidc)
+  log "enabling in knative-eventing/config-features: ${eventing_flags[*]}"
   run kubectl patch configmap config-features -n knative-eventing --type merge \
-    -p "$(merge_patch "${EVENTING_FEATURE_FLAGS[@]}")"
+    -p "$(merge_patch "${eventing_flags[@]}")"
+elif ((OIDC)); then
+  die "--oidc needs Knative Eventing (drop --no-eventing)"
 fi
 
 log "done: the Knative webhooks pick up config-features changes within seconds, no restart needed"
