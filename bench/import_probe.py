@@ -34,7 +34,7 @@ from transformers.models.glm4v import processing_glm4v
 print("RESULT", json.dumps({{"import_torch_s": round(t_torch, 3), "total_s": round(time.perf_counter() - t, 3),
       "processor": proc.__name__, "heavy": [m for m in {heavy!r} if sys.modules.get(m) is not None]}}))
 """
-BLOCK = "import importlib.abc\nsys.modules['torchvision'] = None   # import torchvision -> ImportError\n"
+BLOCK = "sys.modules['torchvision'] = None   # import torchvision -> ImportError\n"
 
 
 def run(block: str) -> dict:

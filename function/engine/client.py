@@ -23,7 +23,6 @@ from .protocol import (FAILED_GRACE_S, ChatInput, CompletionChunk, EngineClient,
 log = logging.getLogger(__name__)
 
 
-
 def _host_memory_bytes() -> int:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -197,7 +196,7 @@ class LocalEngine(EngineClient):
         n = 0
         if runner.use_graphs:
             # before ready: the graphs a first request after scale-from-zero uses (small batches at short context,
-            # one stream at every context length: an agent turn of 5-6k tokens decodes in the 8192 bucket, a graph
+            # one stream at every context length: an agent turn of 5-6k tokens decodes in the top bucket, a graph
             # first captured mid-traffic stalls every running stream); the engine captures the rest of the plan,
             # every batch bucket at every length, when idle (or on first use)
             import torch
