@@ -120,6 +120,9 @@ class Config:
     prefill_chunk_tokens: int = env("PREFILL_CHUNK_TOKENS", "Prompt tokens prefilled per step while sequences "
                                     "decode (chunked prefill: bounds the inter-token gap of running streams).",
                                     default=2048)
+    prefill_encoder_tokens: int = env("PREFILL_ENCODER_TOKENS", "Image tokens whose vision encode one step may start "
+                                      "while sequences decode, beside the text chunk (the first encode of a step "
+                                      "always fits); 0: encodes count against PREFILL_CHUNK_TOKENS.", default=2048)
     gpu_memory_utilization: float = env("GPU_MEMORY_UTILIZATION", "Fraction of GPU memory the engine may use "
                                         "(weights + KV cache + activations).", default=0.90)
     cuda_graphs: bool = env("CUDA_GRAPHS", "Capture decode steps as CUDA graphs (CUDA only).", default=True)
@@ -286,6 +289,8 @@ class Config:
         if self.max_prefill_tokens < 256 or self.prefill_chunk_tokens < 256:
             bad("MAX_PREFILL_TOKENS" if self.max_prefill_tokens < 256 else "PREFILL_CHUNK_TOKENS",
                 "must be at least 256")
+        if self.prefill_encoder_tokens < 0:
+            bad("PREFILL_ENCODER_TOKENS", "must be 0 (charged to PREFILL_CHUNK_TOKENS) or positive")
         if not 0.05 <= self.gpu_memory_utilization <= 0.99:
             bad("GPU_MEMORY_UTILIZATION", "must be between 0.05 and 0.99")
         if self.response_cache not in ("memory", "off"):

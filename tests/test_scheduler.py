@@ -166,10 +166,45 @@ def shot_prompt(tag: int, text_before: int, image: int, text_after: int):
     return keys, [(text_before, text_before + image, None, None)]
 
 
-def test_while_streams_decode_a_screenshots_encode_is_charged_to_the_step():
-    """A 3,354-token screenshot arrives while others decode: its encode does not come on top of a full 2048-token
-    text chunk. The first step encodes it with MIN_CHUNK decoder tokens; later steps are plain text chunks."""
+def _pieces(s):
+    pieces = []
+    while True:
+        chunks = s.schedule(decoding=True)
+        if not chunks:
+            return pieces
+        pieces.append([(c.seq.name, c.start, c.end) for c in chunks])
+        for c in chunks:
+            s.chunk_done(c)
+
+
+def test_while_streams_decode_one_screenshot_encode_per_step_beside_a_text_chunk():
+    """encoder_tokens (the default): a 3,354-token screenshot is larger than the 2048-token encoder budget, and
+    the first encode of a step always fits, so it is encoded beside a full text chunk."""
     s = Scheduler(num_slots=4, max_prefill_tokens=16384, chunk_tokens=2048)
+    assert s.encoder_tokens == 2048
+    keys, images = shot_prompt(1, 300, 3354, 200)
+    s.waiting.append(Seq("agent", keys, images))
+    assert _pieces(s) == [[("agent", 0, 2048)], [("agent", 2048, len(keys))]]
+
+
+def test_a_screenshot_that_exceeds_the_steps_encoder_budget_waits_its_turn_in_order():
+    """Two turns with 1,000-token screenshots and a 1,500-token encoder budget: the second image does not fit
+    beside the first, so the second request stays first in the queue for the next step; with room for both,
+    one step takes both."""
+    def two(encoder_tokens):
+        s = Scheduler(num_slots=4, max_prefill_tokens=16384, chunk_tokens=4096, encoder_tokens=encoder_tokens)
+        for tag in (1, 2):
+            keys, images = shot_prompt(tag, 0, 1000, 200)
+            s.waiting.append(Seq(f"a{tag}", keys, images))
+        return _pieces(s)
+    assert two(1500) == [[("a1", 0, 1200)], [("a2", 0, 1200)]]
+    assert two(2000) == [[("a1", 0, 1200), ("a2", 0, 1200)]]
+
+
+def test_while_streams_decode_a_screenshots_encode_is_charged_to_the_step():
+    """encoder_tokens=0: a 3,354-token screenshot's encode does not come on top of a full 2048-token text chunk.
+    The first step encodes it with MIN_CHUNK decoder tokens; later steps are plain text chunks."""
+    s = Scheduler(num_slots=4, max_prefill_tokens=16384, chunk_tokens=2048, encoder_tokens=0)
     keys, images = shot_prompt(1, 300, 3354, 200)
     s.waiting.append(Seq("agent", keys, images))
     pieces = []
@@ -197,7 +232,7 @@ def test_idle_prefill_is_one_step_with_its_image():
 def test_a_second_screenshot_waits_for_a_step_with_room_for_its_encode():
     """Two agent turns arrive while others decode: one step never starts two screenshot encodes, and the second
     keeps its place in the queue (arrival order) instead of being skipped."""
-    s = Scheduler(num_slots=4, max_prefill_tokens=16384, chunk_tokens=2048)
+    s = Scheduler(num_slots=4, max_prefill_tokens=16384, chunk_tokens=2048, encoder_tokens=0)
     for tag in (1, 2):
         keys, images = shot_prompt(tag, 0, 3354, 200)
         s.waiting.append(Seq(f"a{tag}", keys, images))

@@ -63,21 +63,23 @@ class Scheduler:
     first, shortest remaining first, then new admissions in arrival order: the earliest request reaches its
     first token first instead of every arrival waiting for all of them.
 
-    While sequences decode, an image's vision-tower encode is charged to the step's budget too, one token per
-    image token (on an H200 a 1080x2400 screenshot's encode, 3,354 image tokens, costs about what a 3.4k-token
-    text chunk costs in the decoder: bench/prefill_probe.py). Without that a step could take a full text chunk
-    plus one whole encode per new screenshot and stall every stream for half a second (the 32-agent ITL p99 of
-    bench/RESULTS.md). As in vLLM's encoder budget, a chunk stops before an image that does not fit; the first
-    chunk of a step always progresses, so an image larger than the budget is encoded in a step of its own with
-    MIN_CHUNK decoder tokens."""
+    While sequences decode, an image's vision-tower encode costs about what the same number of decoder tokens
+    cost (on an H200 a 1080x2400 screenshot's encode, 3,354 image tokens, costs about a 3.4k-token text chunk:
+    bench/prefill_probe.py), so a step must not start a full text chunk plus several encodes (the 32-agent ITL
+    p99 of bench/RESULTS.md). As in vLLM, encodes have their own per-step budget, `encoder_tokens` image tokens,
+    beside the text budget; the first encode of a step always fits, so one screenshot larger than the budget is
+    encoded in a step of its own, and a chunk stops before an image that does not fit. `encoder_tokens=0`
+    charges encodes to the text budget instead (a step then holds either a text chunk or an encode with
+    MIN_CHUNK tokens: the smallest stall, the most steps per prompt)."""
 
     def __init__(self, num_slots: int, max_prefill_tokens: int, prefix_caching: bool = True,
-                 chunk_tokens: int = 2048):
+                 chunk_tokens: int = 2048, encoder_tokens: int = 2048):
         self.slots = [SlotState() for _ in range(num_slots)]
         self.waiting: deque = deque()
         self.max_prefill_tokens = max_prefill_tokens
         self.chunk_tokens = max(MIN_CHUNK, min(chunk_tokens, max_prefill_tokens))
         self.prefix_caching = prefix_caching
+        self.encoder_tokens = max(0, encoder_tokens)
         self.partial: dict[int, int] = {}    # slot -> prompt tokens whose KV is written (prefill under way)
         self._clock = 0
         self.prefix_query_tokens = 0
@@ -118,6 +120,8 @@ class Scheduler:
         """The prefill work of one step within its token budget; the first chunk of a step always gets at least
         MIN_CHUNK tokens, so no prompt is starved."""
         budget = self.chunk_tokens if decoding else self.max_prefill_tokens
+        # image tokens this step may still encode; None: no separate limit (idle) or charged to `budget`
+        enc_left = self.encoder_tokens if decoding and self.encoder_tokens else None
         out: list[Chunk] = []
         order = sorted(self.partial.items(), key=lambda kv: (len(self.slots[kv[0]].keys) - kv[1],
                                                               self.slots[kv[0]].last_used))
@@ -126,11 +130,12 @@ class Scheduler:
             if take <= 0:
                 return out
             st = self.slots[slot]
-            end, cost = self._chunk_end(st.owner, done, take, decoding, first=not out)
+            end, cost, enc = self._chunk_end(st.owner, done, take, decoding, not out, enc_left)
             if end <= done:
                 continue
             out.append(Chunk(seq=st.owner, slot=slot, start=done, end=end))
             budget -= cost
+            enc_left = None if enc_left is None else enc_left - enc
         while self.waiting:
             free = self.free_slots()
             if not free:
@@ -142,7 +147,7 @@ class Scheduler:
             keys = seq.prompt.keys
             spans = [(s, e) for s, e, *_ in seq.prompt.images]
             reuse, src = self.best_prefix(keys, spans)
-            end, cost = self._chunk_end(seq, reuse, take, decoding, first=not out)
+            end, cost, enc = self._chunk_end(seq, reuse, take, decoding, not out, enc_left)
             if end <= reuse:
                 break               # its next image does not fit in this step: it keeps its place in the queue
             self.waiting.popleft()
@@ -161,28 +166,41 @@ class Scheduler:
             out.append(Chunk(seq=seq, slot=slot, start=reuse, end=end, copy_from=copy_from, first=True,
                              reuse=reuse))
             budget -= cost
+            enc_left = None if enc_left is None else enc_left - enc
         return out
 
-    @staticmethod
-    def _chunk_end(seq, start: int, take: int, decoding: bool, first: bool) -> tuple[int, int]:
-        """(end, cost) of the chunk of `seq` from `start` within `take`: cost counts the decoder tokens and,
-        while decoding, the image tokens of every image whose encode this chunk starts (an image begun before
-        `start` was encoded by an earlier chunk). end == start: nothing fits."""
+    def _chunk_end(self, seq, start: int, take: int, decoding: bool, first: bool,
+                   enc_left: int | None) -> tuple[int, int, int]:
+        """(end, text-budget cost, image tokens encoded) of the chunk of `seq` from `start` within `take`. An
+        image is encoded by the chunk that contains its first token (one begun before `start` was encoded by an
+        earlier chunk). While decoding, encodes count against `enc_left` (the first of a step always fits), or
+        against `take` when `enc_left` is None (encoder_tokens=0). end == start: nothing fits."""
         length = len(seq.prompt.keys)
         end = min(length, start + take)
         if not decoding:
-            return end, end - start
+            return end, end - start, 0
         spans = sorted((s0, e0) for s0, e0, *_ in seq.prompt.images if s0 >= start)
 
         def encode(upto: int) -> int:
             return sum(e0 - s0 for s0, e0 in spans if s0 < upto)
+        if enc_left is not None:
+            step_fresh = enc_left == self.encoder_tokens   # nothing encoded yet in this step
+            enc = 0
+            for s0, e0 in spans:
+                if s0 >= end:
+                    break
+                if enc + (e0 - s0) > enc_left and not (step_fresh and enc == 0):
+                    end = s0            # stop before the image that does not fit
+                    break
+                enc += e0 - s0
+            return end, end - start, enc
         while end > start and (end - start) + encode(end) > take:
             last = max(s0 for s0, _ in spans if s0 < end)
             fit = start + take - encode(end)      # keep that image, shorten the text after it
             end = fit if fit > last else last     # or stop just before it
         if end <= start and first:
             end = min(length, start + MIN_CHUNK)
-        return end, (end - start) + encode(end)
+        return end, (end - start) + encode(end), encode(end)
 
     def _take(self, budget: int, out: list) -> int:
         if not out:
