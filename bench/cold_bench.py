@@ -139,7 +139,8 @@ def naive(model: Path, quant: str, timeout: float) -> dict:
 def function(model: Path | None, quant: str, cache_dir: Path, timeout: float, env_extra: dict) -> dict:
     port = free_port()
     env = dict(os.environ, MODEL_CACHE_DIR=str(cache_dir), QUANTIZATION=quant, LISTEN_ADDRESS=f"127.0.0.1:{port}",
-               LOG_LEVEL="INFO", PYTHONPATH=str(ROOT), **env_extra)
+               LOG_LEVEL="INFO", PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+               **env_extra)
     if model is not None:
         env["MODEL_PATH"] = str(model)
     t = time.time()

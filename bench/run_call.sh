@@ -5,7 +5,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   && export PYTHONPATH=/tmp/site || exit 1
 export PYTHONUNBUFFERED=1
 O=$OUT
-mkdir -p "$O/a" "$O/b" "$O/c"
+mkdir -p "$O/a" "$O/b" "$O/c" "$O/d"
 case "${1:-perf}" in
   perf)
     OUT=$O timeout 45 python3 bench/attention_check.py
@@ -43,6 +43,16 @@ case "${1:-perf}" in
     OUT=$O/a timeout 150 python3 bench/agent_bench.py agent --quant none --clients 1,8,32 --turns-s 20 --deadline 145
     OUT=$O/b timeout 175 python3 bench/agent_bench.py agent --quant fp8 --clients 1,8,32 --turns-s 20 --deadline 170
     OUT=$O/c timeout 130 python3 bench/agent_bench.py starts --n 6 --deadline 125
+    ;;
+  ab)        # call 9: idle-capture debounce; PREFILL_ENCODER_TOKENS 2048 (default) vs 0 (call 8) vs 65536 (call 7); naive
+    OUT=$O/a timeout 80 python3 bench/agent_bench.py build
+    sync
+    OUT=$O/a timeout 110 python3 bench/agent_bench.py agent --quant none --clients 1,8,32 --turns-s 20 --deadline 105
+    OUT=$O/b timeout 110 python3 bench/agent_bench.py agent --quant none --clients 1,8,32 --turns-s 20 --deadline 105 \
+      --env PREFILL_ENCODER_TOKENS=0
+    OUT=$O/c timeout 110 python3 bench/agent_bench.py agent --quant none --clients 1,8,32 --turns-s 20 --deadline 105 \
+      --env PREFILL_ENCODER_TOKENS=65536
+    OUT=$O/d timeout 95 python3 bench/agent_bench.py naive --naive-turns 3 --deadline 90
     ;;
   final)     # the encoder-charged scheduler against call 7's bf16 numbers; exec -> first token vs naive; starts
     OUT=$O/a timeout 80 python3 bench/agent_bench.py build
