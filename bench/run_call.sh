@@ -54,6 +54,14 @@ case "${1:-perf}" in
       --env PREFILL_ENCODER_TOKENS=65536
     OUT=$O/d timeout 95 python3 bench/agent_bench.py naive --naive-turns 3 --deadline 90
     ;;
+  ab32)      # call 10: the 32-agent row of the A/B with enough turns, then a soak at the defaults
+    [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
+    for e in a:2048 b:0 c:65536; do
+      OUT=$O/${e%%:*} timeout 105 python3 bench/agent_bench.py agent --quant none --clients 32 --turns-s 55 \
+        --deadline 100 --env PREFILL_ENCODER_TOKENS=${e#*:}
+    done
+    OUT=$O/d timeout 200 python3 bench/agent_bench.py soak --quant none --minutes 2.6 --deadline 195
+    ;;
   final)     # the encoder-charged scheduler against call 7's bf16 numbers; exec -> first token vs naive; starts
     OUT=$O/a timeout 80 python3 bench/agent_bench.py build
     OUT=$O/a timeout 150 python3 bench/agent_bench.py agent --quant none --clients 1,8,32 --turns-s 20 --deadline 145
