@@ -7,27 +7,42 @@ gives the same answers, and `/health` too. The optional `lifespan` is for uvicor
 lifespan events.
 Every request first passes `auth.AuthGate` (API keys) and `gate.RequestGate` (shutdown drain, body limit, JSON
 budget); `app.state.drain` is the drain that function/shutdown.py starts on SIGTERM. No torch, no Knative.
+
+The POST routes take their body raw (`http_common.read_body`, the one reader with the size limit) and parse it
+themselves (`BodyParser`): a body over `limits.INLINE_BYTES` is decoded (`json.loads`) and validated
+(`model_validate`) in a worker thread, at most `PARSE_THREADS` at a time, so that a large body does not hold the
+event loop while probes and other requests wait; a small one inline (a thread hop costs more than its parse). The
+errors are FastAPI's own, raised the same way (`RequestValidationError` with locations under `"body"`), so clients
+see exactly what they saw when FastAPI parsed the body. The request models stay in the OpenAPI schema (`openapi_extra`
+plus their JSON schemas in `components`).
 """
 from __future__ import annotations
 
+import email.message
+import json
 import time
 from functools import partial
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, TypeVar
 
-from fastapi import FastAPI, Request, Response
+import anyio
+from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.models import OpenAPI
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from starlette.types import Lifespan
 
 from function.config import Config
 from function.engine.protocol import EngineClient
 from function.events import ROUTES as EVENT_ROUTES, EventService
-from function.http_common import (CLIENT_CLOSED, SSE_HEADERS, HttpMetrics, Readiness, add_probe_routes,
+from function.http_common import (CLIENT_CLOSED, SSE_HEADERS, HttpMetrics, Readiness, add_probe_routes, read_body,
                                   until_disconnected)
 
 from . import auth, errors
 from .errors import ModelNotFound
 from .gate import Drain, RequestGate
+from .limits import INLINE_BYTES
 from .protocol import ChatCompletionRequest, ChatCompletionResponse, ErrorResponse, ModelCard, ModelList
 from .serving import ChatService
 from .completions import CompletionService, version
@@ -37,10 +52,103 @@ from .protocol import (CompletionRequest, CompletionResponse, DetokenizeRequest,
 if TYPE_CHECKING:
     from function.asr import SpeechRecognizer
 
-__all__ = ["build_app", "CLIENT_CLOSED", "HttpMetrics"]     # the last two: function.http_common's, as before
+__all__ = ["build_app", "BodyParser", "parse_body", "PARSE_THREADS", "INLINE_BYTES",     # INLINE_BYTES: limits'
+           "CLIENT_CLOSED", "HttpMetrics"]     # these two: function.http_common's, as before
+
+M = TypeVar("M", bound=BaseModel)
 
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     s: {"model": ErrorResponse} for s in (400, 404, 408, 413, 429, 500, 503, 504)}
+
+PARSE_THREADS = 2
+"""Worker threads parsing large bodies at once (per app); more wait for one. Parsing holds the GIL most of the
+time, so more threads would not parse faster, only take more of the GIL from the event loop."""
+_SCHEMAS = "#/components/schemas/"
+
+
+class BodyParser:
+    """A route's JSON body as `model`, parsed as FastAPI would (module docstring): bodies over INLINE_BYTES in a
+    worker thread under a limiter of PARSE_THREADS."""
+
+    def __init__(self, max_bytes: int, threads: int = PARSE_THREADS):
+        self.max_bytes = max_bytes
+        self.limiter = anyio.CapacityLimiter(threads)
+
+    async def __call__(self, request: Request, model: type[M]) -> M | None:
+        """The request, or None when the client left before its body arrived. RequestValidationError (400 in the
+        OpenAI shape, by errors.install) when it is not valid; the 413 when it is over the limit, which only an
+        app without the request gate in front can see."""
+        body = await read_body(request.receive, self.max_bytes)
+        if body.gone:
+            return None
+        if body.data is None:
+            raise HTTPException(413, f"the request body has at least {body.size} bytes; the limit is "
+                                f"{self.max_bytes} bytes (MAX_REQUEST_BYTES)")
+        as_json = _is_json(request.headers.get("content-type"))
+        if len(body.data) <= INLINE_BYTES:
+            return parse_body(model, body.data, as_json)
+        return await anyio.to_thread.run_sync(parse_body, model, body.data, as_json, limiter=self.limiter)
+
+
+def parse_body(model: type[M], body: bytes, as_json: bool = True) -> M:
+    """`body` as `model`, with FastAPI's errors for each failure (fastapi.routing.get_request_handler): empty ->
+    `missing`; not JSON -> `json_invalid` at the error's position; not text -> its 400 "There was an error parsing
+    the body"; not valid -> the model's errors under ("body", ...). A body of another content type is validated as
+    bytes (so it fails as FastAPI's did: "must be a JSON object")."""
+    if not body:
+        raise RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}])
+    data: Any = body
+    if as_json:
+        try:
+            data = json.loads(body)
+        except json.JSONDecodeError as e:
+            raise RequestValidationError([{"type": "json_invalid", "loc": ("body", e.pos), "msg": "JSON decode error",
+                                           "input": {}, "ctx": {"error": e.msg}}], body=e.doc) from e
+        except Exception as e:          # invalid UTF-8, a number too long to convert, ...: as FastAPI
+            raise HTTPException(400, "There was an error parsing the body") from e
+    try:
+        return model.model_validate(data, from_attributes=True)     # FastAPI's TypeAdapter call, from_attributes too
+    except ValidationError as e:
+        raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors(include_url=False)],
+                                     body=data) from None
+
+
+def _is_json(content_type: str | None) -> bool:
+    """FastAPI's test with strict_content_type=False: no Content-Type, application/json or application/*+json."""
+    if not content_type:
+        return True
+    message = email.message.Message()
+    message["content-type"] = content_type
+    subtype = message.get_content_subtype()
+    return message.get_content_maintype() == "application" and (subtype == "json" or subtype.endswith("+json"))
+
+
+def _json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """The route's OpenAPI requestBody, as FastAPI writes it for a `body: model` parameter."""
+    return {"requestBody": {"content": {"application/json": {"schema": {"$ref": _SCHEMAS + model.__name__}}},
+                            "required": True}}
+
+
+def _document_bodies(app: FastAPI, models: tuple[type[BaseModel], ...]) -> None:
+    """Add the request models' JSON schemas (and those they use) to the app's OpenAPI components, which FastAPI
+    fills only from the parameters and response models it sees; written as FastAPI writes its own (the text of a
+    description up to a form feed, sorted, then through its `OpenAPI` model, which drops `default: null`)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in models:
+                model_schema = model.model_json_schema(ref_template=_SCHEMAS + "{model}", mode="validation")
+                for name, sub in [*model_schema.pop("$defs", {}).items(), (model.__name__, model_schema)]:
+                    if "description" in sub:
+                        sub["description"] = sub["description"].split("\f")[0]
+                    components.setdefault(name, sub)
+            schema["components"]["schemas"] = dict(sorted(components.items()))
+            app.openapi_schema = jsonable_encoder(OpenAPI(**schema), by_alias=True, exclude_none=True)
+        return app.openapi_schema
+    app.openapi = openapi       # type: ignore[method-assign]
 
 
 def build_app(config: Config, engine: EngineClient, lifespan: Lifespan[FastAPI] | None = None,
@@ -67,24 +175,40 @@ def build_app(config: Config, engine: EngineClient, lifespan: Lifespan[FastAPI] 
                          max_model_len=engine.max_model_len if ready else None,
                          default_sampling_params=dict(engine.default_sampling) if ready else None)
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERROR_RESPONSES)
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    parse = app.state.body_parser = BodyParser(config.max_request_bytes)    # raw bodies, parsed off the loop if large
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERROR_RESPONSES,
+              openapi_extra=_json_body(ChatCompletionRequest))
+    async def chat_completions(request: Request) -> Response:
+        if (body := await parse(request, ChatCompletionRequest)) is None:
+            return Response(status_code=CLIENT_CLOSED)
         return _respond(await chat.create(body, partial(until_disconnected, request.receive)))
 
     # --- vLLM's other endpoints: legacy completions, tokenizer, version (function/api/completions.py)
     completions = CompletionService(chat)
 
-    @app.post("/v1/completions", response_model=CompletionResponse, responses=_ERROR_RESPONSES)
-    async def text_completions(body: CompletionRequest, request: Request) -> Response:
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=_ERROR_RESPONSES,
+              openapi_extra=_json_body(CompletionRequest))
+    async def text_completions(request: Request) -> Response:
+        if (body := await parse(request, CompletionRequest)) is None:
+            return Response(status_code=CLIENT_CLOSED)
         return _respond(await completions.create(body, partial(until_disconnected, request.receive)))
 
-    @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERROR_RESPONSES)
-    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERROR_RESPONSES,
+              openapi_extra=_json_body(TokenizeRequest))
+    async def tokenize(request: Request) -> Any:
+        if (body := await parse(request, TokenizeRequest)) is None:
+            return Response(status_code=CLIENT_CLOSED)
         return await completions.tokenize(body)
 
-    @app.post("/detokenize", response_model=DetokenizeResponse, responses=_ERROR_RESPONSES)
-    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=_ERROR_RESPONSES,
+              openapi_extra=_json_body(DetokenizeRequest))
+    async def detokenize(request: Request) -> Any:
+        if (body := await parse(request, DetokenizeRequest)) is None:
+            return Response(status_code=CLIENT_CLOSED)
         return await completions.detokenize(body)
+
+    _document_bodies(app, (ChatCompletionRequest, CompletionRequest, TokenizeRequest, DetokenizeRequest))
 
     @app.get("/version", response_model=VersionResponse)
     async def get_version() -> VersionResponse:
