@@ -62,6 +62,13 @@ case "${1:-perf}" in
     done
     OUT=$O/d timeout 200 python3 bench/agent_bench.py soak --quant none --minutes 2.6 --deadline 195
     ;;
+  starts)    # call 11: exec -> first token vs naive (cold_bench), then fresh starts in a row
+    [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
+    sync
+    OUT=$O/b timeout 100 python3 bench/cold_bench.py --quant none --timeout 80 > "$O/b/cold.out" 2>&1
+    tail -c 1500 "$O/b/cold.out"
+    OUT=$O/c timeout 380 python3 bench/agent_bench.py starts --n 20 --deadline 375
+    ;;
   final)     # the encoder-charged scheduler against call 7's bf16 numbers; exec -> first token vs naive; starts
     OUT=$O/a timeout 80 python3 bench/agent_bench.py build
     OUT=$O/a timeout 150 python3 bench/agent_bench.py agent --quant none --clients 1,8,32 --turns-s 20 --deadline 145
