@@ -357,10 +357,19 @@ A100_80 = Card((8, 0), 81_920 * 2**20, "NVIDIA A100-SXM4-80GB")
 T4 = Card((7, 5), 15_360 * 2**20, "Tesla T4")
 
 
+L40S = Card((8, 9), 46_068 * 2**20, "NVIDIA L40S")
+RTX4080 = Card((8, 9), 16_380 * 2**20, "NVIDIA GeForce RTX 4080")
+
+
 @pytest.mark.parametrize("cards,want", [
-    ([H100], "fp8"), ([H200], "fp8"), ([L4], "fp8"), ([RTX4090], "fp8"), ([L4, L4], "fp8"),
-    ([A10G], "nf4"), ([T4], "nf4"), ([A10G, A10G], "none"),
-    ([A100_40], "none"), ([A100_80], "none"),
+    # bf16 wherever its weights leave the useful KV room: fp8 measured slower than bf16 on an H200
+    ([H100], "none"), ([H200], "none"), ([A100_40], "none"), ([A100_80], "none"),
+    ([L40S], "none"),                          # FP8 tensor cores (8.9), but bf16 fits 48 GB
+    ([L4, L4], "none"), ([A10G, A10G], "none"),  # bf16 split over two 24 GB cards fits
+    # bf16 leaves too little KV room: fp8 where the card has FP8
+    ([L4], "fp8"), ([RTX4090], "fp8"),
+    # ... nf4 where it has not, or fp8 does not fit beside one sequence's KV
+    ([A10G], "nf4"), ([T4], "nf4"), ([RTX4080], "nf4"),
     ([], "none"),
 ])
 def test_auto_picks_by_card(cards, want, full_size):
@@ -369,17 +378,88 @@ def test_auto_picks_by_card(cards, want, full_size):
     assert reason
 
 
+def test_auto_prefers_bf16_over_fp8_where_bf16_fits(full_size):
+    """An FP8 card (compute capability 8.9/9.0) with room for bf16 and its KV gets bf16; the same card with less
+    memory, where bf16 leaves less than the useful KV room, gets fp8."""
+    weights, one_seq = full_size
+    q, why = _auto([H100], full_size)
+    assert q == "none" and "bf16 fits" in why and "0.91-0.94x" in why and "bench/RESULTS.md" in why
+    assert _auto([L40S], full_size)[0] == "none"
+    # the boundary: shrink an 8.9 card until bf16 no longer leaves 32 sequences' KV (but fp8 still leaves one)
+    from function.engine.placement import CUDA_CONTEXT_BYTES, default_reserve_bytes
+    need = weights["none"] + 32 * one_seq + CUDA_CONTEXT_BYTES + default_reserve_bytes(32)
+    fits = Card((8, 9), int(need / 0.9) + 2**20, "edge")
+    short = Card((8, 9), int(need / 0.9) - 2**20, "edge")
+    assert _auto([fits], full_size)[0] == "none"
+    q, why = _auto([short], full_size)
+    assert q == "fp8" and "bf16 leaves too little KV room" in why and "compute capability >= 8.9" in why
+
+
 def test_auto_reasons_name_the_deciding_fact(full_size):
-    assert "compute capability >= 8.9" in _auto([H100], full_size)[1]
-    assert "do not fit" in _auto([Card((8, 9), 16_380 * 2**20, "RTX 4080")], full_size)[1]
+    assert "compute capability >= 8.9" in _auto([L4], full_size)[1]
+    assert "bf16 leaves too little KV room" in _auto([L4], full_size)[1]
+    assert "do not fit" in _auto([RTX4080], full_size)[1]
     assert "no FP8 tensor cores" in _auto([A10G], full_size)[1] and "too little" in _auto([A10G], full_size)[1]
     assert "still leaves less KV room" in _auto([T4], full_size)[1]
     assert "CPU" in _auto([], full_size)[1]
-    # an FP8 card on which torch._scaled_mm does not run falls back, and says why
-    q, why = _auto([H100], full_size, fp8_runs=False, fp8_why_not="torch._scaled_mm (rowwise) does not run here")
-    assert q == "none" and "_scaled_mm" in why
-    q, why = _auto([L4], full_size, fp8_runs=False)
-    assert q == "nf4"
+    assert "bf16 fits" in _auto([A100_40], full_size)[1]
+
+
+def test_auto_when_fp8_does_not_run(full_size):
+    """fp8_runs=False (torch._scaled_mm fails its probe): a card that would get fp8 gets nf4 and says why; where
+    bf16 fits, the probe's result does not matter."""
+    q, why = _auto([L4], full_size, fp8_runs=False, fp8_why_not="torch._scaled_mm (rowwise) does not run here")
+    assert q == "nf4" and "_scaled_mm" in why
+    assert _auto([RTX4090], full_size, fp8_runs=False)[0] == "nf4"
+    assert _auto([H100], full_size, fp8_runs=False)[0] == "none"
+    assert _auto([L40S], full_size, fp8_runs=False)[0] == "none"
+
+
+def test_choose_auto_probes_fp8_only_when_the_rule_picks_it(monkeypatch, tiny_dir):
+    """choose_auto hands decide the pod's cards, the checkpoint's sizes and the config's MAX_NUM_SEQS /
+    GPU_MEMORY_UTILIZATION, and runs the FP8 probe only when decide picks fp8 (then falls back when it fails)."""
+    from function.engine.fp8 import Support
+
+    class Props:
+        def __init__(self, cap, total, name):
+            self.major, self.minor, self.total_memory, self.name = cap[0], cap[1], total, name
+
+    card = {"props": None}
+    probes = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: card["props"])
+
+    def support(dev, ok=True):
+        probes.append(dev)
+        return Support(ok, False, False, "probe says no" if not ok else "ok")
+
+    calls = []
+    real = fp8.decide
+
+    def spy(*a, **kw):
+        calls.append((a, kw))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(fp8, "decide", spy)
+    cfg = Config.from_env({"MODEL_PATH": str(tiny_dir), "MAX_NUM_SEQS": "4", "GPU_MEMORY_UTILIZATION": "0.5"})
+    # the tiny model fits anything: bf16, no probe
+    monkeypatch.setattr(fp8, "device_support", support)
+    card["props"] = Props((9, 0), 80 * GiB, "NVIDIA H100 80GB HBM3")
+    q, why = fp8.choose_auto(cfg, tiny_dir, "cuda:0")
+    assert q == "none" and "bf16 fits" in why and probes == []
+    (args, kw), = calls
+    cards, weights, kv = args
+    assert cards == [Card((9, 0), 80 * GiB, "NVIDIA H100 80GB HBM3")]
+    assert weights["none"] > weights["fp8"] > weights["nf4"] > 0
+    assert kv == 4 * kw["min_kv_bytes"] and kw["min_kv_bytes"] > 0 and kw["usable_fraction"] == 0.5
+    # a card too small for bf16 + KV, large enough for fp8: probed; a failing probe gives nf4 with its reason
+    room = int(weights["fp8"] + (weights["none"] - weights["fp8"]) / 2)
+    from function.engine.placement import CUDA_CONTEXT_BYTES, default_reserve_bytes
+    total = int((room + CUDA_CONTEXT_BYTES + default_reserve_bytes(4) + kw["min_kv_bytes"]) / 0.5)
+    card["props"] = Props((8, 9), total, "small FP8 card")
+    assert fp8.choose_auto(cfg, tiny_dir, "cuda:0")[0] == "fp8" and len(probes) == 1
+    monkeypatch.setattr(fp8, "device_support", lambda dev: support(dev, ok=False))
+    q, why = fp8.choose_auto(cfg, tiny_dir, "cuda:0")
+    assert q == "nf4" and "probe says no" in why and len(probes) == 2
 
 
 def test_auto_on_cpu_is_unquantized_and_says_why(tiny_dir, tmp_path, caplog):

@@ -390,6 +390,28 @@ def test_prequantize_job_dry_run(fake_tools):
     assert any(c[:4] == ["kubectl", "get", "job", JOB["metadata"]["name"]] for c in cmds)
 
 
+@pytest.mark.parametrize("quant", ["none", "bf16"])
+def test_prequantize_none_is_a_no_op(tmp_path, quant):
+    """The Job's second step with the shipped QUANTIZATION=none: exit 0, says bf16 needs no pre-quantized copy, writes
+    nothing; it still checks that the download left a checkpoint (exit 2 without config.json)."""
+    import sys
+    ckpt, cache = tmp_path / "ckpt", tmp_path / "cache"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    env = {k: v for k, v in os.environ.items() if k not in ("QUANTIZATION", "MODEL_PATH", "MODEL_CACHE_DIR")}
+    env["PYTHONPATH"] = str(ROOT)
+    cmd = [sys.executable, str(SCRIPTS / "prequantize.py"), "--quantization", quant, "--cache-dir", str(cache)]
+    r = subprocess.run([*cmd, "--model-path", str(ckpt)], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["status"] == "not-needed" and out["quantization"] == "none"
+    assert "no pre-quantized copy" in out["message"] and "bf16" in out["message"]
+    assert not cache.exists() or not any(cache.rglob("*"))
+    missing = subprocess.run([*cmd, "--model-path", str(tmp_path / "absent")], env=env, capture_output=True,
+                             text=True, timeout=120)
+    assert missing.returncode == 2 and "config.json" in missing.stderr
+
+
 def test_broker_trigger_dry_run(fake_tools):
     out = dry_run(fake_tools, "broker-trigger.sh", "-n", NS, show=False)
     cmds = commands(out)

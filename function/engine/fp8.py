@@ -460,11 +460,15 @@ def load_model(load_dir: Path, *, dtype: torch.dtype, device_map, attn_implement
 
 # --------------------------------------------------------------------------------------------- QUANTIZATION=auto
 
-#: KV room that makes bf16 worth it on a card without FP8: MAX_NUM_SEQS sequences of this many tokens (a phone step:
-#: one screenshot + the task and history is ~1.5-2k tokens; the answer needs room too). Below it, nf4's smaller
-#: weights leave the KV room. fp8 needs only one such sequence beside its weights: it is the fastest choice and it
-#: leaves more room than bf16 anyway (the engine sizes its slots to what is left).
+#: The useful KV room: MAX_NUM_SEQS sequences of this many tokens (a phone step: one screenshot + the task and history
+#: is ~1.5-2k tokens; the answer needs room too). bf16 is chosen wherever its weights leave this much, because it is
+#: the fastest setting measured (on an H200 fp8 ran 0.91-0.94x bf16's agent turns per minute, nf4 0.6-0.7x bf16's
+#: throughput under load: bench/RESULTS.md). Below it, fp8 needs only one such sequence beside its weights (the engine
+#: sizes its slots to what is left); nf4 where fp8 does not run or does not fit.
 USEFUL_KV_TOKENS_PER_SEQ = 4096
+
+#: Where the speed ranking of the rule comes from (cited in its reasons).
+MEASURED = "fp8 measured 0.91-0.94x bf16's agent turns per minute on an H200, nf4 0.6-0.7x (bench/RESULTS.md)"
 
 
 @dataclass(frozen=True)
@@ -479,12 +483,15 @@ def decide(cards: list[Card], weight_bytes: dict[str, int], kv_bytes: int, *, us
            fp8_why_not: str = "") -> tuple[str, str]:
     """The QUANTIZATION=auto rule, as plain data. `cards`: the pod's GPUs (empty: CPU). `weight_bytes`: bytes on the
     cards for "none", "fp8" and "nf4". `kv_bytes`: the useful KV room (MAX_NUM_SEQS phone steps); `min_kv_bytes`:
-    one phone step. `overhead_bytes`: per card (CUDA context, activations, graph pools). Returns (quantization,
-    reason):
+    one phone step. `overhead_bytes`: per card (CUDA context, activations, graph pools). `fp8_runs` / `fp8_why_not`:
+    whether torch._scaled_mm runs on these cards (and why not); only consulted when bf16 does not fit. Returns
+    (quantization, reason). The order follows what was measured (bench/RESULTS.md: on an H200 this project's fp8
+    path gave 0.91-0.94x bf16's agent turns per minute, its decode GEMMs 0.79x bf16's; nf4 gives 0.6-0.7x bf16's
+    throughput under load), so the fastest setting that fits wins:
 
-    - fp8 on cards with FP8 tensor cores (compute capability >= 8.9, torch._scaled_mm runs) where fp8 weights and
-      one sequence's KV fit;
-    - else bf16 (none) where bf16 weights leave the useful KV room;
+    - bf16 (none) where bf16 weights leave the useful KV room (`kv_bytes`);
+    - else fp8 on cards with FP8 tensor cores (compute capability >= 8.9, `fp8_runs`) where fp8 weights leave at
+      least one sequence's KV (`min_kv_bytes`);
     - else nf4 (bitsandbytes);
     - none on CPU."""
     if not cards:
@@ -497,34 +504,56 @@ def decide(cards: list[Card], weight_bytes: dict[str, int], kv_bytes: int, *, us
     def left(q):
         return (room - weight_bytes[q]) / gib
 
+    want = f"{kv_bytes / gib:.1f} GiB of KV wanted"
+    bf16 = f"bf16 weights ({weight_bytes['none'] / gib:.1f} GiB)"
+    if room - weight_bytes["none"] >= kv_bytes:
+        return "none", (f"{desc}: bf16 fits with {left('none'):.1f} GiB KV: {bf16} of {room / gib:.1f} GiB usable, "
+                        f"{want}; {MEASURED}")
+    too_little = f"bf16 leaves too little KV room: {bf16} leave {left('none'):.1f} GiB ({want})"
     fp8_card = all(c.capability >= MIN_CAPABILITY for c in cards)
     if fp8_card and fp8_runs and room - weight_bytes["fp8"] >= min_kv_bytes:
-        return "fp8", (f"{desc}: FP8 tensor cores (compute capability >= 8.9); fp8 weights "
+        return "fp8", (f"{desc}: {too_little}; FP8 tensor cores (compute capability >= 8.9): fp8 weights "
                        f"({weight_bytes['fp8'] / gib:.1f} GiB) leave {left('fp8'):.1f} GiB of {room / gib:.1f} GiB "
-                       "usable for the KV cache")
+                       "usable for the KV cache; fp8 is ahead of nf4 (0.91-0.94x bf16 against 0.6-0.7x on an H200: "
+                       "bench/RESULTS.md)")
     if not fp8_card:
         why_fp8 = "no FP8 tensor cores (compute capability < 8.9)"
     elif not fp8_runs:
         why_fp8 = fp8_why_not or "FP8 does not run here"
     else:
         why_fp8 = f"fp8 weights ({weight_bytes['fp8'] / gib:.1f} GiB) do not fit with one sequence's KV"
-    want = f"{kv_bytes / gib:.1f} GiB of KV wanted"
-    if room - weight_bytes["none"] >= kv_bytes:
-        return "none", (f"{desc}: {why_fp8}; bf16 weights ({weight_bytes['none'] / gib:.1f} GiB) leave "
-                        f"{left('none'):.1f} GiB for the KV cache ({want})")
-    return "nf4", (f"{desc}: {why_fp8}; bf16 weights ({weight_bytes['none'] / gib:.1f} GiB) leave too little KV room "
-                   f"({left('none'):.1f} GiB, {want}): nf4 ({weight_bytes['nf4'] / gib:.1f} GiB) leaves "
+    return "nf4", (f"{desc}: {too_little}; {why_fp8}: nf4 ({weight_bytes['nf4'] / gib:.1f} GiB) leaves "
                    f"{left('nf4'):.1f} GiB" + ("" if room - weight_bytes["nf4"] >= kv_bytes else
                                                ", which still leaves less KV room than wanted"))
 
 
-def choose_auto(config, model_path: Path, device: str) -> tuple[str, str]:
-    """QUANTIZATION=auto for this pod: gathers the cards and the checkpoint's sizes and applies `decide`."""
-    if not device.startswith("cuda"):
-        return decide([], {}, 0, usable_fraction=1.0, overhead_bytes=0)
-    from transformers import AutoConfig
-
+def decide_for(cards: list[Card], model_config, config, *, fp8_runs: bool = True,
+               fp8_why_not: str = "") -> tuple[str, str]:
+    """`decide` for this checkpoint's shapes (`model_config`: its transformers config) and the app's settings
+    (`config`: MAX_NUM_SEQS, GPU_MEMORY_UTILIZATION, QUANTIZE_VISION) on `cards`: what choose_auto applies at
+    start-up, and what the tests apply to the card a manifest's node selector names."""
     from .placement import CUDA_CONTEXT_BYTES, default_reserve_bytes, model_sizes, weight_bytes_per_param
+
+    if not cards:
+        return decide([], {}, 0, usable_fraction=1.0, overhead_bytes=0)
+    sizes = model_sizes(model_config)
+    qv = bool(config.quantize_vision)
+    weight_bytes = {q: sum(sizes.unit_bytes(u, weight_bytes_per_param(q, 2), 2, qv if q != "none" else False)
+                           for u in sizes.units) for q in ("none", "fp8", "nf4")}
+    one_seq = sizes.num_layers * sizes.kv_bytes_per_token_per_layer(2) * USEFUL_KV_TOKENS_PER_SEQ
+    return decide(cards, weight_bytes, one_seq * config.max_num_seqs, min_kv_bytes=one_seq,
+                  usable_fraction=config.gpu_memory_utilization,
+                  overhead_bytes=CUDA_CONTEXT_BYTES + default_reserve_bytes(config.max_num_seqs),
+                  fp8_runs=fp8_runs, fp8_why_not=fp8_why_not)
+
+
+def choose_auto(config, model_path: Path, device: str) -> tuple[str, str]:
+    """QUANTIZATION=auto for this pod: gathers the cards and the checkpoint's shapes and applies `decide_for`. The
+    FP8 probe (a small torch._scaled_mm and the Triton kernel on the card) runs only when the rule picks fp8, so a
+    pod where bf16 fits starts without it; a failing probe gives the rule's next choice, with the probe's reason."""
+    if not device.startswith("cuda"):
+        return decide_for([], None, config)
+    from transformers import AutoConfig
 
     n = max(1, config.gpus_per_pod)
     idx = [torch.device(device).index or 0] if n == 1 else list(range(n))
@@ -532,19 +561,13 @@ def choose_auto(config, model_path: Path, device: str) -> tuple[str, str]:
     for i in idx:
         p = torch.cuda.get_device_properties(i)
         cards.append(Card((p.major, p.minor), int(p.total_memory), p.name))
-    sizes = model_sizes(AutoConfig.from_pretrained(model_path))
-    qv = bool(config.quantize_vision)
-    weight_bytes = {q: sum(sizes.unit_bytes(u, weight_bytes_per_param(q, 2), 2, qv if q != "none" else False)
-                           for u in sizes.units) for q in ("none", "fp8", "nf4")}
-    one_seq = sizes.num_layers * sizes.kv_bytes_per_token_per_layer(2) * USEFUL_KV_TOKENS_PER_SEQ
-    fp8_runs, why = True, ""
-    if all(c.capability >= MIN_CAPABILITY for c in cards):
+    model_config = AutoConfig.from_pretrained(model_path)
+    quant, reason = decide_for(cards, model_config, config)
+    if quant == "fp8":
         s = device_support(torch.device("cuda", idx[0]))
-        fp8_runs, why = s.scaled_mm, s.reason
-    return decide(cards, weight_bytes, one_seq * config.max_num_seqs, min_kv_bytes=one_seq,
-                  usable_fraction=config.gpu_memory_utilization,
-                  overhead_bytes=CUDA_CONTEXT_BYTES + default_reserve_bytes(config.max_num_seqs),
-                  fp8_runs=fp8_runs, fp8_why_not=why)
+        if not s.scaled_mm:
+            quant, reason = decide_for(cards, model_config, config, fp8_runs=False, fp8_why_not=s.reason)
+    return quant, reason
 
 
 def weight_report(model: nn.Module) -> dict[str, float]:
@@ -563,6 +586,6 @@ def iter_fp8(model: nn.Module) -> Iterable[tuple[str, Fp8Linear]]:
     return ((n, m) for n, m in model.named_modules() if isinstance(m, Fp8Linear))
 
 
-__all__ = ["Fp8Linear", "Support", "Card", "convert", "decide", "choose_auto", "device_support", "save_model",
-           "load_model", "is_fp8_checkpoint", "quantize_weight", "quantize_rows", "quantize_rows_torch",
+__all__ = ["Fp8Linear", "Support", "Card", "convert", "decide", "decide_for", "choose_auto", "device_support",
+           "save_model", "load_model", "is_fp8_checkpoint", "quantize_weight", "quantize_rows", "quantize_rows_torch",
            "weight_report", "converted_modules", "FP8_MAX", "MIN_SCALE", "MIN_CAPABILITY", "SKIP"]
