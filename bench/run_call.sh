@@ -69,6 +69,11 @@ case "${1:-perf}" in
     tail -c 1500 "$O/b/cold.out"
     OUT=$O/c timeout 380 python3 bench/agent_bench.py starts --n 20 --deadline 375
     ;;
+  short)     # call 12: the second table, 64 short text chats, bf16 and fp8
+    [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
+    OUT=$O/a timeout 95 python3 bench/agent_bench.py short --quant none --clients 64 --deadline 90
+    OUT=$O/b timeout 110 python3 bench/agent_bench.py short --quant fp8 --clients 64 --deadline 105
+    ;;
   final)     # the encoder-charged scheduler against call 7's bf16 numbers; exec -> first token vs naive; starts
     OUT=$O/a timeout 80 python3 bench/agent_bench.py build
     OUT=$O/a timeout 150 python3 bench/agent_bench.py agent --quant none --clients 1,8,32 --turns-s 20 --deadline 145
