@@ -1,6 +1,8 @@
 """HTTP plumbing written once, for the model app (function/api/app.py), the cache front (function/front/) and the
 CloudEvents route (function/events.py): readiness and the probe routes, the body reader with its size limit, the
-"until the client disconnects" race, the SSE framing and the per-route HTTP metrics.
+"until the client disconnects" race, the SSE framing and the per-route HTTP metrics. The body reader is the only one:
+the request gate (function/api/gate.py, with the limit MAX_REQUEST_BYTES), the routes, the cache layer and the
+front's proxy all read bodies with `read_body` and hand them on with `Replay`.
 
 Readiness: every server asks one `Readiness` - func-python's `/health/liveness|readiness` through
 `Function.alive()/ready()`, uvicorn's through the app's routes, and `/health` under both. It combines the stages
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Protocol, Sequence, TypeVar
 
@@ -118,28 +121,72 @@ def add_probe_routes(app: FastAPI, readiness: Readiness, model: str, **extra: st
 # ------------------------------------------------------------------------------------------------ request body
 @dataclass
 class Body:
-    """What `read_body` read: the messages as received (to replay to an app behind), and the whole body, or None
-    when it is over the limit (`size` then counts the bytes read so far) or the client left (`gone`)."""
+    """What `read_body` read: the messages as received (to replay to an app behind: `Replay`), and the whole body,
+    or None when it is over the limit (`size` then counts the bytes read so far) or the client left (`gone`)."""
     messages: list[Message]
     data: bytes | None
     size: int
     gone: bool = False
 
 
-async def read_body(receive: Receive, limit: int) -> Body:
-    """Read the request body from `receive`, stopping as soon as it is over `limit` bytes or the client leaves."""
+async def read_body(receive: Receive, limit: int, *, read_on_to: int | None = None) -> Body:
+    """Read the request body from `receive`, stopping as soon as the client leaves or the body is over `limit`
+    bytes. With `read_on_to`, a body over the limit is read on instead, keeping nothing of it (no messages), until
+    it ends or passes `read_on_to` bytes: a client still sending then gets the answer rather than a reset
+    connection (servers close a connection with unread data)."""
     messages: list[Message] = []
     size = 0
     while True:
         message = await receive()
-        messages.append(message)
         if message["type"] != "http.request":
+            messages.append(message)
             return Body(messages, None, size, gone=True)
         size += len(message.get("body", b""))
+        more = message.get("more_body", False)
+        if size > limit and read_on_to is not None:
+            messages.clear()
+            if not more or size > read_on_to:
+                return Body(messages, None, size)
+            continue
+        messages.append(message)
         if size > limit:
             return Body(messages, None, size)
-        if not message.get("more_body", False):
+        if not more:
             return Body(messages, b"".join(m.get("body", b"") for m in messages), size)
+
+
+class Replay:
+    """An ASGI receive that gives the request messages already read first, then the client's own channel (so that
+    the app behind still sees the client disconnect)."""
+
+    def __init__(self, messages: Iterable[Message], receive: Receive):
+        self.messages = deque(messages)
+        self.receive = receive
+
+    @classmethod
+    def of(cls, body: bytes, receive: Receive) -> Replay:
+        """A whole body as one message, then `receive`."""
+        return cls([_whole(body)], receive)
+
+    async def __call__(self) -> Message:
+        if self.messages:
+            return self.messages.popleft()
+        return await self.receive()
+
+    @property
+    def body(self) -> bytes:
+        """The body still to be replayed."""
+        return b"".join(m.get("body", b"") for m in self.messages if m["type"] == "http.request")
+
+    def replace(self, scope: Scope, body: bytes) -> Scope:
+        """Replay `body` (a whole body) instead; returns `scope` with a matching Content-Length."""
+        self.messages = deque([_whole(body)])
+        headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
+        return {**scope, "headers": headers + [(b"content-length", str(len(body)).encode())]}
+
+
+def _whole(body: bytes) -> Message:
+    return {"type": "http.request", "body": body, "more_body": False}
 
 
 # ------------------------------------------------------------------------------------------------ disconnects

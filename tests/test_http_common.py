@@ -8,7 +8,7 @@ from fake_engine import FakeEngine, FakeSpeech
 from pydantic import BaseModel
 
 from function.api.gate import Drain
-from function.http_common import (SSE_DONE, Readiness, read_body, sse_event, unless_disconnected,
+from function.http_common import (SSE_DONE, Readiness, Replay, read_body, sse_event, unless_disconnected,
                                   until_disconnected)
 
 
@@ -36,6 +36,26 @@ async def test_read_body_stops_at_the_limit_and_when_the_client_leaves():
     assert (over.data, over.size, over.gone, len(over.messages)) == (None, 5, False, 2)
     gone = await read_body(receiver(part(b"ab"), {"type": "http.disconnect"}), limit=4)
     assert (gone.data, gone.gone, gone.messages[-1]["type"]) == (None, True, "http.disconnect")
+
+
+async def test_read_body_reads_on_past_the_limit_keeping_nothing():
+    dropped = await read_body(receiver(part(b"abc"), part(b"de"), part(b"f", more=False)), limit=4, read_on_to=8)
+    assert (dropped.data, dropped.size, dropped.gone, dropped.messages) == (None, 6, False, [])
+    stopped = await read_body(receiver(part(b"abcde"), part(b"fghij"), part(b"never read")), limit=4, read_on_to=8)
+    assert (stopped.data, stopped.size, stopped.messages) == (None, 10, [])
+    within = await read_body(receiver(part(b"ab"), part(b"cd", more=False)), limit=4, read_on_to=8)
+    assert within.data == b"abcd"
+    gone = await read_body(receiver(part(b"abcde"), {"type": "http.disconnect"}), limit=4, read_on_to=8)
+    assert (gone.gone, gone.messages) == (True, [{"type": "http.disconnect"}])
+
+
+async def test_replay_gives_the_read_messages_then_the_channel():
+    replay = Replay([part(b"ab"), part(b"cd", more=False)], receiver({"type": "http.disconnect"}))
+    assert replay.body == b"abcd"
+    scope = replay.replace({"headers": [(b"content-length", b"4"), (b"x", b"y")]}, b"edited")
+    assert scope["headers"] == [(b"x", b"y"), (b"content-length", b"6")]
+    assert [await replay() for _ in range(2)] == [part(b"edited", more=False), {"type": "http.disconnect"}]
+    assert await Replay.of(b"whole", replay)() == part(b"whole", more=False)
 
 
 async def test_until_disconnected_skips_other_messages():

@@ -5,15 +5,16 @@
 with 503 `shutting_down` + Retry-After, while the requests already inside run to their end; `in_flight` says how
 many are left.
 
-`RequestGate` also bounds the body of every POST under /v1/, to the tokenizer routes and to the CloudEvents
-routes (every path, with `all_paths`: the cache front) by MAX_REQUEST_BYTES before any route, JSON parser or cache
-reads it: a body over the limit (declared by Content-Length or counted as it arrives) is a 413, and nothing of it
-is kept. The rest of a body up to twice the limit is read and dropped before the 413 is sent, so that a client
-still sending gets the answer rather than a reset connection (servers close a connection with unread data); a
-declared Content-Length beyond that is refused at once without reading a byte. A body that does not arrive within
-REQUEST_TIMEOUT_S is a 408. A request counts as in flight only once its body is in: the shutdown drain does not wait
-for a client still sending. On the CloudEvents routes the gate does not answer itself (their errors are events): it
-hands the refusal to the route in `scope[BODY_ERROR]` (function/events.py).
+`RequestGate` also bounds the body of every POST under /v1/, to the tokenizer routes and to the CloudEvents routes
+(every path, with `all_paths`: the cache front) by MAX_REQUEST_BYTES before any route, JSON parser or cache reads
+it (function/http_common.py's `read_body`, the one body reader): a body over the limit (declared by Content-Length
+or counted as it arrives) is a 413, and nothing of it is kept. The rest of a body up to twice the limit is read and
+dropped before the 413 is sent, so that a client still sending gets the answer rather than a reset connection
+(servers close a connection with unread data); a declared Content-Length beyond that is refused at once without
+reading a byte. A body that does not arrive within REQUEST_TIMEOUT_S is a 408. A request counts as in flight only
+once its body is in: the shutdown drain does not wait for a client still sending. On the CloudEvents routes the
+gate does not answer itself (their errors are events): it hands the refusal to the route in `scope[BODY_ERROR]`
+(function/events.py).
 
 The JSON bodies (/v1/ and the tokenizer routes) then pass a structure budget before anything parses them:
 MAX_JSON_DEPTH levels of nesting and MAX_JSON_ELEMENTS values (api/limits.py; a 400 above), measured in a worker
@@ -24,7 +25,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from function.http_common import Replay, read_body
 
 from . import errors
 from .limits import INLINE_BYTES, BudgetExceeded, json_budget
@@ -91,7 +94,7 @@ class RequestGate:
                 kind, message = outcome
                 if events:          # the route answers with an error event
                     scope = {**scope, BODY_ERROR: outcome}
-                    receive = _replay([{"type": "http.request", "body": b"", "more_body": False}], receive)
+                    receive = Replay.of(b"", receive)
                 else:
                     await errors.error_response(kind, message)(scope, receive, send)
                     return
@@ -131,38 +134,20 @@ class RequestGate:
         declared = next((v for k, v in scope["headers"] if k.lower() == b"content-length"), b"")
         if declared.isdigit() and int(declared) > 2 * self.max_body:
             return self._too_large(int(declared))
-        chunks, size, more = [], 0, True
         try:
             async with asyncio.timeout(self.body_timeout_s):
-                while more:
-                    message = await receive()
-                    if message["type"] != "http.request":      # the client left: the app sees the disconnect
-                        return _replay([message], receive), None
-                    chunk = message.get("body", b"")
-                    size += len(chunk)
-                    more = message.get("more_body", False)
-                    if size <= self.max_body:
-                        chunks.append(chunk)
-                    elif not more or size > 2 * self.max_body:
-                        return self._too_large(size)
-                    else:
-                        chunks.clear()                         # over the limit: read on to the end, keep nothing
+                body = await read_body(receive, self.max_body, read_on_to=2 * self.max_body)
         except TimeoutError:
             return "request_timeout", (f"the request body did not arrive within {self.body_timeout_s:g} s "
                                        "(REQUEST_TIMEOUT_S)")
-        body = b"".join(chunks)
-        return _replay([{"type": "http.request", "body": body, "more_body": False}], receive), body
+        if body.gone:                   # the client left: the app sees the disconnect
+            return Replay(body.messages, receive), None
+        if body.data is None:
+            return self._too_large(body.size)
+        return Replay.of(body.data, receive), body.data
 
     def _too_large(self, size: int) -> tuple[str, str]:
         log.warning("refused a request body of at least %d bytes (MAX_REQUEST_BYTES=%d)", size, self.max_body)
         return "request_too_large", (f"the request body has at least {size} bytes; the limit is {self.max_body} "
                                      "bytes (MAX_REQUEST_BYTES)")
 
-
-def _replay(messages: list[Message], receive: Receive) -> Receive:
-    """`messages` first, then the server's own receive (which reports the disconnect)."""
-    pending = list(messages)
-
-    async def replayed() -> Message:
-        return pending.pop(0) if pending else await receive()
-    return replayed

@@ -9,7 +9,7 @@ import hashlib
 import json
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -27,7 +27,7 @@ from function.api.protocol import ChatCompletionRequest, ImagePart
 from function.cache import Entry, ResponseCache
 from function.config import Config
 from function.engine.protocol import EngineError
-from function.http_common import SSE_START_HEADERS, read_body, unless_disconnected, until_disconnected
+from function.http_common import SSE_START_HEADERS, Replay, read_body, unless_disconnected, until_disconnected
 from function.images import ImageLoader, LoadedImage, prefetched
 
 from .entries import Capture, sse_events
@@ -68,7 +68,7 @@ class CacheLayer:
             return
         started = time.perf_counter()
         body = await read_body(receive, self.max_body)
-        replay = _Replay(body.messages, receive)
+        replay = Replay(body.messages, receive)
         plan = None
         if body.data is not None:
             try:
@@ -86,11 +86,11 @@ class CacheLayer:
             return
         fetched = {url: img.fetched for url, img in plan.images.items() if img.fetched is not None}
         if self.rewrite_remote and fetched:
-            scope = await replay.rewrite(scope, partial(_inline_images, fetched))
+            scope = await _rewrite(replay, scope, partial(_inline_images, fetched))
         with prefetched(plan.images):       # the app behind uses these instead of loading them again
             await self._answer(scope, replay, send, plan, receive, started)
 
-    async def _answer(self, scope: Scope, replay: _Replay, send: Send, plan: _Plan, receive: Receive,
+    async def _answer(self, scope: Scope, replay: Replay, send: Send, plan: _Plan, receive: Receive,
                       started: float) -> None:
         lead = plan.read and plan.write
         if plan.read:
@@ -198,13 +198,13 @@ class CacheLayer:
         metrics.observe_cache_result("hit")
         metrics.observe_cache_hit(store, time.perf_counter() - started)
 
-    async def _miss(self, scope: Scope, replay: _Replay, send: Send, plan: _Plan, lead: bool) -> None:
+    async def _miss(self, scope: Scope, replay: Replay, send: Send, plan: _Plan, lead: bool) -> None:
         capture = None
         if plan.write:
             capture = Capture(bool(plan.request.stream), strip_usage=bool(plan.request.stream)
                                and not plan.request.include_usage)
             if capture.strip_usage:
-                scope = await replay.rewrite(scope, _with_usage)
+                scope = await _rewrite(replay, scope, _with_usage)
         flight = self.cache.lead(plan.key) if lead else None
         pump = _Pump(send) if flight is not None else None     # the waiters do not wait for our client's reading
         entry = None
@@ -286,27 +286,11 @@ class _Pump:
             raise
 
 
-class _Replay:
-    """An ASGI receive that gives the already-read request messages first, then the client's own channel (so the
-    app behind still sees the client disconnect)."""
-
-    def __init__(self, messages: list[Message], receive: Receive):
-        self.messages = deque(messages)
-        self.receive = receive
-
-    async def __call__(self) -> Message:
-        if self.messages:
-            return self.messages.popleft()
-        return await self.receive()
-
-    async def rewrite(self, scope: Scope, edit) -> Scope:
-        """Replace the (complete) body with `edit(body)` (in a worker thread when large); returns the scope with a
-        matching Content-Length."""
-        body = b"".join(m.get("body", b"") for m in self.messages)
-        body = await asyncio.to_thread(edit, body) if len(body) > INLINE_BYTES else edit(body)
-        self.messages = deque([{"type": "http.request", "body": body, "more_body": False}])
-        headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
-        return {**scope, "headers": headers + [(b"content-length", str(len(body)).encode())]}
+async def _rewrite(replay: Replay, scope: Scope, edit) -> Scope:
+    """Replace the (complete) body `replay` holds with `edit(body)` (in a worker thread when large); returns the
+    scope with a matching Content-Length."""
+    body = replay.body
+    return replay.replace(scope, await asyncio.to_thread(edit, body) if len(body) > INLINE_BYTES else edit(body))
 
 
 def _inline_images(fetched: dict[str, bytes], body: bytes) -> bytes:
