@@ -10,11 +10,12 @@ from importlib import metadata
 from typing import AsyncIterator
 
 from function.engine.protocol import ChatInput, CompletionChunk, EngineDead, EngineError, TokenLogprob
+from function.http_common import SSE_DONE, sse_event
 
 from .errors import RequestTimeout, error_json
 from .protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
                        DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse, VersionResponse)
-from .serving import SSE_DONE, ChatService, Disconnected, _finish_reason, _usage_of, choice_params, log
+from .serving import ChatService, Disconnected, _close_all, _finish_reason, _usage_of, choice_params, log
 
 
 def version() -> VersionResponse:
@@ -68,7 +69,7 @@ class CompletionService:
         def event(choices: list[CompletionChoice], usage=None) -> str:
             body = CompletionResponse(id=gen.request_id, created=gen.created, model=self.chat.model_name,
                                       system_fingerprint=self.chat.fingerprint, choices=choices, usage=usage)
-            return f"data: {body.model_dump_json()}\n\n"
+            return sse_event(body)
 
         try:
             async for i, chunk in self.chat.merged(gens, firsts, deadline):
@@ -87,13 +88,12 @@ class CompletionService:
         except EngineError as e:
             if not isinstance(e, RequestTimeout):
                 log.warning("%s failed while streaming: %s", gen.request_id, e.message)
-            yield f"data: {error_json(e)}\n\n"
+            yield sse_event(error_json(e))
         except Exception:
             log.exception("%s failed while streaming", gen.request_id)
-            yield f"data: {error_json(EngineDead('internal error while streaming'))}\n\n"
+            yield sse_event(error_json(EngineDead('internal error while streaming')))
         finally:
-            for g in gens:
-                await g.close()
+            await _close_all(gens)
         yield SSE_DONE
 
     def _logprobs(self, lps: list[TokenLogprob], offset: int) -> CompletionLogprobs:
