@@ -94,9 +94,10 @@ class Config:
                                  default="autoglm-phone-9b")
     model_cache_dir: str = env("MODEL_CACHE_DIR", "Model cache volume: pre-quantized checkpoints, the tiny model, "
                                "compile caches.", default_factory=_default_cache_dir)
-    quantization: str = env("QUANTIZATION", "auto | fp8 | nf4 | int8 | none. auto: fp8 on cards with FP8 tensor "
-                            "cores (compute capability >= 8.9) where the weights fit, nf4 where bf16 leaves too little "
-                            "KV room, none otherwise and on CPU (docs/quantization.md).", default="auto")
+    quantization: str = env("QUANTIZATION", "auto | fp8 | nf4 | int8 | none. auto: none (bf16) where its weights "
+                            "leave the KV room MAX_NUM_SEQS sequences want, else fp8 on cards with FP8 tensor cores "
+                            "(compute capability >= 8.9), else nf4; none on CPU (docs/quantization.md).",
+                            default="auto")
     quantize_vision: bool = env("QUANTIZE_VISION", "Quantize the vision tower too (default keeps it in bf16).",
                                 default=False)
     prequantized_cache: bool = env("PREQUANTIZED_CACHE", "Write a pre-quantized checkpoint to MODEL_CACHE_DIR on the "

@@ -63,7 +63,7 @@ wait_job() {
     printf '# (polled every 15 s until Complete or Failed, at most %s s)\n' "$TIMEOUT"
     return 0
   fi
-  log "waiting up to ${TIMEOUT}s for Job $JOB_NAME (download ~20 GB, then quantize on the GPU)"
+  log "waiting up to ${TIMEOUT}s for Job $JOB_NAME (download ~20 GB, then the pre-quantized copy if QUANTIZATION asks for one)"
   while :; do
     state="$(kubectl get job "$JOB_NAME" -n "$NAMESPACE" \
       -o 'jsonpath={.status.conditions[?(@.status=="True")].type}' 2>/dev/null || true)"

@@ -36,7 +36,7 @@ CARD_BYTES = {
     "NVIDIA-RTX-A5000": 24564 * 2**20,
 }
 # The environment variables in which the variant differs from service.yaml, and nothing else.
-VARIANT_ENV = {"QUANTIZATION", "GPUS_PER_POD", "MAX_MODEL_LEN"}
+VARIANT_ENV = {"GPUS_PER_POD", "MAX_MODEL_LEN"}
 # Full-size GLM-4.1V-9B shapes (transformers' Glm4vConfig defaults: 40 layers, hidden 4096, 2 KV heads).
 FULL = Glm4vConfig()
 
