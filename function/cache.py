@@ -12,7 +12,8 @@ enable_thinking, return_reasoning, max tokens, unknown extra fields too) minus o
 (`stream`, `stream_options`, `user`, `n`, which must be 1), plus the SHA-256 of the caller's API key when keys are
 configured (function/api/auth.py), so that entries never cross keys (X-Cache and Age would tell one caller what
 another asked) unless RESPONSE_CACHE_SHARE_KEYS says they may. A stored `Entry` is the answer itself (content,
-reasoning, finish and stop reason, usage), so one entry serves streamed and non-streamed requests alike.
+reasoning, finish and stop reason, usage), so one entry serves streamed and non-streamed requests alike. A
+`Recorder` assembles it from what the serving layer produced (or, in the cache front, from the parsed answer).
 
 An entry read back is checked field by field (`Entry.from_bytes`): one that is malformed (written by another
 version, by hand, or corrupted) is a miss, deleted from its store and logged once per store; it is never copied
@@ -31,12 +32,13 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Protocol, Sequence
 
 from function import metrics
-from function.api.protocol import (AssistantMessage, ChatCompletionRequest, ChatCompletionResponse, Choice,
-                                   ImagePart, Usage)
+from function.api.protocol import (AssistantMessage, ChatCompletionChunk, ChatCompletionRequest,
+                                   ChatCompletionResponse, Choice, ImagePart, Usage)
 from function.config import Config
 
 log = logging.getLogger(__name__)
@@ -157,6 +159,74 @@ class Entry:
             choices=[Choice(message=AssistantMessage(content=self.content, reasoning_content=self.reasoning_content),
                             finish_reason=self.finish_reason, stop_reason=self.stop_reason)],
             usage=Usage.model_validate(self.usage))
+
+
+# ------------------------------------------------------------------------------------------------------ recording
+class Recorder:
+    """One answer assembled into the `Entry` to store, from its parts as they are produced; only a complete answer
+    (finish reason stop or length, usage, model and fingerprint, no failure) gives an entry.
+
+    In the model's process the serving layer hands it its own objects before it encodes them (function/api/
+    serving.py: `response`, or each `chunk` and then `stream_usage` once the stream ended well), so nothing it
+    sent is parsed back; the cache layer puts the recorder in `recording` around the chat route. The cache front
+    gets the answer as bytes from the model service and feeds the parsed events to `add` (function/front/entries.py).
+    One choice only: the cache stores no other (`ResponseCache.cacheable`)."""
+
+    def __init__(self) -> None:
+        self.content: list[str] = []
+        self.reasoning: list[str] = []
+        self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None
+        self.usage: dict[str, Any] | None = None
+        self.model: str | None = None
+        self.system_fingerprint: str | None = None
+        self.failed = False
+        self._response: dict[str, Any] | None = None
+
+    def add(self, content: Any, reasoning: Any, finish_reason: str | None, stop_reason: str | int | None) -> None:
+        """A piece of the choice (a streamed delta): its text, its reasoning, and the finish when it is the last."""
+        if isinstance(content, str):
+            self.content.append(content)
+        if isinstance(reasoning, str):
+            self.reasoning.append(reasoning)
+        if finish_reason:
+            self.finish_reason, self.stop_reason = finish_reason, stop_reason
+
+    def chunk(self, chunk: ChatCompletionChunk) -> None:
+        """A streamed chunk as the serving layer produced it (its usage, if any, is not the stream's: see
+        `stream_usage`)."""
+        self.model, self.system_fingerprint = chunk.model, chunk.system_fingerprint
+        for choice in chunk.choices:
+            self.add(choice.delta.content, choice.delta.reasoning_content, choice.finish_reason, choice.stop_reason)
+
+    def stream_usage(self, usage: Usage) -> None:
+        """The whole stream's usage, handed over once it ended well, whether or not the client asked for it."""
+        self.usage = usage.model_dump(mode="json")
+
+    def response(self, response: ChatCompletionResponse) -> None:
+        """A whole (non-streamed) answer as the serving layer produced it."""
+        self._response = response.model_dump(mode="json")
+
+    def entry(self) -> Entry | None:
+        if self.failed:
+            return None
+        if self._response is not None:
+            return Entry.from_response(self._response)
+        if not (self.finish_reason in FINISHED and self.usage and self.model and self.system_fingerprint):
+            return None
+        try:
+            Usage.model_validate(self.usage)
+        except ValueError:          # pydantic's ValidationError
+            return None
+        return Entry(content="".join(self.content),
+                     reasoning_content="".join(self.reasoning) if self.reasoning else None,
+                     finish_reason=self.finish_reason, stop_reason=self.stop_reason, usage=self.usage,
+                     model=self.model, system_fingerprint=self.system_fingerprint, stored_at=time.time())
+
+
+recording: ContextVar[Recorder | None] = ContextVar("autoglm_response_cache_recording", default=None)
+"""The recorder of the chat answer being produced in this context, when the cache will store it (set by
+function/front/layer.py around the chat route; read by function/api/serving.py)."""
 
 
 # --------------------------------------------------------------------------------------------------------- stores

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -27,7 +28,7 @@ from function.api.protocol import ChatCompletionRequest
 from function.cache import Entry, MemoryStore, RedisStore, ResponseCache, deterministic, request_key
 from function.config import Config
 from function.engine.protocol import InvalidInput, Overloaded
-from function.front import install
+from function.front import Capture, install
 
 MODEL = "autoglm-phone-9b"
 HELLO = [{"role": "user", "content": "hello"}]
@@ -288,7 +289,7 @@ async def test_streamed_and_plain_requests_share_an_entry(client, engine):
     live = await client.post("/v1/chat/completions", json=GREEDY | {"stream": True})
     events = sse_events(live.text)
     assert live.headers["x-cache"] == "miss" and events[-1] == "[DONE]"
-    assert all("usage" not in e for e in events[:-1])       # usage was asked for on our behalf, and removed again
+    assert all("usage" not in e for e in events[:-1])       # the entry's usage came from the serving layer
     plain = await client.post("/v1/chat/completions", json=GREEDY)
     assert plain.headers["x-cache"] == "hit" and len(engine.calls) == 1
     assert plain.json()["choices"][0]["message"]["content"] == stream_text(events)[1]
@@ -319,6 +320,44 @@ async def test_streamed_hit_has_the_live_stream_shape(client, engine, extra):
     assert len({e["id"] for e in hit_events[:-1]}) == 1
     if extra:
         assert stream_text(hit_events)[0]                   # the reasoning came back as reasoning_content
+
+
+@pytest.mark.parametrize("extra", [{"stream": True, "stream_options": {"include_usage": True}},
+                                   {"stream": True, "return_reasoning": True,
+                                    "stream_options": {"include_usage": True}},
+                                   {}, {"return_reasoning": True}], ids=["stream", "stream-reasoning", "plain",
+                                                                         "plain-reasoning"])
+async def test_the_model_role_stores_what_serving_produced_without_parsing_it(engine, monkeypatch, extra):
+    """The entry is recorded from the serving layer's objects (no byte parser runs), and it is the entry that
+    parsing the bytes sent would have given."""
+    class NoParsing:
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("the model role parsed the answer it sent")
+    monkeypatch.setattr("function.front.layer.Capture", NoParsing)
+    cache = ResponseCache([MemoryStore(100, 10**6)], model=MODEL, ttl_s=60)
+    async with client_of(cached_app(engine, cache)) as c:
+        live = await c.post("/v1/chat/completions", json=GREEDY | extra)
+        hit = await c.post("/v1/chat/completions", json=GREEDY | extra)
+    assert (live.headers["x-cache"], hit.headers["x-cache"]) == ("miss", "hit") and len(engine.calls) == 1
+    stored, _ = await cache.get(key(**{k: v for k, v in extra.items() if k != "stream_options"}))
+    parsed = Capture(bool(extra.get("stream")), strip_usage=False)
+    parsed.start(200, [(b"content-type", live.headers["content-type"].encode())])
+    parsed.feed(live.content, more=False)
+    from_bytes = parsed.entry()
+    assert from_bytes is not None and replace(stored, stored_at=0) == replace(from_bytes, stored_at=0)
+    assert stored.usage == (sse_events(live.text)[-2] if extra.get("stream") else live.json())["usage"]
+
+
+async def test_a_streamed_miss_is_the_answer_without_the_cache(engine):
+    """No request rewriting in the model role: continuous usage without include_usage stays off, as uncached."""
+    ask = GREEDY | {"stream": True, "stream_options": {"continuous_usage_stats": True}}
+    async with client_of(cached_app(engine)) as c:
+        miss = await c.post("/v1/chat/completions", json=ask)
+    async with client_of(build_app(config(), engine)) as c:
+        uncached = await c.post("/v1/chat/completions", json=ask)
+    assert miss.headers["x-cache"] == "miss"
+    assert [frame(e) for e in sse_events(miss.text)] == [frame(e) for e in sse_events(uncached.text)]
+    assert all("usage" not in e for e in sse_events(miss.text)[:-1])
 
 
 async def test_length_limited_answers_are_complete_answers(client, engine):

@@ -1,8 +1,10 @@
 """Chat completions: request -> ChatInput + SamplingParams -> engine -> one JSON response or an SSE stream.
 
 Sees only the `EngineClient` interface, so it runs against the real engine, a fake one in tests, or a wrapper. The
-response cache is not here: it is HTTP middleware in front of this route (function/front.py, docs/cache.md), the
-same code in the model pod and in the cache-front service.
+response cache is not here: it is HTTP middleware in front of this route (function/front/, docs/cache.md), the
+same code in the model pod and in the cache-front service. When it will store the answer, it puts a
+`function.cache.Recorder` in `function.cache.recording`, and `create` hands it the response or the stream's chunks
+and usage as they are produced, so the cache stores these objects and never parses the bytes sent.
 
 Lifetime of an engine request: it is aborted whenever this layer stops reading it before its last chunk - client
 disconnect (non-stream: a watcher on the ASGI receive channel; stream: the response closes the generator), a failed
@@ -35,6 +37,7 @@ import anyio
 from function import metrics
 from function.asr import SpeechRecognizer, transcribe_audio_parts
 from function.audio import AudioLoader
+from function.cache import Recorder, recording
 from function.config import Config
 from function.engine.protocol import (ChatInput, CompletionChunk, EngineClient, EngineDead, EngineError, InternalError,
                                       GenerationFailed, InvalidInput, NotReady, Overloaded, SamplingParams,
@@ -257,10 +260,16 @@ class ChatService:
         if started is None:
             return None
         gens, firsts = started
+        recorder = recording.get()      # the response cache's, when it will store this answer (function/cache.py)
         if not request.stream:
             outs = await self.collect(gens, firsts, deadline, disconnected)
-            return None if outs is None else self._response(gens[0], outs, request, transcripts)
-        return self._stream(gens, firsts, request, transcripts, deadline)
+            if outs is None:
+                return None
+            response = self._response(gens[0], outs, request, transcripts)
+            if recorder is not None:
+                recorder.response(response)
+            return response
+        return self._stream(gens, firsts, request, transcripts, deadline, recorder)
 
     def _response(self, gen: _Generation, outs: list[_Output], request: ChatCompletionRequest,
                   transcripts: list[AudioTranscript]) -> ChatCompletionResponse:
@@ -314,7 +323,8 @@ class ChatService:
         return ChatInput(messages=out, chat_template_kwargs=template_kwargs, image_digests=digests)
 
     async def _stream(self, gens: list[_Generation], firsts: list[CompletionChunk], request: ChatCompletionRequest,
-                      transcripts: list[AudioTranscript], deadline: float) -> AsyncIterator[str]:
+                      transcripts: list[AudioTranscript], deadline: float,
+                      recorder: Recorder | None = None) -> AsyncIterator[str]:
         n = len(gens)
         parsers = [ReasoningParser() if request.return_reasoning_enabled else None for _ in range(n)]
         lasts: list[CompletionChunk | None] = [None] * n
@@ -325,6 +335,8 @@ class ChatService:
             chunk = ChatCompletionChunk(id=gen.request_id, created=gen.created, model=self.model_name,
                                         system_fingerprint=self.fingerprint, choices=choices, usage=usage,
                                         transcripts=transcripts)
+            if recorder is not None:
+                recorder.chunk(chunk)
             return sse_event(chunk)
 
         try:
@@ -348,8 +360,11 @@ class ChatService:
                                               stop_reason=chunk.stop_reason)], usage=usage)
                 elif delta.content or delta.reasoning_content or lp:
                     yield event([StreamChoice(index=i, delta=delta, logprobs=lp)], usage=usage)
+            usage = _usage_of(lasts, 1)
+            if recorder is not None:
+                recorder.stream_usage(usage)
             if request.include_usage:
-                yield event([], usage=_usage_of(lasts, 1))
+                yield event([], usage=usage)
         except EngineError as e:
             if not isinstance(e, RequestTimeout):       # logged where it was raised
                 log.warning("%s failed while streaming: %s", gen.request_id, e.message)

@@ -1,7 +1,7 @@
 """The response cache's HTTP face (`CacheLayer`), and the cache-front role built from it (`build_front_app`).
 
 By concern: `layer` (the cache tier: CacheLayer, install), `entries` (a cached answer replayed as SSE, a live answer
-captured into an entry), `proxy` (ModelProxy to MODEL_URL), `app` (the cache-front role's app). The probes and the
+watched for its entry), `proxy` (ModelProxy to MODEL_URL), `app` (the cache-front role's app). The probes and the
 HTTP metrics are function/http_common.py's, shared with the model app.
 
 `CacheLayer` is ASGI middleware for POST /v1/chat/completions, one code path for both forms of the cache:
@@ -12,10 +12,13 @@ HTTP metrics are function/http_common.py's, shared with the model app.
 Per request: `Cache-Control: no-cache` skips the lookup, `no-store` the write -> parse the body, check the policy,
 decode images for their pixel digests -> the key -> a hit is replayed as JSON, or as SSE when `stream` is true (the
 live answer's chunk models: role chunk, reasoning, content, finish chunk, usage chunk when asked, [DONE]) -> a miss
-joins an identical request in flight (single flight) or leads one: it is forwarded, its answer (JSON or SSE) is
-watched as it goes by, and it is stored only when complete: status 200, finish_reason stop or length, usage, [DONE]
-(an error chunk, an abort or a client gone leaves nothing). A streamed miss is forwarded with
-`stream_options.include_usage` so its entry has usage; the usage chunk is removed again unless the client asked.
+joins an identical request in flight (single flight) or leads one: it is forwarded, and its answer is stored only
+when complete: status 200, finish_reason stop or length, usage, sent to its end (an error chunk, an abort or a
+client gone leaves nothing). In the model role the serving layer records the entry from the objects it produces
+(function.cache.Recorder: the response, or the chunks and the stream's usage, which it hands over whether or not
+the client asked), so nothing sent is parsed back. Behind the cache front the answer arrives as bytes, which are
+parsed as they go by (JSON or SSE); a streamed miss is forwarded with `stream_options.include_usage` so its entry has
+usage, and the usage chunk is removed again unless the client asked.
 Anything unexpected on the cache's side (unparseable body, unreadable image, a store down) bypasses or misses the
 cache: the app behind answers, with its own errors. Every chat answer carries `X-Cache: hit|miss|bypass`.
 

@@ -50,7 +50,7 @@ def build_front_app(config: Config, *, cache: ResponseCache | None = None,
     auth.install(app, config)       # checks the key here; the proxy passes Authorization on to the model
     app.add_middleware(HttpMetrics, routes=app.router.routes)
     if cache is not None:
-        install(app, config, cache, rewrite_remote=True)
+        install(app, config, cache, proxied=True)
     app.state.proxy, app.state.cache, app.state.drain, app.state.readiness = proxy, cache, drain, readiness
     return app
 

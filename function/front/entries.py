@@ -1,16 +1,15 @@
-"""Cached answers and the live answer's bytes: `sse_events` replays a cache entry as the live stream's events;
-`Capture` rebuilds an entry from the JSON or SSE bytes of a live answer as they go by (and drops the usage chunk
-asked for on the client's behalf)."""
+"""Cached answers and live ones: `sse_events` replays a cache entry as the live stream's events; `Recorded` watches
+an answer produced in this process, whose entry the serving layer records from its own objects (nothing parsed);
+`Capture` rebuilds an entry from the JSON or SSE bytes of the model service's answer behind the cache front as they
+go by (and drops the usage chunk asked for on the client's behalf)."""
 from __future__ import annotations
 
 import json
 import time
 import uuid
 
-from pydantic import ValidationError
-
 from function.api.protocol import ChatCompletionChunk, Delta, StreamChoice, Usage
-from function.cache import FINISHED, Entry
+from function.cache import Entry, Recorder
 from function.http_common import SSE_DONE, sse_event
 
 
@@ -36,9 +35,38 @@ def sse_events(entry: Entry, include_usage: bool) -> list[bytes]:
     return out
 
 
+def _is_answer(status: int, headers: list[tuple[bytes, bytes]], stream: bool) -> bool:
+    """The response starting is the chat answer (not an error): 200 with SSE for a stream, JSON otherwise."""
+    ctype = next((v for k, v in headers if k.lower() == b"content-type"), b"").lower()
+    return status == 200 and ctype.startswith(b"text/event-stream" if stream else b"application/json")
+
+
+class Recorded:
+    """The answer produced in this process: the serving layer hands its objects to `recorder` (the cache layer
+    puts it in `function.cache.recording`), so the bytes pass untouched and are never parsed. This only checks that
+    the response is the answer and was sent to its end (a client gone before [DONE] leaves nothing)."""
+
+    def __init__(self, stream: bool):
+        self.stream = stream
+        self.recorder = Recorder()
+        self.ok = False
+        self._ended = False
+
+    def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.ok = _is_answer(status, headers, self.stream)
+
+    def feed(self, data: bytes, more: bool) -> bytes:
+        self._ended = not more
+        return data
+
+    def entry(self) -> Entry | None:
+        return self.recorder.entry() if self.ok and self._ended else None
+
+
 class Capture:
-    """Rebuilds the answer from the live response's bytes (JSON, or SSE events) as they go by. With `strip_usage`
-    it also removes the usage chunk that was asked for on the client's behalf."""
+    """The answer of the model service behind the cache front, which arrives as bytes: rebuilt from the JSON, or
+    from the SSE events as they go by (their parts fed to a `Recorder`). With `strip_usage` it also removes the
+    usage chunk that was asked for on the client's behalf."""
 
     def __init__(self, stream: bool, strip_usage: bool):
         self.stream = stream
@@ -46,15 +74,12 @@ class Capture:
         self.ok = False               # storable so far
         self._events = False          # parsing SSE events
         self._buf = bytearray()
-        self._content: list[str] = []
-        self._reasoning: list[str] = []
-        self._finish = self._stop = self._usage = self._model = self._fingerprint = None
+        self._recorder = Recorder()
         self._done = False
 
     def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-        ctype = next((v for k, v in headers if k.lower() == b"content-type"), b"").lower()
-        self._events = status == 200 and self.stream and ctype.startswith(b"text/event-stream")
-        self.ok = status == 200 and (self._events or (not self.stream and ctype.startswith(b"application/json")))
+        self.ok = _is_answer(status, headers, self.stream)
+        self._events = self.ok and self.stream
 
     def feed(self, data: bytes, more: bool) -> bytes:
         """The bytes to send on."""
@@ -83,23 +108,20 @@ class Capture:
         if payload == b"[DONE]":
             self._done = True
             return True
+        answer = self._recorder
         try:
             chunk = json.loads(payload)
             if "error" in chunk:
                 self.ok = False
                 return True
-            self._model = chunk.get("model", self._model)
-            self._fingerprint = chunk.get("system_fingerprint", self._fingerprint)
+            answer.model = chunk.get("model", answer.model)
+            answer.system_fingerprint = chunk.get("system_fingerprint", answer.system_fingerprint)
             for choice in chunk.get("choices") or ():
                 delta = choice.get("delta") or {}
-                if isinstance(delta.get("content"), str):
-                    self._content.append(delta["content"])
-                if isinstance(delta.get("reasoning_content"), str):
-                    self._reasoning.append(delta["reasoning_content"])
-                if choice.get("finish_reason"):
-                    self._finish, self._stop = choice["finish_reason"], choice.get("stop_reason")
+                answer.add(delta.get("content"), delta.get("reasoning_content"), choice.get("finish_reason"),
+                           choice.get("stop_reason"))
             if chunk.get("usage"):
-                self._usage = chunk["usage"]
+                answer.usage = chunk["usage"]
                 if self.strip_usage and not chunk.get("choices"):
                     return False
         except (ValueError, AttributeError, TypeError):
@@ -114,13 +136,4 @@ class Capture:
                 return Entry.from_response(json.loads(self._buf))
             except ValueError:
                 return None
-        if not (self._done and self._finish in FINISHED and self._usage and self._model and self._fingerprint):
-            return None
-        try:
-            Usage.model_validate(self._usage)
-        except ValidationError:
-            return None
-        return Entry(content="".join(self._content),
-                     reasoning_content="".join(self._reasoning) if self._reasoning else None,
-                     finish_reason=self._finish, stop_reason=self._stop, usage=self._usage, model=self._model,
-                     system_fingerprint=self._fingerprint, stored_at=time.time())
+        return self._recorder.entry() if self._done else None

@@ -24,13 +24,13 @@ from function.api import errors
 from function.api.auth import SCOPE_KEY
 from function.api.limits import INLINE_BYTES
 from function.api.protocol import ChatCompletionRequest, ImagePart
-from function.cache import Entry, ResponseCache
+from function.cache import Entry, ResponseCache, recording
 from function.config import Config
 from function.engine.protocol import EngineError
 from function.http_common import SSE_START_HEADERS, Replay, read_body, unless_disconnected, until_disconnected
 from function.images import ImageLoader, LoadedImage, prefetched
 
-from .entries import Capture, sse_events
+from .entries import Capture, Recorded, sse_events
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +49,20 @@ class _Plan:
 
 
 class CacheLayer:
-    """ASGI middleware: chat completions through the response cache, everything else untouched. `rewrite_remote`
-    (the cache front): send remote images on as data: URLs of the bytes the key was computed from."""
+    """ASGI middleware: chat completions through the response cache, everything else untouched. `proxied` (the
+    cache front): the app behind is the proxy to the model service, so an answer arrives as bytes and is parsed to
+    be stored (`Capture`), and remote images are sent on as data: URLs of the bytes the key was computed from.
+    Otherwise the app behind is the model's own, whose serving layer records the answer from its objects as it
+    produces them (`Recorded`, function.cache.recording)."""
 
-    def __init__(self, app: ASGIApp, cache: ResponseCache, config: Config, rewrite_remote: bool = False):
+    def __init__(self, app: ASGIApp, cache: ResponseCache, config: Config, proxied: bool = False):
         self.app = app
         self.cache = cache
         self.images = ImageLoader(config)
         self.max_images = config.max_images_per_request
         self.max_body = config.max_request_bytes
         self.wait_s = config.request_timeout_s
-        self.rewrite_remote = rewrite_remote
+        self.proxied = proxied
         self._digests: OrderedDict[bytes, str] = OrderedDict()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -85,7 +88,7 @@ class CacheLayer:
             await self._forward(scope, replay, send, b"bypass", None)
             return
         fetched = {url: img.fetched for url, img in plan.images.items() if img.fetched is not None}
-        if self.rewrite_remote and fetched:
+        if self.proxied and fetched:
             scope = await _rewrite(replay, scope, partial(_inline_images, fetched))
         with prefetched(plan.images):       # the app behind uses these instead of loading them again
             await self._answer(scope, replay, send, plan, receive, started)
@@ -199,18 +202,20 @@ class CacheLayer:
         metrics.observe_cache_hit(store, time.perf_counter() - started)
 
     async def _miss(self, scope: Scope, replay: Replay, send: Send, plan: _Plan, lead: bool) -> None:
-        capture = None
-        if plan.write:
-            capture = Capture(bool(plan.request.stream), strip_usage=bool(plan.request.stream)
-                               and not plan.request.include_usage)
-            if capture.strip_usage:
+        watch: Capture | Recorded | None = None
+        stream = bool(plan.request.stream)
+        if plan.write and not self.proxied:
+            watch = Recorded(stream)
+        elif plan.write:
+            watch = Capture(stream, strip_usage=stream and not plan.request.include_usage)
+            if watch.strip_usage:           # the entry needs the usage: asked for, and removed from the answer
                 scope = await _rewrite(replay, scope, _with_usage)
         flight = self.cache.lead(plan.key) if lead else None
         pump = _Pump(send) if flight is not None else None     # the waiters do not wait for our client's reading
         entry = None
         try:
             entry = await self._forward(scope, replay, pump.send if pump else send,
-                                        b"miss" if plan.read else b"bypass", capture)
+                                        b"miss" if plan.read else b"bypass", watch)
         finally:
             if flight is not None:
                 self.cache.settle(flight, entry)          # waiters go on at once
@@ -224,35 +229,42 @@ class CacheLayer:
                     await pump.finish()                   # the rest of the answer, at our client's pace
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send, label: bytes,
-                       capture: Capture | None) -> Entry | None:
-        """The app behind answers; X-Cache is added, and `capture` (if any) watches and may edit the body."""
+                       watch: Capture | Recorded | None) -> Entry | None:
+        """The app behind answers; X-Cache is added, and `watch` (if any) watches (a `Capture` may edit the body)
+        and gives the entry to store."""
         async def send_on(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() not in (b"x-cache", b"age")]
                 headers.append((b"x-cache", label))
-                if capture is not None:
-                    capture.start(message["status"], headers)
+                if watch is not None:
+                    watch.start(message["status"], headers)
                 message = {**message, "headers": headers}
-            elif message["type"] == "http.response.body" and capture is not None:
+            elif message["type"] == "http.response.body" and watch is not None:
                 more = message.get("more_body", False)
-                data = capture.feed(message.get("body", b""), more)
+                data = watch.feed(message.get("body", b""), more)
                 if not data and more:
                     return
                 message = {**message, "body": data}
             await send(message)
 
-        await self.app(scope, receive, send_on)
-        return capture.entry() if capture is not None else None
+        token = recording.set(watch.recorder) if isinstance(watch, Recorded) else None
+        try:
+            await self.app(scope, receive, send_on)
+        finally:
+            if token is not None:
+                recording.reset(token)
+        return watch.entry() if watch is not None else None
 
 
 def install(app: FastAPI, config: Config, cache: ResponseCache | None = None,
-            rewrite_remote: bool = False) -> ResponseCache | None:
-    """Put the cache layer inside `app`'s middleware (innermost: HTTP metrics and error handling see hits too).
-    Returns the cache, or None when RESPONSE_CACHE=off and there is no RESPONSE_CACHE_URL."""
+            proxied: bool = False) -> ResponseCache | None:
+    """Put the cache layer inside `app`'s middleware (innermost: HTTP metrics and error handling see hits too);
+    `proxied`: `app` is the cache front's (CacheLayer). Returns the cache, or None when RESPONSE_CACHE=off and there
+    is no RESPONSE_CACHE_URL."""
     cache = cache or ResponseCache.from_config(config)
     if cache is not None:
         # add_middleware would make it the outermost; appended, it runs inside the app's own middleware
-        app.user_middleware.append(Middleware(CacheLayer, cache=cache, config=config, rewrite_remote=rewrite_remote))
+        app.user_middleware.append(Middleware(CacheLayer, cache=cache, config=config, proxied=proxied))
         log.info("response cache: %s", " + ".join(s.name for s in cache.stores))
     return cache
 
