@@ -45,7 +45,7 @@ CLIENT_CLOSED = 499   # nginx's status for "client closed the request"; only met
 # ------------------------------------------------------------------------------------------------ readiness
 class Lifecycle(Protocol):
     """What a server needs of a stage that loads in the background: the engine (function.engine.client.LocalEngine),
-    the speech model (function.asr.SpeechRecognizer), a test's fake (tests/fake_engine.py)."""
+    the speech model (function.asr.SpeechRecognizer), a test's fake (tests/support/)."""
 
     def start_loading(self) -> None:
         """Begin loading in the background; returns at once."""

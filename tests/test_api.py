@@ -9,8 +9,8 @@ import httpx
 import openai
 import pytest
 from conftest import data_url, image_bytes, image_message, sse_events
-from asgi_helpers import call_asgi, until
-from fake_engine import FakeEngine, answer_for
+from support.asgi import call_asgi, until
+from support.fake_engine import FakeEngine, answer_for
 
 from function.engine.protocol import (ChatInput, GenerationFailed, InvalidInput, NotReady, Overloaded,
                                       SamplingParams)

@@ -17,7 +17,8 @@ import numpy as np
 import openai
 import pytest
 from conftest import BASE, data_url, image_bytes, sse_events
-from fake_engine import FakeEngine
+from support.fake_engine import FakeEngine
+from support.fake_speech import FakeSpeech
 from test_audio import sf_bytes, wav_bytes
 
 from function import metrics
@@ -422,31 +423,10 @@ async def test_speech_model_not_ready_is_503(engine, whisper_dir):
 
 # ================================================================================================================
 # Readiness through the Function
-class FakeASR:
-    def __init__(self, config):
-        self.config = config
-        self.then = None
-        self.stopped = False
-        self.state = (True, False, "speech model loading: x")
-
-    def start_loading(self, then=None):
-        self.then = then
-
-    def finish(self, state=(True, True, "ready")):
-        self.state = state
-        self.then()
-
-    def status(self):
-        return self.state
-
-    def shutdown(self):
-        self.stopped = True
-
-
 def test_function_loads_the_speech_model_first_and_readiness_waits_for_both():
     engines, asrs = [], []
     fn = Function(engine_factory=lambda c: engines.append(FakeEngine(ready=False)) or engines[-1],
-                  asr_factory=lambda c: asrs.append(FakeASR(c)) or asrs[-1])
+                  asr_factory=lambda c: asrs.append(FakeSpeech(c)) or asrs[-1])
     fn.start({"ASR_MODEL_PATH": "/models/whisper"})
     (engine,), (asr,) = engines, asrs
     assert asr.then is not None and asr.config.asr_model_path == "/models/whisper"
@@ -466,7 +446,7 @@ def test_function_loads_the_speech_model_first_and_readiness_waits_for_both():
 def test_a_failed_speech_model_still_starts_the_engine_and_holds_readiness():
     engines, asrs = [], []
     fn = Function(engine_factory=lambda c: engines.append(FakeEngine()) or engines[-1],
-                  asr_factory=lambda c: asrs.append(FakeASR(c)) or asrs[-1])
+                  asr_factory=lambda c: asrs.append(FakeSpeech(c)) or asrs[-1])
     fn.start({"ASR_MODEL_PATH": "/models/whisper"})
     asrs[0].finish((True, False, "speech model failed: OSError: no such checkpoint"))
     assert engines[0].loading_started

@@ -19,8 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import data_url, image_bytes, image_message, sse_events
-from asgi_helpers import call_asgi, until
-from fake_engine import FakeEngine
+from support.asgi import call_asgi, until
+from support.fake_engine import FakeEngine
 
 from function import metrics
 from function.api.app import build_app

@@ -7,7 +7,7 @@ import logging
 
 import httpx
 import pytest
-from fake_engine import FakeEngine
+from support.fake_engine import FakeEngine
 
 from function.config import ENV_ALIASES, ENV_VARS, Config, ConfigError
 from function.func import Function

@@ -17,7 +17,7 @@ from cloudevents.core.v1.event import CloudEvent
 from cloudevents.v1 import conversion as legacy_conversion
 from cloudevents.v1 import http as legacy_http
 from conftest import data_url, image_bytes, image_message
-from fake_engine import FakeEngine, answer_for
+from support.fake_engine import FakeEngine, answer_for
 
 from function import metrics
 from function.engine.protocol import EngineDead, GenerationFailed, Overloaded

@@ -9,7 +9,7 @@ import time
 
 import httpx
 import pytest
-from fake_engine import FakeEngine
+from support.fake_engine import FakeEngine
 from func_python.http import ASGIApplication
 
 from function import new

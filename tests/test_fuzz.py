@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import schemathesis
-from fake_engine import FakeEngine
+from support.fake_engine import FakeEngine
 from hypothesis import HealthCheck, given, settings, strategies as st
 from hypothesis.errors import Unsatisfiable
 from pydantic import ValidationError

@@ -4,7 +4,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from fake_engine import FakeEngine, FakeSpeech
+from support.fake_engine import FakeEngine
+from support.fake_speech import FakeSpeech
 from pydantic import BaseModel
 
 from function.api.gate import Drain

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from fake_engine import FakeEngine, FakeSpeech
+from support.fake_engine import FakeEngine
+from support.fake_speech import FakeSpeech
 from func_python.http import ASGIApplication
 
 from function.func import Function, create_app

@@ -23,7 +23,7 @@ import httpx
 import pytest
 import torch
 from conftest import BASE, data_url, image_bytes, image_message, sse_events
-from fake_engine import FakeEngine
+from support.fake_engine import FakeEngine
 from func_python.http import ASGIApplication
 from test_e2e_servers import Server, running_server
 

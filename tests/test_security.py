@@ -40,7 +40,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from fake_engine import FakeEngine
+from support.fake_engine import FakeEngine
 
 MODEL = "autoglm-phone-9b"
 P = "messages[0].content[0].image_url"

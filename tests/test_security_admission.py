@@ -19,7 +19,7 @@ from function.api.serving import Admission
 from function.engine.protocol import InvalidInput
 from function.images import ImageLoader
 
-from fake_engine import FakeEngine
+from support.fake_engine import FakeEngine
 
 MODEL = "autoglm-phone-9b"
 FULL = {"MAX_NUM_SEQS": 1, "MAX_QUEUE_SIZE": 1}

@@ -24,7 +24,7 @@ from function.api.app import build_app
 from function.api.auth import OidcVerifier
 from function.config import Config, ConfigError
 
-from fake_engine import FakeEngine
+from support.fake_engine import FakeEngine
 
 ISSUER = "https://kubernetes.default.svc.cluster.local"
 AUDIENCE = "autoglm-phone-9b"
@@ -298,7 +298,7 @@ def test_pyjwt_is_imported_only_when_oidc_is_configured():
     import subprocess
     import sys
     code = ("import sys; from function.api.app import build_app; from function.config import Config; "
-            "from fake_engine import FakeEngine; build_app(Config.from_env({'API_KEY': 'k'}), FakeEngine()); "
+            "from support.fake_engine import FakeEngine; build_app(Config.from_env({'API_KEY': 'k'}), FakeEngine()); "
             "print('jwt' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          cwd=Path(__file__).parent, env={"PYTHONPATH": str(Path(__file__).parents[1]),
