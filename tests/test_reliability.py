@@ -502,7 +502,9 @@ async def test_overload_every_request_is_answered_whole_or_refused_with_retry_af
     """2 batch slots + a queue of 2, then 12 more at once: the 4 accepted finish whole, the burst is refused with
     429 at once (memory does not grow with the offered load), and the server serves again afterwards."""
     async with httpx.AsyncClient(base_url=server.url, timeout=WAIT_S) as c:
-        first = [ask(f"accepted {i}", max_tokens=1500, ignore_eos=True, stream=i % 2 == 0) for i in range(4)]
+        # long enough to hold the slots while the burst is answered (~2 s here), short enough that the four finish
+        # well inside WAIT_S when the machine is shared (at 1500 tokens they hit REQUEST_TIMEOUT_S on a loaded CPU)
+        first = [ask(f"accepted {i}", max_tokens=800, ignore_eos=True, stream=i % 2 == 0) for i in range(4)]
         accepted = [asyncio.create_task(post(c, b)) for b in first[:2]]
         await wait_gauges(c, running=2, queued=0, timeout=30)        # (requests still being prepared count as
         accepted += [asyncio.create_task(post(c, b)) for b in first[2:]]     # queued: fill the slots first)
