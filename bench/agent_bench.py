@@ -29,6 +29,7 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -140,6 +141,20 @@ class Server:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def engine_steps(self) -> dict:
+        """The engine's own step counters from /metrics (autoglm_engine_step_seconds _sum/_count per phase)."""
+        import httpx
+        try:
+            text = httpx.get(f"{self.url}/metrics", timeout=5, trust_env=False).text
+        except httpx.HTTPError:
+            return {}
+        out = {}
+        for ln in text.splitlines():
+            m = re.match(r'autoglm_engine_step_seconds_(sum|count)\{phase="(\w+)"\} (\S+)', ln)
+            if m:
+                out[f"{m[2]}_{m[1]}"] = float(m[3])
+        return out
 
     def wait_ready(self, timeout: float) -> dict:
         """Poll /health/readiness until 200, a failure message, the process' exit, or `timeout`."""
@@ -401,6 +416,19 @@ async def chat(client, url: str, req: dict, disconnect_after: int | None = None)
     return rec
 
 
+def step_delta(before: dict, after: dict) -> dict:
+    """Engine steps during a section: count and mean wall ms per phase (what the engine spent, vs the gaps a
+    client saw)."""
+    res = {}
+    for ph in ("prefill", "decode"):
+        n = after.get(f"{ph}_count", 0) - before.get(f"{ph}_count", 0)
+        t = after.get(f"{ph}_sum", 0) - before.get(f"{ph}_sum", 0)
+        res[f"{ph}_steps"] = int(n)
+        res[f"{ph}_step_mean_ms"] = round(1000 * t / n, 2) if n else None
+        res[f"{ph}_s"] = round(t, 2)
+    return res
+
+
 def summarize(recs: list[dict], wall: float, max_tokens: int | None = None) -> dict:
     ok = [r for r in recs if r["status"] == 200 and not r["error"] and not r["transport_error"]]
     full = [r for r in ok if not r["disconnected"]]
@@ -471,8 +499,10 @@ def agent_section(args, srv: Server, tag: str) -> None:
                 res[f"agents_{n}"] = "skipped: no time left"
                 break
             agents = [Agent(i, wl, seed=1000 * n + i) for i in range(n)]
+            before = srv.engine_steps()
             recs, wall = asyncio.run(run_agents(srv.url, agents, shots, secs, args.max_tokens))
             s = summarize(recs, wall, args.max_tokens)
+            s["engine"] = step_delta(before, srv.engine_steps())
             by_hist = collections.defaultdict(list)
             for r in recs:
                 if r["ttft"] is not None:
@@ -498,9 +528,17 @@ def short_section(args, srv: Server, tag: str) -> None:
             return list(recs), time.perf_counter() - t
     n = args.short_clients
     asyncio.run(go(n, 8))       # the 64-row decode buckets are captured on first use, not in the measurement
-    recs, wall = asyncio.run(go(n, args.short_tokens))
-    s = summarize(recs, wall, args.short_tokens)
-    s.update(clients=n, new_tokens=args.short_tokens, prompt_words=200)
+    rounds = []
+    for _ in range(max(1, args.short_rounds)):     # later rounds: every graph of the run captured
+        before = srv.engine_steps()
+        recs, wall = asyncio.run(go(n, args.short_tokens))
+        s = summarize(recs, wall, args.short_tokens)
+        s.update(clients=n, new_tokens=args.short_tokens, prompt_words=200,
+                 engine=step_delta(before, srv.engine_steps()))
+        rounds.append(s)
+        time.sleep(1.0)
+    s = dict(rounds[-1], rounds=[{k: r[k] for k in ("output_tok_s", "ttft_p50_s", "itl_p50_ms", "engine")}
+                                 for r in rounds])
     log(tag, s)
     del wl
 
@@ -1057,6 +1095,7 @@ def main():
     ap.add_argument("--n", type=int, default=20, help="starts: how many")
     ap.add_argument("--short-clients", "--short", type=int, default=64, dest="short_clients")
     ap.add_argument("--short-tokens", type=int, default=256)
+    ap.add_argument("--short-rounds", type=int, default=2, help="measured rounds of --short-clients chats")
     ap.add_argument("--naive-turns", type=int, default=3)
     ap.add_argument("--check-tokens", type=int, default=16, help="graphcheck: greedy tokens per request")
     ap.add_argument("--max-num-seqs", type=int, default=None, help="MAX_NUM_SEQS (default 64; tiny: 8)")

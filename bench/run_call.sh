@@ -54,6 +54,16 @@ case "${1:-perf}" in
       --env PREFILL_ENCODER_TOKENS=65536
     OUT=$O/d timeout 95 python3 bench/agent_bench.py naive --naive-turns 3 --deadline 90
     ;;
+  host)      # call 13: stream coalescing, new tree (here) against the tree before it (/tmp/ho, this call's bench files)
+    [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
+    mkdir -p "$O/e"
+    OUT=$O/a timeout 80 python3 bench/agent_bench.py short --clients 64 --short-rounds 3 --deadline 75
+    (cd /tmp/ho && OUT=$O/b timeout 80 python3 bench/agent_bench.py short --clients 64 --short-rounds 3 --deadline 75)
+    OUT=$O/c timeout 100 python3 bench/agent_bench.py agent --quant none --clients 32 --turns-s 55 --deadline 95
+    (cd /tmp/ho && OUT=$O/d timeout 100 python3 bench/agent_bench.py agent --quant none --clients 32 --turns-s 55 \
+      --deadline 95)
+    OUT=$O/e timeout 85 python3 bench/agent_bench.py agent --quant none --clients 1,8 --turns-s 25 --deadline 80
+    ;;
   ab32)      # call 10: the 32-agent row of the A/B with enough turns, then a soak at the defaults
     [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
     for e in a:2048 b:0 c:65536; do

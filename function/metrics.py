@@ -61,6 +61,12 @@ BUSY = Gauge("autoglm_engine_busy_ratio", "Fraction of recent wall time the engi
              registry=REGISTRY)
 """0..1 over the engine's own sampling window; near 1 means the accelerator is the bottleneck."""
 
+ENGINE_STEP = Histogram("autoglm_engine_step_seconds", "Wall time of the engine's prefill and decode forwards per "
+                        "step, the device sync included.", ["phase"], buckets=_TOKEN_LATENCY_BUCKETS,
+                        registry=REGISTRY)
+"""phase=prefill|decode. Beside the inter-token latency it tells the engine's share of a gap from the rest
+(scheduling, the event loop, the network): decode step mean = rate(_sum) / rate(_count)."""
+
 PREFIX_HIT_TOKENS = Counter("autoglm_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache.",
                             registry=REGISTRY)
 """`autoglm_prefix_cache_hit_tokens_total`; hit rate = rate(hit) / rate(queried)."""
@@ -120,6 +126,10 @@ def set_queue_depth(n: int) -> None:
 
 def set_running(n: int) -> None:
     RUNNING.set(n)
+
+
+def observe_engine_step(phase: str, seconds: float) -> None:
+    ENGINE_STEP.labels(phase=phase).observe(seconds)
 
 
 def set_busy_ratio(ratio: float) -> None:

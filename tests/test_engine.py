@@ -118,6 +118,28 @@ async def test_stop_string_and_max_tokens(engine):
     assert cut == text[: text.index(stop)] and stop not in cut
 
 
+async def test_a_consumer_that_fell_behind_gets_one_chunk_with_everything_produced_since(engine):
+    """Under load the event loop falls behind the engine; the client then merges what is queued into one chunk
+    (fewer, larger SSE events), with the same text, token ids and one logprob entry per token."""
+    p = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=2)
+    await idle(engine)
+    fast = [c async for c in engine.generate("fast-consumer", chat("merge me"), p)]
+    gen = engine.generate("slow-consumer", chat("merge me"), p)
+    first = await anext(gen)
+    await idle(engine)                      # the engine has produced every token; they wait in the request's queue
+    rest = [c async for c in gen]
+    slow = [first] + rest
+    assert len(fast) == 16 and len(rest) == 1 and rest[0].finish_reason == "length"
+    assert [t for c in slow for t in c.token_ids] == [t for c in fast for t in c.token_ids]
+    assert "".join(c.text for c in slow) == "".join(c.text for c in fast)
+    for c in slow:
+        assert [lp.token_id for lp in c.logprobs] == c.token_ids
+    # (the second request reuses the first's prefix: same tokens, logprobs equal up to float rounding)
+    assert [lp.logprob for c in slow for lp in c.logprobs] == pytest.approx(
+        [lp.logprob for c in fast for lp in c.logprobs], abs=1e-4)
+    assert slow[-1].completion_tokens == 16
+
+
 async def test_seeded_sampling_is_reproducible_and_penalties_apply(engine):
     p = SamplingParams(max_tokens=8, temperature=1.0, top_p=0.9, seed=11, ignore_eos=True)
     a = await run(engine, chat("pick"), p)

@@ -338,6 +338,16 @@ class LocalEngine(EngineClient):
         try:
             while True:
                 tokens, finish, error, packed = await out.get()
+                packs = [packed] if packed is not None else []
+                # a consumer that fell behind takes everything the engine has produced since, in one chunk (as
+                # vLLM's RequestOutputCollector merges outputs): under load the event loop then detokenizes, encodes
+                # and sends one SSE event per request per wake-up instead of one per token, and the loop's work (and
+                # its hold on the GIL, which the engine thread needs between steps) stops growing with the batch
+                while finish is None and error is None and not out.empty():
+                    more, finish, error, packed = out.get_nowait()
+                    tokens = tokens + more
+                    if packed is not None:
+                        packs.append(packed)
                 if not admitted:
                     admitted = True
                     with self._lock:
@@ -348,7 +358,7 @@ class LocalEngine(EngineClient):
                     raise error if isinstance(error, EngineError) else EngineDead(str(error))
                 n_out += len(tokens)
                 delta = text.add(tokens, final=finish is not None)
-                lps = self._logprobs(tokens, packed) if packed is not None else None
+                lps = self._logprobs(tokens, packs) if packs else None
                 if text.stop_hit is not None and finish is None:
                     core.abort(request_id)
                     finish = "stop"
@@ -376,10 +386,15 @@ class LocalEngine(EngineClient):
                 core.abort(request_id)
 
     @staticmethod
-    def _logprobs(tokens: list[int], packed: list[float]) -> list[TokenLogprob]:
+    def _logprobs(tokens: list[int], packs: list[list[float]]) -> list[TokenLogprob]:
+        """One entry per token that carried logprobs (each emit of a token carries its own; a final emit with no
+        token carries none), in order: they are the last len(packs) of `tokens`."""
         from .sampling import Sampler
-        lp, top = Sampler.unpack_logprobs(tokens[-1], packed)
-        return [TokenLogprob(token_id=tokens[-1], logprob=lp, top=top)]
+        out = []
+        for tok, packed in zip(tokens[len(tokens) - len(packs):], packs):
+            lp, top = Sampler.unpack_logprobs(tok, packed)
+            out.append(TokenLogprob(token_id=tok, logprob=lp, top=top))
+        return out
 
     # --- tokenizer endpoints (vLLM's /tokenize, /detokenize) and logprobs' token texts
     async def tokenize(self, chat: ChatInput | None = None, prompt: str | None = None,

@@ -245,17 +245,21 @@ class EngineCore:
         if chunks:
             t = time.perf_counter()
             self._prefill(chunks)
+            dt = time.perf_counter() - t
             st["prefills"] += 1
             st["prefill_seqs"] += sum(c.final for c in chunks)
             st["prefill_tokens"] += sum(c.tokens for c in chunks)
-            st["prefill_s"] += time.perf_counter() - t
+            st["prefill_s"] += dt
+            metrics.observe_engine_step("prefill", dt)
         running = [s for s in self.by_id.values() if s.slot >= 0 and s.generated]
         if running:
             t = time.perf_counter()
             self._decode(running)
+            dt = time.perf_counter() - t
             st["decode_steps"] += 1
             st["decode_rows"] += len(running)
-            st["decode_s"] += time.perf_counter() - t
+            st["decode_s"] += dt
+            metrics.observe_engine_step("decode", dt)
 
     def _prefill(self, chunks) -> None:
         """Run this step's prefill chunks: those from position 0 batched in one forward, each continuing chunk
