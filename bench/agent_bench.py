@@ -154,6 +154,9 @@ class Server:
             m = re.match(r'autoglm_engine_step_seconds_(sum|count)\{phase="(\w+)"\} (\S+)', ln)
             if m:
                 out[f"{m[2]}_{m[1]}"] = float(m[3])
+            m = re.match(r'autoglm_engine_step_seconds_bucket\{le="([^"]+)",phase="(\w+)"\} (\S+)', ln)
+            if m:
+                out.setdefault(f"{m[2]}_buckets", []).append((float(m[1]), float(m[3])))
         return out
 
     def wait_ready(self, timeout: float) -> dict:
@@ -426,6 +429,12 @@ def step_delta(before: dict, after: dict) -> dict:
         res[f"{ph}_steps"] = int(n)
         res[f"{ph}_step_mean_ms"] = round(1000 * t / n, 2) if n else None
         res[f"{ph}_s"] = round(t, 2)
+        # p50/p99 as the upper bound of the histogram bucket they fall in (cumulative counts, this section only)
+        b0 = dict(before.get(f"{ph}_buckets", []))
+        cum = [(le, c - b0.get(le, 0)) for le, c in after.get(f"{ph}_buckets", [])]
+        for q in (50, 99):
+            res[f"{ph}_step_p{q}_le_ms"] = next((round(le * 1000, 1) for le, c in cum if n and c >= n * q / 100),
+                                                None)
     return res
 
 
