@@ -256,8 +256,11 @@ def test_streamed_miss_passes_through_then_hits_with_the_same_shape(front: Serve
     _, direct, _ = stream(model, body)                          # the model's own live stream (its cache is off)
     headers, live, reads = stream(front, body)
     assert headers["x-cache"] == "miss" and headers["content-type"].startswith("text/event-stream")
-    assert [without_ids(e) if isinstance(e, dict) else e for e in live] == \
-        [without_ids(e) if isinstance(e, dict) else e for e in direct]      # passed through as it was
+    # passed through as it was: the same text and frames (the chunk boundaries of two live streams may differ: a
+    # request whose consumer falls behind gets the tokens queued since in one chunk), the same final events
+    assert stream_text(live) == stream_text(direct) and {frame(e) for e in live} == {frame(e) for e in direct}
+    assert [without_ids(e) if isinstance(e, dict) else e for e in live[-2:]] == \
+        [without_ids(e) if isinstance(e, dict) else e for e in direct[-2:]]
     assert reads > 2                                            # chunk by chunk, not buffered into one body
     headers, hit, _ = stream(front, body)
     assert headers["x-cache"] == "hit"
