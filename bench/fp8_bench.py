@@ -16,12 +16,21 @@ Sections:
   decode    the engine's ModelRunner (CUDA graphs) decode step, ms per step at B = 1, 8, 32, 64, bf16 vs fp8.
   engine    engine_bench's engine section (streams 1/8/32/64, TTFT with 8 clients, agent turns) for none and fp8.
   cold      process exec -> ready: bf16, fp8 first start (convert + write the copy), fp8 from the pre-quantized copy.
+  gemv      decode sizes (M = 1, 2, 4, 8, 16, 32, 64 rows) of the same projections, each in a CUDA graph: bf16
+            F.linear, the `_scaled_mm` path (activation quantization + torch._scaled_mm), the weight-only Triton
+            kernel (function/engine/fp8_gemv.py) with its launch config; max and norm relative error of each against
+            an fp32 reference; weight bytes per second; the sum over the 40 layers (GEMM time of one decode step).
+  gemv_tune the weight-only kernel's launch configs swept per shape and M (fills fp8.GEMV_TABLE); slow (compiles).
   check     Fp8Linear on torch._scaled_mm against its fp32 emulation (rows 1, 8, 64, 300) and replayed in a CUDA
-            graph (bit-identical to eager): the GPU half of tests/test_fp8.py, which CI runs on CPU.
+            graph (bit-identical to eager), and the weight-only path at 1..64 rows against its fp32 reference, eager
+            and in a graph: the GPU half of tests/test_fp8.py, which CI runs on CPU.
+
+    python3 bench/fp8_bench.py gemv,check 120         # the weight-only kernel against bf16 and _scaled_mm (~1 min)
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import json
 import os
@@ -114,6 +123,187 @@ def gemm():
         torch.cuda.empty_cache()
     eb.log("gemm_per_step_ms_40_layers", {M: {k.replace("_us", "_ms"): round(v, 2) for k, v in d.items()}
                                           for M, d in per_step.items()})
+
+
+GEMV_ROWS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def _errors(out, ref):
+    out = out.float()
+    return {"max_rel": round(float((out - ref).abs().max() / ref.abs().max()), 5),
+            "norm_rel": round(float((out - ref).norm() / ref.norm()), 5)}
+
+
+def _err_str(e):
+    return f"{type(e).__name__}: {str(e)[:300]}"
+
+
+def gemv():
+    """Decode-size products: bf16, _scaled_mm path, weight-only kernel; per shape and M, and per decode step."""
+    import torch
+    from torch import nn
+    from function.engine import fp8
+
+    t0 = time.time()
+    support = fp8.device_support("cuda")
+    eb.log("gemv_support", {"scaled_mm": support.scaled_mm, "fuse_bias": support.fuse_bias, "small_m": support.small_m,
+                            "fast_dequant": fp8._FAST_DEQUANT, "table_entries": len(fp8.GEMV_TABLE),
+                            "reason": support.reason, "probe_s": round(time.time() - t0, 1),
+                            "torch": torch.__version__, "triton": _triton_version()})
+    res, per_step = {}, {M: {"bf16_ms": 0.0, "scaled_mm_ms": 0.0, "weight_only_ms": 0.0, "dispatch_ms": 0.0}
+                         for M in GEMV_ROWS}
+    for i, (name, (K, N)) in enumerate(SHAPES.items()):
+        try:
+            torch.manual_seed(i)
+            lin = nn.Linear(K, N, bias=name in ("q_proj", "k_proj", "v_proj"), device="cuda", dtype=torch.bfloat16)
+            with torch.no_grad():
+                lin.weight.normal_(0, 0.02)
+                if lin.bias is not None:
+                    lin.bias.normal_(0, 0.1)
+            m = fp8.Fp8Linear.from_linear(lin, scaled_mm=support.scaled_mm)
+            m.fuse_bias = support.fuse_bias
+            w32 = lin.weight.float()
+        except Exception as e:  # noqa: BLE001
+            res[name] = {"error": _err_str(e)}
+            continue
+        for M in GEMV_ROWS:
+            r = {}
+            try:
+                x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+                b32 = lin.bias.float() if lin.bias is not None else None
+                ref_bf16 = x.float() @ w32.t() + (b32 if b32 is not None else 0)
+                ref_fp8 = fp8.weight_only_reference(x, m.weight, m.weight_scale, m.bias)
+                r["bf16_us"] = _graph_us(lambda: lin(x), 20)
+                r["bf16_err"] = _errors(lin(x), ref_bf16)
+                m.small_m = 0
+                r["scaled_mm_us"] = _graph_us(lambda: m(x), 20)
+                r["scaled_mm_err"] = _errors(m(x), ref_fp8)
+                r["scaled_mm_err_vs_bf16_weights"] = _errors(m(x), ref_bf16)
+                m.small_m = fp8.SMALL_M_MAX
+                if fp8._w8a16 is not None:
+                    cfg = fp8.gemv_config(M, N, K)
+                    r["config"] = str(cfg) if cfg else f"scaled_mm (table); kernel timed with {fp8._heuristic(M, N, K)}"
+                    cfg = cfg or fp8._heuristic(M, N, K)
+                    r["dispatch"] = m.path(M, True, torch.bfloat16)
+                    r["dispatch_us"] = _graph_us(lambda: m(x), 20)
+
+                    def wo():
+                        return fp8._w8a16(x, m.weight, m.weight_scale, m.bias, cfg)
+                    r["weight_only_us"] = _graph_us(wo, 20)
+                    r["weight_only_err"] = _errors(wo(), ref_fp8)
+                    r["weight_only_err_vs_bf16_weights"] = _errors(wo(), ref_bf16)
+                    r["weight_only_TBps"] = round(N * K / (r["weight_only_us"] * 1e-6) / 1e12, 2)
+                    r["speedup_vs_bf16"] = round(r["bf16_us"] / r["weight_only_us"], 2)
+                    r["speedup_vs_scaled_mm"] = round(r["scaled_mm_us"] / r["weight_only_us"], 2)
+                    r["dispatch_speedup_vs_bf16"] = round(r["bf16_us"] / r["dispatch_us"], 2)
+                r["bf16_TBps"] = round(N * K * 2 / (r["bf16_us"] * 1e-6) / 1e12, 2)
+                for k in ("bf16", "scaled_mm", "weight_only", "dispatch"):
+                    if isinstance(r.get(k + "_us"), float):
+                        per_step[M][k + "_ms"] += r[k + "_us"] * LAYERS / 1000
+            except Exception as e:  # noqa: BLE001 - one shape's failure is recorded, the section goes on
+                r["error"] = _err_str(e)
+            res[f"{name}_M{M}"] = r
+        eb.log("gemv", res)
+        del lin, m, w32
+        torch.cuda.empty_cache()
+    for M, d in per_step.items():
+        for k in list(d):
+            d[k] = round(d[k], 3)
+        if d["weight_only_ms"]:
+            d["weight_only_speedup_vs_bf16"] = round(d["bf16_ms"] / d["weight_only_ms"], 2)
+            d["weight_only_speedup_vs_scaled_mm"] = round(d["scaled_mm_ms"] / d["weight_only_ms"], 2)
+        if d["dispatch_ms"]:
+            d["fp8_dispatch_speedup_vs_bf16"] = round(d["bf16_ms"] / d["dispatch_ms"], 2)
+    eb.log("gemv_per_step_ms_40_layers", per_step)
+    eb.log("gemv_s", round(time.time() - t0, 1))
+
+
+def _triton_version():
+    try:
+        import triton
+        return triton.__version__
+    except Exception as e:  # noqa: BLE001
+        return _err_str(e)
+
+
+def _candidates(M, N, K):
+    from function.engine import fp8
+    C = fp8.GemvConfig
+    heur = fp8.gemv_config(M, N, K) or fp8._heuristic(M, N, K)
+    out = [heur, dataclasses.replace(heur, fast=not heur.fast)]
+
+    def splits(bn, bk, kind, warps=4, stages=4):
+        split = 1
+        while split < 8 and (N // bn) * split < 132 and K // (split * 2) >= 2 * bk:
+            split *= 2
+        return [C(kind, bn, bk, s, warps, stages) for s in sorted({1, split, max(1, split // 2)})]
+
+    if M <= 8:
+        bm = fp8._pow2(M)
+        for bn in (2, 4, 8, 16):
+            for bk in (512, 1024):
+                if 8 <= bm * bn * bk // 128 <= 128:
+                    out += splits(bn, bk, "fma", 4, 3)
+    for bn in (16, 32, 64):
+        for bk in (64, 128, 256):
+            if bn * bk <= 8192 and not (M >= 32 and bk == 64):
+                out += splits(bn, bk, "dot")
+    for bn in (64, 128):
+        for bk in (64, 128, 256):
+            if bn * bk <= 16384:
+                out += splits(bn, bk, "dot_t")
+    out += [C("dot_t", 64, 128, 1, 8, 4), C("dot", 32, 256, 1, 8, 4)]
+    seen, uniq = set(), []
+    for c in out:
+        if c not in seen:
+            seen.add(c)
+            uniq.append(c)
+    return uniq
+
+
+def gemv_tune():
+    """Sweep the weight-only kernel's launch configs per (shape, M) in CUDA graphs; log the best of each."""
+    import torch
+    from function.engine import fp8
+
+    support = fp8.device_support("cuda")
+    if fp8._w8a16 is None:
+        eb.log("gemv_tune", {"skipped": support.reason})
+        return
+    shapes = {}
+    for name, (K, N) in SHAPES.items():
+        shapes.setdefault((N, K), name)
+    best, table = {}, {}
+    for (N, K), name in shapes.items():
+        codes = (torch.randn(N, K, device="cuda") * 50).to(fp8.FP8_DTYPE)
+        scale = torch.rand(N, device="cuda") * 1e-3
+        bias = torch.randn(N, device="cuda", dtype=torch.bfloat16) if name == "q_proj" else None
+        for M in GEMV_ROWS:
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            ref = fp8.weight_only_reference(x, codes, scale, bias)
+            tried = {}
+            for cfg in _candidates(M, N, K):
+                try:
+                    out = fp8._w8a16(x, codes, scale, bias, cfg)
+                    err = _errors(out, ref)["norm_rel"]
+                    if not err < 1e-2:
+                        tried[str(cfg)] = f"wrong: {err:.3g}"
+                        continue
+                    tried[str(cfg)] = _graph_us(lambda: fp8._w8a16(x, codes, scale, bias, cfg), 10)
+                except Exception as e:  # noqa: BLE001
+                    tried[str(cfg)] = _err_str(e)[:160]
+            ok = {k: v for k, v in tried.items() if isinstance(v, float)}
+            key = f"{name}_N{N}_K{K}_M{M}"
+            if ok:
+                win = min(ok, key=ok.get)
+                now = fp8.gemv_config(M, N, K) or fp8._heuristic(M, N, K)
+                best[key] = {"best": win, "us": ok[win], "current": str(now), "current_us": tried.get(str(now))}
+                table[f"({fp8._bucket(M)}, {N}, {K})"] = win
+            eb.log(f"gemv_tune_{key}", tried)
+            eb.log("gemv_tune_best", best)
+        del codes
+        torch.cuda.empty_cache()
+    eb.log("gemv_tune_table", table)
 
 
 def _accuracy(model, q, tok, device, prompts=2, steps=128, length=256):
@@ -249,9 +439,50 @@ def check():
         y = m(static)
     static.copy_(torch.randn(8, 4096, generator=g).to("cuda", torch.bfloat16))
     graph.replay()
+    m.small_m = 0
     same = bool(torch.equal(y, m(static)))
-    eb.log("check", {"rel_err_vs_emulation": rel, "pass_rel_err_below_1e-2": max(rel.values()) < 1e-2,
-                     "graph_equals_eager": same})
+    out = {"rel_err_vs_emulation": rel, "pass_rel_err_below_1e-2": max(rel.values()) < 1e-2,
+           "graph_equals_eager": same, "small_m": support.small_m}
+    # the weight-only path: rows 1..64 eager against its fp32 reference, the path each row count takes, and every
+    # decode shape's kernel replayed in a CUDA graph (bit-identical to eager, split-K included)
+    wo = {}
+    if support.small_m:
+        m.small_m = support.small_m
+        for rows in (1, 2, 3, 4, 5, 8, 13, 16, 31, 32, 64, 65):
+            try:
+                x = torch.randn(rows, 4096, generator=g).to("cuda", torch.bfloat16)
+                ref = fp8.weight_only_reference(x, m.weight, m.weight_scale, m.bias)
+                wo[rows] = {"path": m.path(rows, True, torch.bfloat16),
+                            "norm_rel": round(float((m(x).float() - ref).norm() / ref.norm()), 5)}
+            except Exception as e:  # noqa: BLE001
+                wo[rows] = _err_str(e)
+        out["weight_only_eager"] = wo
+        ok = all(isinstance(v, dict) and (v["path"] != "weight_only" or v["norm_rel"] < 1e-2) for v in wo.values())
+        graphs = {}
+        for name, (K, N) in SHAPES.items():
+            lin2 = nn.Linear(K, N, bias=name in ("q_proj", "k_proj", "v_proj"), device="cuda", dtype=torch.bfloat16)
+            m2 = Fp8Linear.from_linear(lin2, scaled_mm=True)
+            m2.fuse_bias, m2.small_m = support.fuse_bias, support.small_m
+            for rows in (1, 8, 64):
+                try:
+                    xs = torch.randn(rows, K, generator=g).to("cuda", torch.bfloat16)
+                    st.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(st):
+                        m2(xs)
+                    torch.cuda.current_stream().wait_stream(st)
+                    gr = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(gr):
+                        ys = m2(xs)
+                    xs.copy_(torch.randn(rows, K, generator=g).to("cuda", torch.bfloat16))
+                    gr.replay()
+                    graphs[f"{name}_M{rows}"] = bool(torch.equal(ys, m2(xs)))
+                    del gr
+                except Exception as e:  # noqa: BLE001
+                    graphs[f"{name}_M{rows}"] = _err_str(e)
+            del lin2, m2
+        out["weight_only_graph_equals_eager"] = graphs
+        out["pass_weight_only"] = ok and all(v is True for v in graphs.values())
+    eb.log("check", out)
 
 
 def smoke():
@@ -272,7 +503,7 @@ def main():
     if "smoke" in what:
         return smoke()
     if "all" in what:
-        what |= {"build", "gemm", "accuracy", "decode", "engine", "cold", "check"}
+        what |= {"build", "gemm", "gemv", "accuracy", "decode", "engine", "cold", "check"}
     eb.DEADLINE = float(sys.argv[2]) if len(sys.argv) > 2 else 1800.0
     os.makedirs(eb.OUT, exist_ok=True)
     if "build" in what and not os.path.exists(os.path.join(eb.MODEL_DIR, "config.json")):
@@ -288,8 +519,12 @@ def main():
         eb.bounded("engine_fp8", 200, eb.engine_section, "fp8")
     if "cold" in what:
         cold()
+    if "gemv" in what:
+        eb.bounded("gemv", 300, gemv)
     if "check" in what:
-        eb.bounded("check", 60, check)
+        eb.bounded("check", 90, check)
+    if "gemv_tune" in what:
+        eb.bounded("gemv_tune", 540, gemv_tune)
     eb.log("done", round(time.time() - eb.T0, 1))
 
 

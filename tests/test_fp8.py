@@ -482,4 +482,180 @@ def test_placement_knows_fp8_weight_size():
     assert weight_bytes_per_param("fp8") == 1.0
 
 
-# The _scaled_mm path on an FP8 card (and inside a CUDA graph) is checked by `bench/fp8_bench.py check`.
+# ------------------------------------------------------------------------------------------- small M: weight-only
+
+def _fake_kernel(calls):
+    """A CPU stand-in for the Triton weight-only kernel (fp8_gemv.w8a16) and its widening (fp8_gemv.dequant)."""
+    def w8a16(x, codes, scale, bias, cfg=None):
+        calls.append((tuple(x.shape), cfg))
+        return fp8.weight_only_reference(x, codes, scale, bias).to(x.dtype)
+
+    def dequant(codes, fast=True):
+        return codes.to(torch.bfloat16)
+    return w8a16, dequant
+
+
+def _module(bias=True, small_m=fp8.SMALL_M_MAX, K=64, N=48):
+    g = torch.Generator().manual_seed(5)
+    lin = nn.Linear(K, N, bias=bias).to(torch.bfloat16)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(N, K, generator=g) * 0.1)
+    m = Fp8Linear.from_linear(lin, scaled_mm=True)
+    m.small_m = small_m
+    return m
+
+
+def test_calls_of_few_rows_take_the_weight_only_kernel(monkeypatch):
+    """The dispatch, decided per call from the row count only (static under CUDA graphs): rows <= small_m on a CUDA
+    bf16 call -> the weight-only kernel; more rows -> _scaled_mm; CPU, other dtypes, unconverted -> emulated."""
+    monkeypatch.setattr(fp8, "_w8a16", _fake_kernel([])[0])
+    m = _module()
+    bf16 = torch.bfloat16
+    assert [m.path(r, True, bf16) for r in (1, 2, 7, 16, 63, 64)] == ["weight_only"] * 6
+    assert m.path(65, True, bf16) == m.path(5500, True, bf16) == "scaled_mm"
+    assert m.path(1, False, bf16) == m.path(1, True, torch.float32) == m.path(1, True, torch.float16) == "emulated"
+    m.small_m = 8
+    assert m.path(8, True, bf16) == "weight_only" and m.path(9, True, bf16) == "scaled_mm"
+    m.small_m = 0                              # the kernel did not pass its probe on this card
+    assert m.path(1, True, bf16) == "scaled_mm"
+    m.small_m = 64
+    monkeypatch.setattr(fp8, "_w8a16", None)   # Triton absent: never the kernel, whatever small_m says
+    assert m.path(1, True, bf16) == "scaled_mm"
+    m.scaled_mm = False
+    monkeypatch.setattr(fp8, "_w8a16", _fake_kernel([])[0])
+    assert m.path(1, True, bf16) == "emulated"
+    assert "weight-only <= 64 rows" in repr(_module()) and "scaled_mm" in repr(_module(small_m=0))
+
+
+def test_forward_runs_the_path_it_names(monkeypatch):
+    """forward() sends a weight-only call to the kernel with the 2-D rows (leading dims flattened, contiguous last
+    dim) and reshapes the result; CPU calls stay on the fp32 emulation, which CI checks."""
+    calls = []
+    monkeypatch.setattr(fp8, "_w8a16", _fake_kernel(calls)[0])
+    m = _module()
+    x = torch.randn(2, 3, 64).to(torch.bfloat16)
+    assert torch.equal(m(x), m._emulated(x.reshape(-1, 64)).view(2, 3, 48)) and calls == []
+    monkeypatch.setattr(Fp8Linear, "path", lambda self, rows, is_cuda, dtype: "weight_only")
+    out = m(x)
+    assert calls == [((6, 64), None)] and out.shape == (2, 3, 48)
+    ref = fp8.weight_only_reference(x.reshape(-1, 64), m.weight, m.weight_scale, m.bias).view(2, 3, 48)
+    assert torch.equal(out, ref.to(torch.bfloat16))
+    xt = torch.randn(64, 5).to(torch.bfloat16).t()          # last dim not contiguous: copied first
+    m(xt)
+    assert calls[-1][0] == (5, 64)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_weight_only_reference_is_the_dequantized_linear(bias):
+    """The weight-only arithmetic: unquantized activations times codes * per-channel scales, plus the bias; closer
+    to the bf16 layer than the W8A8 emulation (no activation rounding)."""
+    m = _module(bias=bias)
+    x = torch.randn(9, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    ref = fp8.weight_only_reference(x, m.weight, m.weight_scale, m.bias)
+    want = x.float() @ m.dequantized().t() + (m.bias.float() if bias else 0)
+    assert torch.allclose(ref, want, rtol=1e-5, atol=1e-5)
+    exact = x.float() @ (m.dequantized().to(torch.bfloat16).float()).t()
+    w8a8 = m._emulated(x).float() - (m.bias.float() if bias else 0)
+    assert (ref - (m.bias.float() if bias else 0) - exact).norm() < (w8a8 - exact).norm()
+
+
+def test_probe_installs_the_kernel_only_when_it_checks_out(monkeypatch, caplog):
+    """_probe_w8a16 (run by device_support on an FP8 card): kernels that import and match the fp32 reference are
+    installed; an ImportError (no Triton) or a wrong result leaves every call on _scaled_mm, with the reason."""
+    monkeypatch.setattr(fp8, "_w8a16", None)
+    monkeypatch.setattr(fp8, "_FAST_DEQUANT", True)
+    calls = []
+    good = _fake_kernel(calls)
+    monkeypatch.setattr(fp8, "_load_w8a16", lambda: good)
+    assert fp8._probe_w8a16(torch.device("cpu")) == (True, "") and fp8._w8a16 is good[0]
+    kinds = {c.kind for _, c in calls if c is not None}
+    assert kinds == {"fma", "dot", "dot_t"} and any(c is None for _, c in calls)        # table/heuristic too
+    assert any(c is not None and c.split_k > 1 for _, c in calls) and any(r[0] > 16 for r, _ in calls)
+
+    def no_triton():
+        raise ImportError("No module named 'triton'")
+    monkeypatch.setattr(fp8, "_load_w8a16", no_triton)
+    assert fp8._probe_w8a16(torch.device("cpu")) == (False, "ImportError: No module named 'triton'")
+    assert fp8._w8a16 is None
+
+    wrong = (lambda x, codes, scale, bias, cfg=None: torch.zeros(x.shape[0], codes.shape[0]), good[1])
+    monkeypatch.setattr(fp8, "_load_w8a16", lambda: wrong)
+    ok, why = fp8._probe_w8a16(torch.device("cpu"))
+    assert not ok and "relative error" in why and fp8._w8a16 is None
+
+    # a widening that differs bit for bit from torch's cast: the kernels use Triton's cast instead
+    off = (good[0], lambda codes, fast=True: codes.to(torch.bfloat16) * (1.0078125 if fast else 1.0))
+    monkeypatch.setattr(fp8, "_load_w8a16", lambda: off)
+    calls.clear()
+    with caplog.at_level("WARNING", logger="function.engine.fp8"):
+        assert fp8._probe_w8a16(torch.device("cpu"))[0] and not fp8._FAST_DEQUANT
+    assert all(c is None or not c.fast for _, c in calls) and not fp8.gemv_config(1, 4096, 4096).fast
+    assert any("Triton's cast" in r.getMessage() for r in caplog.records)
+
+
+def test_cpu_support_has_no_weight_only_kernel():
+    s = fp8.device_support("cpu")
+    assert s.small_m == 0 and not s.scaled_mm
+
+
+def test_convert_and_load_carry_the_row_threshold(tiny, tmp_path, monkeypatch):
+    """convert() and load_model() give every module on the _scaled_mm path the probe's row threshold (0 where the
+    kernel did not check out); modules left emulated get none."""
+    from function.engine.fp8 import Support
+    q = copy.deepcopy(tiny).to(torch.bfloat16)
+    fp8.convert(q, support=Support(True, True, False, "test", small_m=32))
+    mods = dict(fp8.iter_fp8(q))
+    assert mods and all(m.small_m == (32 if m.scaled_mm else 0) for m in mods.values())
+    assert any(m.small_m == 32 for m in mods.values())
+    fp8.save_model(q, tmp_path / "q")
+    monkeypatch.setattr(fp8, "device_support", lambda dev: Support(True, True, False, "test", small_m=16))
+    loaded = fp8.load_model(tmp_path / "q", dtype=torch.bfloat16, device_map="cpu", attn_implementation="sdpa")
+    lm = dict(fp8.iter_fp8(loaded))
+    assert lm.keys() == mods.keys() and all(m.small_m == (16 if m.scaled_mm else 0) for m in lm.values())
+    q2 = copy.deepcopy(tiny).to(torch.bfloat16)
+    fp8.convert(q2, support=Support(True, True, False, "no kernel"))
+    assert all(m.small_m == 0 for _, m in fp8.iter_fp8(q2))
+
+
+def test_launch_configs_fit_the_decoder_shapes():
+    """Every (M, shape) of a decode step gets a config with power-of-two blocks the kernel can tile (tl.dot needs
+    16+ on each side), split-K only where K holds that many blocks; fixed per (bucket, N, K), so a CUDA graph
+    captured at one batch size always replays the same launches."""
+    shapes = [(4096, 4096), (256, 4096), (27392, 4096), (4096, 13696), (96, 1000), (1024, 2048), (20000, 300)]
+    pow2 = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024}
+    for N, K in shapes:
+        for M in range(1, fp8.SMALL_M_MAX + 1):
+            c = fp8.gemv_config(M, N, K)
+            if c is None:                  # the table names _scaled_mm faster: gate_up at 33..64 rows only
+                assert (N, K) == (27392, 4096) and M > 32
+                continue
+            assert c == fp8.gemv_config(M, N, K) and c.kind in ("fma", "dot", "dot_t")
+            assert c.block_n in pow2 and c.block_k in pow2 and c.warps in (1, 2, 4, 8) and 1 <= c.split_k <= 16
+            assert c.split_k == 1 or K >= c.split_k * c.block_k
+            if c.kind != "fma":
+                assert c.block_n >= 16 and c.block_k >= 16
+            else:
+                assert M <= 16
+    assert [fp8._bucket(m) for m in (1, 2, 3, 4, 5, 8, 9, 16, 17, 33, 48, 64)] == \
+        [1, 2, 4, 4, 8, 8, 16, 16, 32, 64, 64, 64]
+    for (bucket, N, K), c in fp8.GEMV_TABLE.items():
+        assert bucket == fp8._bucket(bucket) and (c is None or isinstance(c, fp8.GemvConfig))
+    # every decode batch of the engine's graph buckets up to 64 rows has a measured entry for each decoder shape
+    for N, K in shapes[:4]:
+        assert all((fp8._bucket(m), N, K) in fp8.GEMV_TABLE for m in (1, 2, 4, 8, 16, 32, 48, 64))
+
+
+def test_the_table_can_send_a_shape_to_scaled_mm(monkeypatch):
+    """Where the launch table says _scaled_mm is faster (gate_up at 64 rows), the module takes it even below
+    small_m; the other shapes at the same rows keep the kernel."""
+    monkeypatch.setattr(fp8, "_w8a16", _fake_kernel([])[0])
+    gate_up = Fp8Linear(4096, 27392, bias=False, device="meta", scaled_mm=True)
+    down = Fp8Linear(13696, 4096, bias=False, device="meta", scaled_mm=True)
+    gate_up.small_m = down.small_m = 64
+    assert gate_up.path(64, True, torch.bfloat16) == gate_up.path(48, True, torch.bfloat16) == "scaled_mm"
+    assert gate_up.path(32, True, torch.bfloat16) == "weight_only"
+    assert down.path(64, True, torch.bfloat16) == "weight_only"
+
+
+# The _scaled_mm path and the weight-only Triton kernel on an FP8 card (eager against fp32 references, and inside
+# CUDA graphs) are checked by `bench/fp8_bench.py check`; their speed by `bench/fp8_bench.py gemv`.

@@ -9,7 +9,12 @@ torchao's `Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())`):
 - activations: one fp32 scale per token, computed on the GPU at every call (`amax(|x[m, :]|) / 448`, floored at
   1 / (448 * 512) as vLLM does), never synchronised with the host;
 - the product: `torch._scaled_mm(x_fp8, W_fp8.t(), scale_a=[M, 1], scale_b=[1, N], bias, out_dtype=bf16)`, the
-  rowwise-scaled FP8 tensor-core GEMM (cuBLASLt / CUTLASS, compute capability >= 8.9), accumulating in fp32.
+  rowwise-scaled FP8 tensor-core GEMM (cuBLASLt / CUTLASS, compute capability >= 8.9), accumulating in fp32;
+- calls of at most SMALL_M_MAX rows (decode steps) instead take a weight-only Triton kernel (fp8_gemv.py): bf16
+  activations as they are times the fp8 codes widened in registers, fp32 accumulation, the per-channel scale and
+  the bias in the epilogue. These calls are bound by reading the weights, which fp8 halves, whereas `_scaled_mm`
+  costs a fixed ~12.5 us plus the activation-quantization kernel (bench/RESULTS.md). The kernel is probed at
+  conversion/load (`_probe_w8a16`); where Triton or the kernel fails, every call takes `_scaled_mm`, as logged.
 
 Everything else stays in the model dtype: the vision tower (unless QUANTIZE_VISION), embeddings, norms, lm_head.
 Shapes are static and nothing reads a device value on the host, so the module runs inside the engine's CUDA graphs
@@ -28,7 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -118,6 +123,103 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_rows_torch(x)
 
 
+# --------------------------------------------------------------------------------------------- small-M: weight-only
+
+#: Rows (tokens) up to which a CUDA bf16 call takes the weight-only kernel below instead of activation quantization
+#: + torch._scaled_mm: decode steps (one row per sequence). At these sizes the product is bound by reading the
+#: weights, which the fp8 codes halve, while `_scaled_mm` costs ~12.5 us per call whatever the size (bench/RESULTS.md,
+#: FP8 issue 16). Chosen by `bench/fp8_bench.py gemv` (the per-shape times of both paths at M = 1..64).
+SMALL_M_MAX = 64
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """One launch configuration of the weight-only kernels: `fma` (CUDA-core multiply-adds, rows in registers, for
+    a few rows) or `dot` (tensor-core bf16 products of the dequantized tile, fp32 accumulation); `split_k` > 1
+    writes fp32 partial sums that a second kernel adds (deterministic: no atomics)."""
+    kind: str
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    warps: int = 4
+    stages: int = 3
+    fast: bool = True       # the codes widened by byte permutes + one bf16x2 fma (else Triton's fp8 -> bf16 cast)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+FMA_MAX_M = 4           # rows up to which the fma kernel may be used (its registers grow with the rows)
+
+_C = GemvConfig
+#: Measured winners on an H200 (bench/fp8_bench.py gemv_tune, 2026-12-03, torch 2.11 / Triton 3.6; CUDA-graph replay
+#: of one call), (M bucket, N, K) -> config, or None where torch._scaled_mm is faster (gate_up at 64 rows: 48.8 us
+#: against 72.9). The GLM-4.1V-9B decoder's shapes: q/o (4096, 4096), k/v (256, 4096), gate_up (27392, 4096), down
+#: (4096, 13696). dot at 1..16 rows runs one BLOCK_M=16 kernel, so most buckets share a compiled kernel.
+GEMV_TABLE: dict[tuple[int, int, int], GemvConfig | None] = {
+    **{(m, 4096, 4096): _C("dot", 64, 128, 4, 4, 4) for m in (1, 2, 4, 8, 16, 32)},      # 8.4-8.6 us, 10.2 at 32
+    (64, 4096, 4096): _C("dot_t", 64, 128, 4, 4, 4),                                       # 14.3 us
+    (1, 256, 4096): _C("fma", 2, 1024, 1, 4, 3),                                           # 3.6 us
+    (2, 256, 4096): _C("fma", 4, 1024, 1, 4, 3),                                           # 3.9 us
+    (4, 256, 4096): _C("fma", 2, 1024, 1, 4, 3),                                           # 4.6 us
+    **{(m, 256, 4096): _C("dot", 32, 128, 8, 4, 4) for m in (8, 16, 32, 64)},            # 4.5-5.7 us
+    **{(m, 27392, 4096): _C("dot", 64, 128, 1, 4, 4) for m in (1, 2, 4, 8, 16, 32)},     # 36.1-36.4 us, 45.8 at 32
+    (64, 27392, 4096): None,
+    **{(m, 4096, 13696): _C("dot", 64, 128, 4, 4, 4) for m in (1, 2, 4, 8, 16, 32)},     # 20.8-21.5 us, 25.0 at 32
+    (64, 4096, 13696): _C("dot_t", 128, 128, 4, 4, 4),                                     # 33.4 us
+}
+
+
+def _heuristic(M: int, N: int, K: int, sms: int = 132) -> GemvConfig:
+    """Shapes outside the table, after its pattern: fma over pairs of channels for a few rows of a narrow weight,
+    else the tensor-core kernel with 64 channels a program, split along K until the card has a program per SM."""
+    if M <= FMA_MAX_M and N <= 1024:
+        return GemvConfig("fma", 2, 1024 if K >= 1024 else 256, 1, 4, 3)
+    kind = "dot" if M <= 32 else "dot_t"
+    bn = (128 if kind == "dot_t" and N >= 8192 else 64) if N >= 512 else 32
+    bk = 128
+    split = 1
+    while split < 8 and -(-N // bn) * split < sms and K // (split * 2) >= 2 * bk:
+        split *= 2
+    return GemvConfig(kind, bn, bk, split, 4, 4)
+
+
+def _bucket(M: int) -> int:
+    return _pow2(M) if M <= 16 else 32 if M <= 32 else 64
+
+
+_FAST_DEQUANT = True     # cleared by the probe where the kernels' bit-level widening differs from torch's cast
+
+
+def gemv_config(M: int, N: int, K: int) -> GemvConfig | None:
+    """The weight-only kernel's launch for M rows of an [N, K] weight; None: torch._scaled_mm is faster there."""
+    key = (_bucket(M), N, K)
+    cfg = GEMV_TABLE[key] if key in GEMV_TABLE else _heuristic(M, N, K)
+    if cfg is None:
+        return None
+    return cfg if _FAST_DEQUANT or not cfg.fast else replace(cfg, fast=False)
+
+
+_w8a16 = None      # set by _probe_w8a16(): callable (x2 bf16 [M, K], codes fp8 [N, K], scale [N], bias | None) -> y
+
+
+def _load_w8a16():
+    """The weight-only kernels (function/engine/fp8_gemv.py, which imports Triton): (the product, a callable
+    (x2, codes, scale, bias, cfg=None) -> y; the widening of codes alone, (codes, fast) -> bf16)."""
+    from . import fp8_gemv
+    return fp8_gemv.w8a16, fp8_gemv.dequant
+
+
+def weight_only_reference(x2: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+                          bias: torch.Tensor | None) -> torch.Tensor:
+    """What the weight-only kernel computes, in fp32 (the activation is not quantized): x @ (codes * scale).T + b."""
+    out = (x2.to(torch.float32) @ codes.to(torch.float32).t()) * scale.view(1, -1)
+    if bias is not None:
+        out = out + bias.to(torch.float32)
+    return out
+
+
 # --------------------------------------------------------------------------------------------- the module
 
 class Fp8Linear(nn.Module):
@@ -137,6 +239,7 @@ class Fp8Linear(nn.Module):
             if bias else None
         self.scaled_mm = scaled_mm        # decided once (conversion/load time), never per call
         self.fuse_bias = True
+        self.small_m = 0                  # rows up to which the weight-only kernel runs (0: never); set with scaled_mm
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, *, scaled_mm: bool = False) -> "Fp8Linear":
@@ -150,18 +253,37 @@ class Fp8Linear(nn.Module):
         return m
 
     def extra_repr(self) -> str:
+        how = "emulated" if not self.scaled_mm else \
+            f"weight-only <= {self.small_m} rows, scaled_mm above" if self.small_m else "scaled_mm"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"{'scaled_mm' if self.scaled_mm else 'emulated'}")
+                f"{how}")
 
     def dequantized(self, dtype=torch.float32) -> torch.Tensor:
         return (self.weight.to(torch.float32) * self.weight_scale[:, None]).to(dtype)
+
+    def path(self, rows: int, is_cuda: bool, dtype: torch.dtype) -> str:
+        """Which arithmetic a call with `rows` tokens takes: "weight_only" (the small-M Triton kernel: bf16
+        activations x fp8 codes; rows <= small_m, where the launch table does not name _scaled_mm faster for this
+        shape), "scaled_mm" (per-token FP8 activations, torch._scaled_mm) or "emulated" (fp32). Decided from static
+        facts only, so a CUDA graph captured at a batch size always takes the same path."""
+        if not (self.scaled_mm and is_cuda and dtype == torch.bfloat16):
+            return "emulated"
+        if rows <= self.small_m and _w8a16 is not None and \
+                gemv_config(rows, self.out_features, self.in_features) is not None:
+            return "weight_only"
+        return "scaled_mm"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] == 0:
             return x.new_zeros(*lead, self.out_features)
-        if self.scaled_mm and x.is_cuda and x.dtype == torch.bfloat16:
+        path = self.path(x2.shape[0], x.is_cuda, x.dtype)
+        if path == "weight_only":
+            if x2.stride(-1) != 1:
+                x2 = x2.contiguous()
+            out = _w8a16(x2, self.weight, self.weight_scale, self.bias)
+        elif path == "scaled_mm":
             if not x2.is_contiguous():
                 x2 = x2.contiguous()
             qx, sx = quantize_rows(x2)
@@ -192,6 +314,7 @@ class Support:
     fuse_bias: bool          # ... and takes a bias
     triton: bool             # the Triton activation-quantization kernel matches the torch ops here
     reason: str
+    small_m: int = 0         # rows up to which the weight-only Triton kernel runs (0: it does not run here)
 
 
 def _probe_scaled_mm(device: torch.device) -> tuple[bool, bool, str]:
@@ -244,6 +367,54 @@ def _probe_triton(device: torch.device) -> bool:
     return True
 
 
+def _probe_w8a16(device: torch.device) -> tuple[bool, str]:
+    """Load the weight-only kernels and check each kind against `weight_only_reference` on awkward shapes (rows
+    that fill no tile, N and K that are no multiple of the blocks, split-K, with and without bias)."""
+    global _w8a16, _FAST_DEQUANT
+    _w8a16 = None
+    try:
+        fn, dequant = _load_w8a16()
+        codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+        codes = codes[(codes & 0x7F) != 0x7F].view(FP8_DTYPE).to(device)      # every finite e4m3 value
+        want = codes.to(torch.bfloat16).view(torch.int16)
+        if not torch.equal(dequant(codes, fast=False).view(torch.int16), want):
+            raise AssertionError("Triton's fp8 -> bf16 cast differs from torch's")
+        try:
+            _FAST_DEQUANT = bool(torch.equal(dequant(codes, fast=True).view(torch.int16), want))
+        except Exception as e:  # noqa: BLE001 - e.g. the inline PTX does not assemble for this card
+            log.info("fp8: bit-level fp8 widening unavailable (%s: %s)", type(e).__name__, str(e)[:200])
+            _FAST_DEQUANT = False
+        if not _FAST_DEQUANT:
+            log.warning("fp8: the weight-only kernel's bit-level fp8 widening differs from torch's cast here; "
+                        "using Triton's cast")
+        g = torch.Generator(device="cpu").manual_seed(2)
+        cases = [(1, 96, 4096, None), (3, 80, 1000, None), (4, 256, 4096, GemvConfig("fma", 4, 256, 4)),
+                 (8, 96, 1000, None), (17, 272, 13696, None), (64, 64, 4096, GemvConfig("dot", 16, 128, 4)),
+                 (33, 48, 520, GemvConfig("dot", 32, 128, 2)), (5, 200, 1000, GemvConfig("dot_t", 64, 128, 1)),
+                 (48, 128, 4096, GemvConfig("dot_t", 64, 256, 2)),
+                 (2, 64, 1024, GemvConfig("fma", 4, 512, 1, fast=False))]
+        for M, N, K, cfg in cases:
+            for bias in (True, False):
+                lin = nn.Linear(K, N, bias=bias)
+                with torch.no_grad():
+                    lin.weight.copy_(torch.randn(N, K, generator=g) * 0.05)
+                    if bias:
+                        lin.bias.copy_(torch.randn(N, generator=g))
+                m = Fp8Linear.from_linear(lin.to(device=device, dtype=torch.bfloat16))
+                x = torch.randn(M, K, generator=g).to(device=device, dtype=torch.bfloat16)
+                if cfg is not None and not _FAST_DEQUANT:
+                    cfg = replace(cfg, fast=False)
+                out = fn(x, m.weight, m.weight_scale, m.bias, cfg).float()
+                ref = weight_only_reference(x, m.weight, m.weight_scale, m.bias)
+                rel = float((out - ref).norm() / ref.norm())
+                if not rel < 1e-2:
+                    raise AssertionError(f"M={M} N={N} K={K} {cfg}: relative error {rel:.3g}")
+    except Exception as e:  # noqa: BLE001 - no kernel: every call takes torch._scaled_mm, as before
+        return False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+    _w8a16 = fn
+    return True, ""
+
+
 def device_support(device: str | torch.device) -> Support:
     """Whether FP8 tensor-core matmuls are usable on `device`; CPU and older cards get the emulated module."""
     dev = torch.device(device)
@@ -258,7 +429,14 @@ def device_support(device: str | torch.device) -> Support:
     if not ok:
         return Support(False, False, False, f"torch._scaled_mm (rowwise) does not run here: {err}")
     tri = _probe_triton(dev)
-    return Support(True, fuse, tri, f"compute capability {cap[0]}.{cap[1]}: FP8 tensor cores")
+    wo, why = _probe_w8a16(dev)
+    if wo:
+        log.info("fp8: weight-only Triton kernel for calls of <= %d rows (decode); torch._scaled_mm above",
+                 SMALL_M_MAX)
+    else:
+        log.warning("fp8: weight-only Triton kernel not used (%s); every call takes torch._scaled_mm", why)
+    return Support(True, fuse, tri, f"compute capability {cap[0]}.{cap[1]}: FP8 tensor cores"
+                   + ("" if wo else f"; no weight-only kernel ({why})"), small_m=SMALL_M_MAX if wo else 0)
 
 
 # --------------------------------------------------------------------------------------------- conversion
@@ -299,6 +477,7 @@ def convert(model: nn.Module, *, quantize_vision: bool = False, support: Support
                                                                                        lin.out_features)
         new = Fp8Linear.from_linear(lin, scaled_mm=use)
         new.fuse_bias = support.fuse_bias
+        new.small_m = support.small_m if use else 0
         before += lin.weight.numel() * lin.weight.element_size()
         after += new.weight.numel() + new.weight_scale.numel() * 4
         if support.scaled_mm and not use:
@@ -320,7 +499,8 @@ def convert(model: nn.Module, *, quantize_vision: bool = False, support: Support
                     ", ".join(emulated[:5]))
     _mark(model, names, quantize_vision)
     return {"modules": len(names), "bytes_before": before, "bytes_after": after, "support": support.reason,
-            "triton_quant": support.triton, "emulated": len(emulated) if support.scaled_mm else len(names)}
+            "triton_quant": support.triton, "weight_only_max_rows": support.small_m,
+            "emulated": len(emulated) if support.scaled_mm else len(names)}
 
 
 def _mark(model: nn.Module, names: list[str], quantize_vision: bool) -> None:
@@ -425,6 +605,7 @@ def load_model(load_dir: Path, *, dtype: torch.dtype, device_map, attn_implement
         new = Fp8Linear(lin.in_features, lin.out_features, lin.bias is not None, dtype=dtype, device="meta",
                         scaled_mm=use)
         new.fuse_bias = support.fuse_bias
+        new.small_m = support.small_m if use else 0
         _set_module(model, name, new)
     files = info.get("files") or sorted(p.name for p in load_dir.glob("*.safetensors"))
     expected = {k for k, _ in model.named_parameters(remove_duplicate=False)} | \
@@ -588,4 +769,5 @@ def iter_fp8(model: nn.Module) -> Iterable[tuple[str, Fp8Linear]]:
 
 __all__ = ["Fp8Linear", "Support", "Card", "convert", "decide", "decide_for", "choose_auto", "device_support",
            "save_model", "load_model", "is_fp8_checkpoint", "quantize_weight", "quantize_rows", "quantize_rows_torch",
-           "weight_report", "converted_modules", "FP8_MAX", "MIN_SCALE", "MIN_CAPABILITY", "SKIP"]
+           "weight_report", "converted_modules", "weight_only_reference", "gemv_config", "GemvConfig", "SMALL_M_MAX",
+           "FP8_MAX", "MIN_SCALE", "MIN_CAPABILITY", "SKIP"]
