@@ -128,15 +128,18 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 #: Rows (tokens) up to which a CUDA bf16 call takes the weight-only kernel below instead of activation quantization
 #: + torch._scaled_mm: decode steps (one row per sequence). At these sizes the product is bound by reading the
 #: weights, which the fp8 codes halve, while `_scaled_mm` costs ~12.5 us per call whatever the size (bench/RESULTS.md,
-#: FP8 issue 16). Chosen by `bench/fp8_bench.py gemv` (the per-shape times of both paths at M = 1..64).
+#: FP8 issue 16). Measured by `bench/fp8_bench.py gemv` / `gemv_tune` on an H200: the kernel is ahead of both bf16
+#: and `_scaled_mm` at 1..32 rows for every decoder shape and at 64 for all but gate_up (GEMV_TABLE sends that one
+#: to `_scaled_mm`); above 64 rows `_scaled_mm` (the engine's next decode bucket is 96).
 SMALL_M_MAX = 64
 
 
 @dataclass(frozen=True)
 class GemvConfig:
     """One launch configuration of the weight-only kernels: `fma` (CUDA-core multiply-adds, rows in registers, for
-    a few rows) or `dot` (tensor-core bf16 products of the dequantized tile, fp32 accumulation); `split_k` > 1
-    writes fp32 partial sums that a second kernel adds (deterministic: no atomics)."""
+    a few rows), `dot` (tensor-core bf16 products of the widened tile, fp32 accumulation) or `dot_t` (the same
+    product transposed: the weight tile on the MMA's M side); `split_k` > 1 writes fp32 partial sums that a second
+    kernel adds in a fixed order (deterministic: no atomics)."""
     kind: str
     block_n: int
     block_k: int
