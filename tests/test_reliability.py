@@ -613,7 +613,7 @@ async def test_sigterm_drains_streams_then_exits_cleanly(server: Server):
     new requests get 503 at once; then the process exits: 0 under func-python, by the re-raised SIGTERM under
     uvicorn (what uvicorn does after its graceful shutdown)."""
     async with httpx.AsyncClient(base_url=server.url, timeout=WAIT_S) as c:
-        bodies = [ask(f"drain {i}", max_tokens=2500, ignore_eos=True, stream=True) for i in range(2)]
+        bodies = [ask(f"drain {i}", max_tokens=1200, ignore_eos=True, stream=True) for i in range(2)]   # ~4 s alone
         streams = [asyncio.create_task(post(c, b)) for b in bodies]
         await wait_gauges(c, running=2, queued=0, timeout=30)
         os.killpg(server.proc.pid, signal.SIGTERM)
