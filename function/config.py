@@ -272,6 +272,10 @@ class Config:
         def bad(name, msg):
             raise ConfigError(f"{name}: {msg}")
 
+        for name, r in RANGES.items():
+            value = getattr(self, name)
+            if not r.holds(value):
+                raise ConfigError(f"{_ENV_OF[name]}={value!r}: {r.message}")
         if self.quantization not in ("auto", "fp8", "nf4", "int8", "none", "bf16"):
             bad("QUANTIZATION", f"{self.quantization!r} is not one of auto, fp8, nf4, int8, none")
         if self.attn_implementation not in ("auto", "flash_attention_2", "sdpa", "eager"):
@@ -283,17 +287,6 @@ class Config:
             bad("DEVICE", f"{self.device!r} is not one of auto, cpu, cuda, cuda:N")
         if self.generation_config not in ("auto", "vllm"):
             bad("GENERATION_CONFIG", f"{self.generation_config!r} is not one of auto, vllm")
-        if self.max_num_seqs < 1:
-            bad("MAX_NUM_SEQS", "must be at least 1")
-        if self.max_model_len < 0:
-            bad("MAX_MODEL_LEN", "must be 0 (auto) or positive")
-        if self.max_prefill_tokens < 256 or self.prefill_chunk_tokens < 256:
-            bad("MAX_PREFILL_TOKENS" if self.max_prefill_tokens < 256 else "PREFILL_CHUNK_TOKENS",
-                "must be at least 256")
-        if self.prefill_encoder_tokens < 0:
-            bad("PREFILL_ENCODER_TOKENS", "must be 0 (charged to PREFILL_CHUNK_TOKENS) or positive")
-        if not 0.05 <= self.gpu_memory_utilization <= 0.99:
-            bad("GPU_MEMORY_UTILIZATION", "must be between 0.05 and 0.99")
         if self.response_cache not in ("memory", "off"):
             bad("RESPONSE_CACHE", "must be memory or off")
         if self.response_cache_url and not self.response_cache_url.startswith(("redis://", "rediss://", "unix://")):
@@ -302,24 +295,8 @@ class Config:
             bad("ROLE", "must be model or cache-front")
         if self.role == "cache-front" and not self.model_url:
             bad("MODEL_URL", "the cache-front role needs the model service's URL")
-        if self.request_timeout_s <= 0:
-            bad("REQUEST_TIMEOUT_S", "must be positive")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             bad("LOG_LEVEL", f"{self.log_level!r} is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
-        if self.gpus_per_pod < 1:
-            bad("GPUS_PER_POD", "must be at least 1")
-        if self.max_request_bytes < 1024:
-            bad("MAX_REQUEST_BYTES", "must be at least 1024")
-        if self.max_images_per_request < 0:
-            bad("MAX_IMAGES_PER_REQUEST", "must be 0 or more")
-        if self.max_json_depth < 4:
-            bad("MAX_JSON_DEPTH", "must be at least 4 (a chat request nests 4 deep)")
-        if self.max_json_elements < 16:
-            bad("MAX_JSON_ELEMENTS", "must be at least 16")
-        if not 0 <= self.remote_image_max_redirects <= 10:
-            bad("REMOTE_IMAGE_MAX_REDIRECTS", "must be between 0 and 10")
-        if not 10 <= self.events_oidc_jwks_ttl_s <= 86400:
-            bad("EVENTS_OIDC_JWKS_TTL_S", "must be between 10 and 86400 seconds")
         if self.events_oidc_audience and self.events_trust_network:
             bad("EVENTS_TRUST_NETWORK", "cannot be combined with EVENTS_OIDC_AUDIENCE: with OIDC configured every "
                 "CloudEvent must carry a token (or an API key); unset one of them")
@@ -346,5 +323,61 @@ class Config:
         svc = self.k_service or "autoglm-phone-9b"
         return f"/knative/{svc}/{self.k_revision}" if self.k_revision else f"/knative/{svc}"
 
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric setting may take: at least `low` (above it when `above`), at most `high`."""
+    low: float
+    high: float | None = None
+    above: bool = False
+    why: str = ""
+
+    def holds(self, value: float) -> bool:       # NaN holds nowhere
+        return (value > self.low if self.above else value >= self.low) and (self.high is None or value <= self.high)
+
+    @property
+    def message(self) -> str:
+        low = f"{self.low:g}"
+        if self.high is not None:
+            text = f"must be between {low} and {self.high:g}"
+        elif self.above:
+            text = "must be positive" if self.low == 0 else f"must be above {low}"
+        else:
+            text = f"must be at least {low}"
+        return text + (f" ({self.why})" if self.why else "")
+
+
+POSITIVE = Range(0, above=True)
+#: every int and float setting, by field name (tests/test_config.py checks that none is missing); 0 where 0 means
+#: "automatic" or "off"
+RANGES: dict[str, Range] = {
+    "gpus_per_pod": Range(1),
+    "max_model_len": Range(0, why="0: the model's limit, at most 16384"),
+    "max_num_seqs": Range(1),
+    "max_prefill_tokens": Range(256),
+    "prefill_chunk_tokens": Range(256),
+    "prefill_encoder_tokens": Range(0, why="0: encodes are charged to PREFILL_CHUNK_TOKENS"),
+    "gpu_memory_utilization": Range(0.05, 0.99),
+    "max_queue_size": Range(0, why="0: 4 x MAX_NUM_SEQS"),
+    "request_timeout_s": POSITIVE,
+    "default_max_tokens": Range(0, why="0: up to the context"),
+    "image_max_pixels": Range(0, why="0: the checkpoint's own setting"),
+    "max_image_bytes": Range(1),
+    "max_image_source_pixels": Range(1),
+    "max_images_per_request": Range(0),
+    "remote_image_timeout_s": POSITIVE,
+    "max_audio_bytes": Range(1),
+    "max_audio_seconds": POSITIVE,
+    "max_request_bytes": Range(1024),
+    "events_oidc_jwks_ttl_s": Range(10, 86400, why="seconds"),
+    "max_json_depth": Range(4, why="a chat request nests 4 deep"),
+    "max_json_elements": Range(16),
+    "max_request_image_pixels": Range(1),
+    "remote_image_max_redirects": Range(0, 10),
+    "response_cache_ttl_s": POSITIVE,
+    "response_cache_max_entries": Range(1),
+    "response_cache_max_bytes": Range(1),
+}
+_ENV_OF = {f.name: f.metadata["env"] for f in fields(Config)}
 
 ENV_VARS: dict[str, str] = {f.metadata["env"]: f.metadata["help"] for f in fields(Config)}
