@@ -1,9 +1,9 @@
-"""The speech-to-text stage: `input_audio` parts become instruction text before the chat template is applied.
+"""The speech-to-text stage, a model stage like the engine: 16 kHz samples in, a transcript out.
 
 GLM-4.1V takes no audio, so a Whisper-family checkpoint (ASR_MODEL_PATH: a local directory, loaded with transformers'
-own `AutoProcessor` + `AutoModelForSpeechSeq2Seq`) transcribes every audio part of a request, and the transcript
-replaces the part, in place, as a text part. Without ASR_MODEL_PATH a request with audio is a 400 saying so and
-nothing else changes.
+own `AutoProcessor` + `AutoModelForSpeechSeq2Seq`) transcribes every audio part of a request; the API layer
+(function/api/audio_parts.py) replaces each part, in place, by a text part holding its transcript. Without
+ASR_MODEL_PATH a request with audio is a 400 saying so and nothing else changes.
 
 `SpeechRecognizer` has the engine's lifecycle: `start_loading()` returns at once, one background thread loads the
 model (GPU when present, as DEVICE / DTYPE say), warms it up, then serves; `status()` feeds readiness. It loads
@@ -16,7 +16,7 @@ ones (up to MAX_AUDIO_SECONDS) with Whisper's own sequential long-form decoding.
 detected per part (Whisper's language-id step, on the first 30 s) when it is empty; English-only checkpoints
 transcribe English.
 
-`transcribe_audio_parts` is what the chat service calls. Importing this module imports no torch.
+This module knows no request models and no HTTP. Importing it imports no torch.
 """
 from __future__ import annotations
 
@@ -32,11 +32,10 @@ from typing import Callable
 import numpy as np
 
 from function import metrics
-from function.api.protocol import AudioPart, AudioTranscript, ChatCompletionRequest, TextPart
-from function.audio import MAX_PARTS, SAMPLE_RATE, AudioLoader
+from function.audio import SAMPLE_RATE
 from function.config import Config
 from function.engine.protocol import FAILED_GRACE_S
-from function.engine.protocol import EngineDead, GenerationFailed, InvalidInput, NotReady, Overloaded
+from function.errors import EngineDead, GenerationFailed, NotReady, Overloaded
 
 log = logging.getLogger(__name__)
 
@@ -160,12 +159,16 @@ class SpeechRecognizer:
         self._queue.put(None)
 
     # ------------------------------------------------------------------ requests
-    async def transcribe(self, samples: np.ndarray) -> Transcription:
-        """The transcript of 16 kHz mono float32 `samples` (queued into the next batch)."""
+    def check_ready(self) -> None:
+        """NotReady (503, retry soon) while loading or stopping, EngineDead (503) once the load failed."""
         alive, ready, message = self.status()
         if not ready:
             raise NotReady(f"the speech model is not ready ({message})", retry_after=5.0) if alive else \
                 EngineDead(f"the speech model is not running ({message})")
+
+    async def transcribe(self, samples: np.ndarray) -> Transcription:
+        """The transcript of 16 kHz mono float32 `samples` (queued into the next batch)."""
+        self.check_ready()
         with self._lock:
             if self._pending >= self.config.queue_limit:
                 raise Overloaded(f"the speech model is at capacity ({self._pending} parts waiting); retry later",
@@ -269,40 +272,3 @@ def _call(then: Callable[[], None] | None) -> None:
             then()
         except Exception:  # noqa: BLE001 - the caller's hook; the speech model itself is fine
             log.exception("the hook after the speech model's load failed")
-
-
-async def transcribe_audio_parts(request: ChatCompletionRequest, loader: AudioLoader,
-                                 recognizer: SpeechRecognizer | None
-                                 ) -> tuple[ChatCompletionRequest, list[AudioTranscript]]:
-    """`request` with every `input_audio` part replaced, in place, by a text part holding its transcript, and the
-    transcripts (in message and part order). A request without audio comes back as it is."""
-    found = [(i, j, p) for i, m in enumerate(request.messages) if isinstance(m.content, list)
-             for j, p in enumerate(m.content) if isinstance(p, AudioPart)]
-    if not found:
-        return request, []
-    i, j, _ = found[0]
-    if recognizer is None:
-        raise InvalidInput("audio input is not enabled on this server: it has no speech-recognition model "
-                           "(ASR_MODEL_PATH is not set); send the instruction as text",
-                           param=f"messages[{i}].content[{j}]")
-    if len(found) > MAX_PARTS:
-        raise InvalidInput(f"{len(found)} audio parts in one request; the limit is {MAX_PARTS}", param="messages")
-    alive, ready, message = recognizer.status()       # refuse before decoding anything
-    if not ready:
-        raise NotReady(f"the speech model is not ready ({message})", retry_after=5.0) if alive else \
-            EngineDead(f"the speech model is not running ({message})")
-    decoded = await asyncio.gather(*(loader.load(p.input_audio.data, p.input_audio.format,
-                                                 param=f"messages[{i}].content[{j}].input_audio")
-                                     for i, j, p in found))
-    results = await asyncio.gather(*(recognizer.transcribe(a.samples) for a in decoded))
-    by_part = {(i, j): r for (i, j, _), r in zip(found, results)}
-    messages = list(request.messages)
-    for i in sorted({i for i, _, _ in found}):
-        m = messages[i]
-        content = [TextPart(type="text", text=by_part[(i, j)].text) if (i, j) in by_part else p
-                   for j, p in enumerate(m.content)]
-        messages[i] = m.model_copy(update={"content": content})
-    transcripts = [AudioTranscript(message_index=i, content_index=j, text=r.text, language=r.language,
-                                   duration=round(a.seconds, 3))
-                   for (i, j, _), r, a in zip(found, results, decoded)]
-    return request.model_copy(update={"messages": messages}), transcripts

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from function.config import Config
-from function.engine.protocol import InvalidInput
+from function.errors import InvalidInput
 
 try:
     import soundfile

@@ -53,7 +53,7 @@ from function.api.limits import INLINE_BYTES, BudgetExceeded, json_budget
 from function.api.protocol import ChatCompletionRequest, ChatCompletionResponse, ErrorInfo, ErrorResponse
 from function.api.serving import ChatService
 from function.config import Config
-from function.engine.protocol import EngineError
+from function.errors import ServiceError
 from function.http_common import CLIENT_CLOSED, read_body, unless_disconnected, until_disconnected
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ class EventError(Exception):
         self.retry_after = retry_after
 
     @classmethod
-    def from_engine(cls, e: EngineError) -> EventError:
+    def from_service_error(cls, e: ServiceError) -> EventError:
         return cls(e.kind, e.message, e.param, e.retry_after)
 
     @property
@@ -390,8 +390,8 @@ class EventService:
         try:
             # RecentReplies cancels this when every delivery waiting for it has disconnected
             result = await self.chat.create(request, _never)
-        except EngineError as e:
-            raise EventError.from_engine(e) from None
+        except ServiceError as e:
+            raise EventError.from_service_error(e) from None
         if not isinstance(result, ChatCompletionResponse):
             raise EventError("internal", "the chat service did not return a completion")
         reply = CloudEvent({"type": self.response_type, "source": self.source, "datacontenttype": "application/json",

@@ -60,7 +60,7 @@ import httpx
 from PIL import Image
 
 from function.config import Config
-from function.engine.protocol import InvalidInput
+from function.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 

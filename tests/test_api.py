@@ -12,8 +12,8 @@ from conftest import data_url, image_bytes, image_message, sse_events
 from support.asgi import call_asgi, until
 from support.fake_engine import FakeEngine, answer_for
 
-from function.engine.protocol import (ChatInput, GenerationFailed, InvalidInput, NotReady, Overloaded,
-                                      SamplingParams)
+from function.engine.protocol import ChatInput, SamplingParams
+from function.errors import EngineDead, GenerationFailed, InvalidInput, NotReady, Overloaded
 
 MODEL = "autoglm-phone-9b"
 HELLO = [{"role": "user", "content": "hello"}]
@@ -412,7 +412,7 @@ async def test_engine_not_ready_raised_by_generate(client, engine):
 
 
 async def test_unexpected_error_is_a_500_in_the_openai_shape(app, engine):
-    engine.fail_before = RuntimeError("a bug")      # not an EngineError
+    engine.fail_before = RuntimeError("a bug")      # not a ServiceError
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)   # Starlette re-raises for the server log
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
         err = assert_error(await c.post("/v1/chat/completions", json=chat()), 500, "internal")
@@ -423,6 +423,40 @@ async def test_unexpected_error_mid_stream_is_an_error_event(client, engine):
     engine.fail_after = (1, RuntimeError("a bug"))
     events = await stream(client)
     assert events[-2]["error"]["code"] == "internal" and events[-1] == "[DONE]"
+
+
+# chat and text completions share one rule for failures (function/api/generation.py); the two routes once answered
+# the same bug mid-stream differently (internal vs engine_stopped)
+GENERATE_ROUTES = {"/v1/chat/completions": chat, "/v1/completions": lambda **kw: {"model": MODEL, "prompt": [1, 2, 3],
+                                                                                   **kw}}
+FAILURES = [(RuntimeError("a bug"), 500, "internal"), (EngineDead("engine died"), 503, "engine_stopped"),
+            (GenerationFailed("CUDA out of memory"), 503, "unavailable")]
+
+
+@pytest.mark.parametrize("route", GENERATE_ROUTES)
+@pytest.mark.parametrize("error, status, code", FAILURES, ids=lambda v: getattr(v, "__name__", None))
+async def test_a_failure_mid_stream_is_the_same_error_event_on_every_route(client, engine, route, error, status,
+                                                                            code):
+    engine.fail_after = (1, error)
+    r = await client.post(route, json=GENERATE_ROUTES[route](stream=True))
+    assert r.status_code == 200, r.text
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == code
+    assert "a bug" not in events[-2]["error"]["message"]             # no internals leak to clients
+    assert engine.aborted == []                # the failed request ended on the engine; nothing left to abort
+
+
+@pytest.mark.parametrize("route", GENERATE_ROUTES)
+@pytest.mark.parametrize("error, status, code", FAILURES, ids=lambda v: getattr(v, "__name__", None))
+async def test_a_failure_before_the_first_chunk_is_the_same_status_on_every_route(app, engine, route, error,
+                                                                                  status, code):
+    engine.fail_before = error
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)   # Starlette re-raises for the server log
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        r = await c.post(route, json=GENERATE_ROUTES[route]())
+    err = assert_error(r, status, code)
+    assert "a bug" not in err["message"]
+    assert ("retry-after" in r.headers) == (code == "engine_stopped")
 
 
 async def test_ignored_fields_are_logged_at_debug(client, caplog):

@@ -12,7 +12,7 @@ import pytest
 
 from function import audio
 from function.audio import SAMPLE_RATE, AudioLoader, resample
-from function.engine.protocol import InvalidInput
+from function.errors import InvalidInput
 
 soundfile = pytest.importorskip("soundfile")
 PARAM = "messages[0].content[1].input_audio"

@@ -27,7 +27,7 @@ from function.api.app import build_app
 from function.api.protocol import ChatCompletionRequest
 from function.cache import Entry, MemoryStore, RedisStore, ResponseCache, deterministic, request_key
 from function.config import Config
-from function.engine.protocol import InvalidInput, Overloaded
+from function.errors import InvalidInput, Overloaded
 from function.front import Capture, install
 
 MODEL = "autoglm-phone-9b"

@@ -14,7 +14,8 @@ from PIL import Image
 
 from function.config import Config
 from function.engine.client import LocalEngine
-from function.engine.protocol import ChatInput, GenerationFailed, InvalidInput, Overloaded, SamplingParams
+from function.engine.protocol import ChatInput, SamplingParams
+from function.errors import GenerationFailed, InvalidInput, Overloaded
 from function.engine.runner import ModelRunner, PrefillItem
 from function.engine.scheduler import MIN_PREFIX_REUSE, Scheduler
 

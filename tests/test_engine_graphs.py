@@ -14,7 +14,8 @@ from function.config import Config
 from function.engine.client import LocalEngine
 from function.engine.core import is_fatal_device_error
 from function.engine.loader import load
-from function.engine.protocol import ChatInput, EngineDead, GenerationFailed, SamplingParams
+from function.engine.protocol import ChatInput, SamplingParams
+from function.errors import EngineDead, GenerationFailed
 from function.engine.runner import ModelRunner, PrefillItem
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)

@@ -20,7 +20,7 @@ from conftest import data_url, image_bytes, image_message
 from support.fake_engine import FakeEngine, answer_for
 
 from function import metrics
-from function.engine.protocol import EngineDead, GenerationFailed, Overloaded
+from function.errors import EngineDead, GenerationFailed, Overloaded
 from function.events import MAX_ERROR_MESSAGE, EncodedEvent, EventError, RecentReplies
 
 REQUEST_TYPE = "com.autoglm.chat.completion.request"

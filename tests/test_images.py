@@ -14,7 +14,7 @@ import pytest
 from conftest import data_url, image_bytes
 from PIL import Image
 
-from function.engine.protocol import InvalidInput
+from function.errors import InvalidInput
 from function.images import REMOTE_FAILED, ImageLoader
 
 P = "messages[0].content[0].image_url"

@@ -29,7 +29,8 @@ from function.api.app import build_app
 from function.api.auth import ApiKeys
 from function.api.limits import BudgetExceeded, json_budget
 from function.cache import Entry, MemoryStore, RedisStore, ResponseCache, request_key
-from function.engine.protocol import ChatInput, InvalidInput, SamplingParams
+from function.engine.protocol import ChatInput, SamplingParams
+from function.errors import InvalidInput
 from function.front import build_front_app
 from function.images import REMOTE_FAILED, ImageLoader, public_address
 

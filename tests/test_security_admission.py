@@ -16,7 +16,7 @@ from test_images import png_header_only
 from function import images
 from function.api.app import build_app
 from function.api.serving import Admission
-from function.engine.protocol import InvalidInput
+from function.errors import InvalidInput
 from function.images import ImageLoader
 
 from support.fake_engine import FakeEngine
@@ -113,7 +113,7 @@ async def test_the_count_returns_to_zero_whatever_happens(engine):
         assert (await c.post("/v1/chat/completions", json=image_chat(shot, n=2))).status_code == 200
         r = await c.post("/v1/chat/completions", json=image_chat(shot, stream=True))
         assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
-        from function.engine.protocol import Overloaded
+        from function.errors import Overloaded
         engine.fail_before = Overloaded("the engine's own queue is full", retry_after=1.0)
         assert (await c.post("/v1/chat/completions", json=image_chat(shot))).status_code == 429
         engine.fail_before = None

@@ -40,7 +40,6 @@ from function.http_common import (CLIENT_CLOSED, SSE_HEADERS, HttpMetrics, Readi
                                   until_disconnected)
 
 from . import auth, errors
-from .errors import ModelNotFound
 from .gate import Drain, RequestGate
 from .limits import INLINE_BYTES
 from .protocol import ChatCompletionRequest, ChatCompletionResponse, ErrorResponse, ModelCard, ModelList
@@ -225,9 +224,7 @@ def build_app(config: Config, engine: EngineClient, lifespan: Lifespan[FastAPI] 
 
     @app.get("/v1/models/{model:path}", response_model=ModelCard, responses=_ERROR_RESPONSES)
     async def get_model(model: str) -> ModelCard:
-        if model != model_name:
-            raise ModelNotFound(f"The model `{model[:100]}` does not exist; this server serves `{model_name}`.",
-                                param="model")
+        chat.check_model(model)
         return model_card()
 
     add_probe_routes(app, readiness, model_name)     # /health, /health/liveness|readiness, /metrics

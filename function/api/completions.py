@@ -9,13 +9,13 @@ import uuid
 from importlib import metadata
 from typing import AsyncIterator
 
-from function.engine.protocol import ChatInput, CompletionChunk, EngineDead, EngineError, TokenLogprob
-from function.http_common import SSE_DONE, sse_event
+from function.engine.protocol import ChatInput, CompletionChunk, TokenLogprob
+from function.http_common import Disconnected, sse_event
 
-from .errors import RequestTimeout, error_json
+from .generation import choice_params, finish_reason_of, sse_stream, usage_of
 from .protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
                        DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse, VersionResponse)
-from .serving import ChatService, Disconnected, _close_all, _finish_reason, _usage_of, choice_params, log
+from .serving import ChatService
 
 
 def version() -> VersionResponse:
@@ -35,7 +35,7 @@ class CompletionService:
         arrival = time.monotonic()
         deadline = asyncio.get_running_loop().time() + self.chat.timeout_s
         self.chat.check_model(request.model)
-        self.chat._check_ready()
+        self.chat.check_ready()
         params = self.chat.sampling_params(request)
         inputs = []
         for prompt in request.prompts():
@@ -52,16 +52,17 @@ class CompletionService:
             outs = await self.chat.collect(gens, firsts, deadline, disconnected)
             if outs is None:
                 return None
-            choices = [CompletionChoice(index=i, text=o.text, finish_reason=_finish_reason(o.last),
+            choices = [CompletionChoice(index=i, text=o.text, finish_reason=finish_reason_of(o.last),
                                         stop_reason=o.last.stop_reason,
                                         logprobs=self._logprobs(o.logprobs, 0) if request.logprobs is not None
                                         else None) for i, o in enumerate(outs)]
             return CompletionResponse(id=gens[0].request_id, created=gens[0].created, model=self.chat.model_name,
                                       system_fingerprint=self.chat.fingerprint, choices=choices,
-                                      usage=_usage_of([o.last for o in outs], n))
-        return self._stream(gens, firsts, request, deadline, n)
+                                      usage=usage_of([o.last for o in outs], n))
+        return sse_stream(self._stream(gens, firsts, request, deadline, n), gens)
 
     async def _stream(self, gens, firsts, request: CompletionRequest, deadline: float, n: int) -> AsyncIterator[str]:
+        """The response's SSE events; `sse_stream` adds the error event, [DONE] and the close."""
         gen = gens[0]
         lasts: list[CompletionChunk | None] = [None] * len(gens)
         offsets = [0] * len(gens)
@@ -71,30 +72,19 @@ class CompletionService:
                                       system_fingerprint=self.chat.fingerprint, choices=choices, usage=usage)
             return sse_event(body)
 
-        try:
-            async for i, chunk in self.chat.merged(gens, firsts, deadline):
-                lasts[i] = chunk
-                lp = self._logprobs(chunk.logprobs or [], offsets[i]) if request.logprobs is not None else None
-                offsets[i] += sum(len(t) for t in (lp.tokens if lp else ()))
-                usage = _usage_of([chunk], 1) if request.continuous_usage else None
-                if chunk.finish_reason is not None:
-                    yield event([CompletionChoice(index=i, text=chunk.text, logprobs=lp,
-                                                  finish_reason=_finish_reason(chunk),
-                                                  stop_reason=chunk.stop_reason)], usage)
-                elif chunk.text or lp:
-                    yield event([CompletionChoice(index=i, text=chunk.text, logprobs=lp)], usage)
-            if request.include_usage:
-                yield event([], _usage_of(lasts, n))
-        except EngineError as e:
-            if not isinstance(e, RequestTimeout):
-                log.warning("%s failed while streaming: %s", gen.request_id, e.message)
-            yield sse_event(error_json(e))
-        except Exception:
-            log.exception("%s failed while streaming", gen.request_id)
-            yield sse_event(error_json(EngineDead('internal error while streaming')))
-        finally:
-            await _close_all(gens)
-        yield SSE_DONE
+        async for i, chunk in self.chat.merged(gens, firsts, deadline):
+            lasts[i] = chunk
+            lp = self._logprobs(chunk.logprobs or [], offsets[i]) if request.logprobs is not None else None
+            offsets[i] += sum(len(t) for t in (lp.tokens if lp else ()))
+            usage = usage_of([chunk], 1) if request.continuous_usage else None
+            if chunk.finish_reason is not None:
+                yield event([CompletionChoice(index=i, text=chunk.text, logprobs=lp,
+                                              finish_reason=finish_reason_of(chunk),
+                                              stop_reason=chunk.stop_reason)], usage)
+            elif chunk.text or lp:
+                yield event([CompletionChoice(index=i, text=chunk.text, logprobs=lp)], usage)
+        if request.include_usage:
+            yield event([], usage_of(lasts, n))
 
     def _logprobs(self, lps: list[TokenLogprob], offset: int) -> CompletionLogprobs:
         entries = self.chat.token_logprobs(lps)
@@ -110,7 +100,7 @@ class CompletionService:
     # --- tokenizer endpoints
     async def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
         self.chat.check_model(request.model)
-        self.chat._check_ready()
+        self.chat.check_ready()
         if request.messages is not None:
             kw = dict(request.chat_template_kwargs or {})
             if request.enable_thinking is not None:
@@ -124,5 +114,5 @@ class CompletionService:
 
     async def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
         self.chat.check_model(request.model)
-        self.chat._check_ready()
+        self.chat.check_ready()
         return DetokenizeResponse(prompt=await self.engine.detokenize(list(request.tokens)))

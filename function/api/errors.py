@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
-from function.engine.protocol import EngineError
+from function.errors import ServiceError
 
 from .protocol import ErrorInfo, ErrorResponse
 
@@ -48,16 +48,6 @@ KINDS: dict[str, Kind] = {
 }
 
 
-class ModelNotFound(EngineError):
-    """The request names a model this server does not serve: 404."""
-    kind = "model_not_found"
-
-
-class RequestTimeout(EngineError):
-    """The request ran past its deadline (REQUEST_TIMEOUT_S) and was aborted: 504, or an error event mid-stream."""
-    kind = "timeout"
-
-
 def _body(kind: str, message: str, param: str | None) -> ErrorResponse:
     return ErrorResponse(error=ErrorInfo(message=message, type=KINDS[kind].type, param=param, code=kind))
 
@@ -71,12 +61,12 @@ def error_response(kind: str, message: str, param: str | None = None,
     return JSONResponse(_body(kind, message, param).model_dump(mode="json"), status_code=k.status, headers=headers)
 
 
-def engine_error_response(e: EngineError) -> JSONResponse:
+def service_error_response(e: ServiceError) -> JSONResponse:
     return error_response(e.kind, e.message, e.param, e.retry_after)
 
 
-def error_json(e: EngineError) -> str:
-    """The error as the JSON object sent in a failing SSE stream (the body of `engine_error_response`)."""
+def error_json(e: ServiceError) -> str:
+    """The error as the JSON object sent in a failing SSE stream (the body of `service_error_response`)."""
     return _body(e.kind, e.message, e.param).model_dump_json()
 
 
@@ -127,10 +117,10 @@ async def _on_pydantic_validation(_: Request, exc: ValidationError) -> JSONRespo
     return error_response("invalid_request", message, param)
 
 
-async def _on_engine_error(_: Request, exc: EngineError) -> JSONResponse:
+async def _on_service_error(_: Request, exc: ServiceError) -> JSONResponse:
     if exc.kind == "internal":
         log.error("internal error: %s", exc.message)
-    return engine_error_response(exc)
+    return service_error_response(exc)
 
 
 async def _on_http_exception(request: Request, exc: HTTPException) -> JSONResponse:
@@ -146,5 +136,5 @@ def install(app: FastAPI) -> None:
     """Register the handlers on `app`."""
     app.add_exception_handler(RequestValidationError, _on_request_validation)
     app.add_exception_handler(ValidationError, _on_pydantic_validation)
-    app.add_exception_handler(EngineError, _on_engine_error)
+    app.add_exception_handler(ServiceError, _on_service_error)
     app.add_exception_handler(HTTPException, _on_http_exception)

@@ -12,52 +12,43 @@ send, the deadline (REQUEST_TIMEOUT_S from the start of `create`: images, audio,
 error here. Errors before the first chunk become HTTP errors (a deadline: 504); after it, vLLM's error event and
 [DONE].
 
-Admission before decoding (`Admission`): the engine makes its 429 decision (MAX_QUEUE_SIZE) when a request reaches
-it, which is after the request's images are decoded. So this layer keeps its own count of the same thing - requests
-decoding images or started and waiting for their first chunk (`pending`), and engine requests past their first chunk
-(`running`) - and refuses a request with images by the engine's rule (pending >= queue limit + free slots) after its
-image headers are checked and before any image is decoded (function/images.py enters it around the decodes, for the
-response cache's loader too). It never refuses what the engine would take: the engine also counts prefilling
+Admission before decoding (`Admission`, in generation.py): the engine makes its 429 decision (MAX_QUEUE_SIZE) when a
+request reaches it, which is after the request's images are decoded. So this layer keeps its own count of the same
+thing - requests decoding images or started and waiting for their first chunk (`pending`), and engine requests past
+their first chunk (`running`) - and refuses a request with images by the engine's rule (pending >= queue limit + free
+slots) after its image headers are checked and before any image is decoded (function/images.py enters it around the
+decodes, for the response cache's loader too). It never refuses what the engine would take: the engine also counts prefilling
 requests as occupying slots, this count does not.
 """
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
 import hashlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator
-from typing import AsyncIterator, Awaitable, Callable, Iterator, TypeVar
+from typing import TYPE_CHECKING, AsyncIterator
 
-import anyio
-
-from function import metrics
-from function.asr import SpeechRecognizer, transcribe_audio_parts
 from function.audio import AudioLoader
 from function.cache import Recorder, recording
 from function.config import Config
-from function.engine.protocol import (ChatInput, CompletionChunk, EngineClient, EngineDead, EngineError, InternalError,
-                                      GenerationFailed, InvalidInput, NotReady, Overloaded, SamplingParams,
-                                      TokenLogprob)
-from function.http_common import SSE_DONE, sse_event, unless_disconnected
+from function.engine.protocol import ChatInput, CompletionChunk, EngineClient, SamplingParams, TokenLogprob
+from function.errors import EngineDead, InvalidInput, ModelNotFound, NotReady, RequestTimeout
+from function.http_common import Disconnected, sse_event, unless_disconnected
 from function.images import ImageLoader, set_admission
 
-from .errors import ModelNotFound, RequestTimeout, error_json
+from .audio_parts import transcribe_audio_parts
+from .generation import (Admission, Generation, Output, choice_params, close_all, finish_reason_of, sse_stream,
+                         usage_of)
 from .protocol import (AssistantMessage, AudioTranscript, ChatCompletionChunk, ChatCompletionRequest,
-                       ChatCompletionResponse, ChatMessage, Choice, ChoiceLogprobs, Delta, ImagePart,
-                       PromptTokensDetails, SamplingRequest, StreamChoice, TextPart, TokenLogprobInfo, TopLogprob,
-                       Usage)
+                       ChatCompletionResponse, ChatMessage, Choice, ChoiceLogprobs, Delta, ImagePart, SamplingRequest,
+                       StreamChoice, TextPart, TokenLogprobInfo, TopLogprob, Usage)
 from .reasoning import ReasoningParser, split_reasoning
 
+if TYPE_CHECKING:
+    from function.asr import SpeechRecognizer
+
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-Disconnected = Callable[[], Awaitable[None]]
-"""Returns when the client has gone away."""
-
 
 def system_fingerprint(config: Config) -> str:
     """Changes whenever the settings that shape outputs change (OpenAI: backend configuration)."""
@@ -66,39 +57,6 @@ def system_fingerprint(config: Config) -> str:
     if config.generation_config != "auto":     # other sampling defaults: other outputs
         key += f"|generation_config={config.generation_config}"
     return "fp_" + hashlib.sha256(key.encode()).hexdigest()[:10]
-
-
-class Admission:
-    """This process's view of the engine's queue, for the 429 decision before images are decoded. Used on the
-    event loop only (no lock)."""
-
-    def __init__(self, queue_limit: int, slots: int):
-        self.queue_limit = queue_limit
-        self.slots = slots
-        self.pending = 0        # decoding images, or started and waiting for the engine's first chunk
-        self.running = 0        # engine requests past their first chunk, not yet closed
-
-    def full(self) -> bool:
-        return self.pending >= self.queue_limit + max(0, self.slots - self.running)
-
-    @contextlib.contextmanager
-    def decoding(self) -> Iterator[None]:
-        """Around a request's image decodes: Overloaded (429) when the server is full, else counted as pending."""
-        if self.full():
-            log.info("refused a request with images before decoding them: %d waiting, %d running", self.pending,
-                     self.running)
-            raise Overloaded(f"the server is at capacity ({self.pending} requests waiting); retry later",
-                             retry_after=1.0)
-        with self.waiting():
-            yield
-
-    @contextlib.contextmanager
-    def waiting(self) -> Iterator[None]:
-        self.pending += 1
-        try:
-            yield
-        finally:
-            self.pending -= 1
 
 
 class ChatService:
@@ -136,39 +94,39 @@ class ChatService:
         return request.to_sampling_params(self.default_max_tokens, self.engine.default_sampling)
 
     async def start(self, request_id: str, inputs: list[tuple[ChatInput, SamplingParams]], arrival: float,
-                    deadline: float, disconnected: Disconnected) -> tuple[list[_Generation], list[CompletionChunk]] | None:
+                    deadline: float, disconnected: Disconnected) -> tuple[list[Generation], list[CompletionChunk]] | None:
         """Start every choice's engine request and wait for each one's first chunk (so refusals become HTTP
         errors). The first choice goes alone: the others then reuse its prefilled prompt (prefix reuse). None
         when the client left first; on an error every started request is closed."""
-        gens: list[_Generation] = []
+        gens: list[Generation] = []
 
         async def begin() -> list[CompletionChunk]:
             rid = lambda i: request_id if i == 0 else f"{request_id}-{i}"   # noqa: E731
             with self.admission.waiting():
-                gens.append(_Generation(self.engine, rid(0), *inputs[0], arrival, self.admission))
+                gens.append(Generation(self.engine, rid(0), *inputs[0], arrival, self.admission))
                 first = [await gens[0].next()]
-                gens.extend(_Generation(self.engine, rid(i), chat, params, arrival, self.admission)
+                gens.extend(Generation(self.engine, rid(i), chat, params, arrival, self.admission)
                             for i, (chat, params) in enumerate(inputs[1:], 1))
                 return first + list(await asyncio.gather(*(g.next() for g in gens[1:])))
 
         try:
             async with asyncio.timeout_at(deadline):
-                firsts = await _unless_disconnected(begin(), disconnected)
+                firsts = await unless_disconnected(begin(), disconnected)
         except BaseException as e:
-            await _close_all(gens)
+            await close_all(gens)
             if isinstance(e, TimeoutError):
                 raise self._timed_out(request_id) from None
             raise
         if firsts is None:
-            await _close_all(gens)
+            await close_all(gens)
             return None
         return gens, firsts
 
-    async def collect(self, gens: list[_Generation], firsts: list[CompletionChunk], deadline: float,
-                      disconnected: Disconnected) -> list[_Output] | None:
+    async def collect(self, gens: list[Generation], firsts: list[CompletionChunk], deadline: float,
+                      disconnected: Disconnected) -> list[Output] | None:
         """Every choice to its end (non-streaming); the engine requests are closed after."""
-        async def one(gen: _Generation, chunk: CompletionChunk) -> _Output:
-            out = _Output()
+        async def one(gen: Generation, chunk: CompletionChunk) -> Output:
+            out = Output()
             while True:
                 out.add(chunk)
                 if chunk.finish_reason:
@@ -177,14 +135,14 @@ class ChatService:
 
         try:
             async with asyncio.timeout_at(deadline):
-                return await _unless_disconnected(
+                return await unless_disconnected(
                     asyncio.gather(*(one(g, f) for g, f in zip(gens, firsts))), disconnected)
         except TimeoutError:
             raise self._timed_out(gens[0].request_id) from None
         finally:
-            await _close_all(gens)
+            await close_all(gens)
 
-    async def merged(self, gens: list[_Generation], firsts: list[CompletionChunk],
+    async def merged(self, gens: list[Generation], firsts: list[CompletionChunk],
                      deadline: float) -> AsyncIterator[tuple[int, CompletionChunk]]:
         """(choice index, chunk) of every choice as they come; raises the first error."""
         if len(gens) == 1:
@@ -200,7 +158,7 @@ class ChatService:
                     raise self._timed_out(gens[0].request_id) from None
         queue: asyncio.Queue = asyncio.Queue()
 
-        async def pump(i: int, gen: _Generation, chunk: CompletionChunk) -> None:
+        async def pump(i: int, gen: Generation, chunk: CompletionChunk) -> None:
             try:
                 while True:
                     await queue.put((i, chunk, None))
@@ -245,7 +203,7 @@ class ChatService:
         arrival = time.monotonic()
         deadline = asyncio.get_running_loop().time() + self.timeout_s
         self.check_model(request.model)
-        self._check_ready()
+        self.check_ready()
         params = self.sampling_params(request)
         try:
             async with asyncio.timeout_at(deadline):
@@ -269,9 +227,9 @@ class ChatService:
             if recorder is not None:
                 recorder.response(response)
             return response
-        return self._stream(gens, firsts, request, transcripts, deadline, recorder)
+        return sse_stream(self._stream(gens, firsts, request, transcripts, deadline, recorder), gens)
 
-    def _response(self, gen: _Generation, outs: list[_Output], request: ChatCompletionRequest,
+    def _response(self, gen: Generation, outs: list[Output], request: ChatCompletionRequest,
                   transcripts: list[AudioTranscript]) -> ChatCompletionResponse:
         choices = []
         for i, out in enumerate(outs):
@@ -279,17 +237,17 @@ class ChatService:
             choices.append(Choice(index=i, message=AssistantMessage(content=content, reasoning_content=reasoning),
                                   logprobs=ChoiceLogprobs(content=self.token_logprobs(out.logprobs))
                                   if request.logprobs else None,
-                                  finish_reason=_finish_reason(out.last), stop_reason=out.last.stop_reason))
+                                  finish_reason=finish_reason_of(out.last), stop_reason=out.last.stop_reason))
         return ChatCompletionResponse(
             id=gen.request_id, created=gen.created, model=self.model_name, system_fingerprint=self.fingerprint,
-            choices=choices, usage=_usage_of([o.last for o in outs], 1), transcripts=transcripts or None)
+            choices=choices, usage=usage_of([o.last for o in outs], 1), transcripts=transcripts or None)
 
     def _timed_out(self, what: str) -> RequestTimeout:
         log.warning("%s: stopped after REQUEST_TIMEOUT_S=%g s", what, self.timeout_s)
         return RequestTimeout(f"the request did not finish within {self.timeout_s:g} s (REQUEST_TIMEOUT_S) and was "
                               "stopped; ask for fewer tokens or retry later")
 
-    def _check_ready(self) -> None:
+    def check_ready(self) -> None:
         alive, ready, message = self.engine.status()
         if not alive:
             raise EngineDead(message)
@@ -322,9 +280,10 @@ class ChatService:
             out.append({"role": role, "content": parts})
         return ChatInput(messages=out, chat_template_kwargs=template_kwargs, image_digests=digests)
 
-    async def _stream(self, gens: list[_Generation], firsts: list[CompletionChunk], request: ChatCompletionRequest,
+    async def _stream(self, gens: list[Generation], firsts: list[CompletionChunk], request: ChatCompletionRequest,
                       transcripts: list[AudioTranscript], deadline: float,
-                      recorder: Recorder | None = None) -> AsyncIterator[str]:
+                      recorder: Recorder | None) -> AsyncIterator[str]:
+        """The response's SSE events; `sse_stream` adds the error event, [DONE] and the close."""
         n = len(gens)
         parsers = [ReasoningParser() if request.return_reasoning_enabled else None for _ in range(n)]
         lasts: list[CompletionChunk | None] = [None] * n
@@ -339,140 +298,28 @@ class ChatService:
                 recorder.chunk(chunk)
             return sse_event(chunk)
 
-        try:
-            for i in range(n):
-                yield event([StreamChoice(index=i, delta=Delta(role="assistant", content=""))],
-                            transcripts=(transcripts or None) if i == 0 else None)
-            async for i, chunk in self.merged(gens, firsts, deadline):
-                lasts[i] = chunk
-                final = chunk.finish_reason is not None
-                parser = parsers[i]
-                if parser is None:
-                    delta = Delta(content=chunk.text or None)
-                else:
-                    d = parser.feed(chunk.text, final=final)
-                    delta = Delta(reasoning_content=d.reasoning or None, content=d.content or None)
-                lp = ChoiceLogprobs(content=self.token_logprobs(chunk.logprobs)) \
-                    if request.logprobs and chunk.logprobs else None
-                usage = _usage_of([chunk], 1) if request.continuous_usage else None
-                if final:
-                    yield event([StreamChoice(index=i, delta=delta, logprobs=lp, finish_reason=_finish_reason(chunk),
-                                              stop_reason=chunk.stop_reason)], usage=usage)
-                elif delta.content or delta.reasoning_content or lp:
-                    yield event([StreamChoice(index=i, delta=delta, logprobs=lp)], usage=usage)
-            usage = _usage_of(lasts, 1)
-            if recorder is not None:
-                recorder.stream_usage(usage)
-            if request.include_usage:
-                yield event([], usage=usage)
-        except EngineError as e:
-            if not isinstance(e, RequestTimeout):       # logged where it was raised
-                log.warning("%s failed while streaming: %s", gen.request_id, e.message)
-            yield sse_event(error_json(e))
-        except Exception:
-            log.exception("%s failed while streaming", gen.request_id)
-            yield sse_event(error_json(InternalError('internal error while streaming')))
-        finally:
-            await _close_all(gens)
-        yield SSE_DONE
-
-
-def choice_params(params: SamplingParams, n: int | None) -> list[SamplingParams]:
-    """One SamplingParams per choice: with a seed, choice i samples with seed + i (as vLLM's parallel sampling)."""
-    n = n or 1
-    if n == 1 or params.seed is None:
-        return [params] * n
-    return [dataclasses.replace(params, seed=(params.seed + i + 2**63) % 2**64 - 2**63) for i in range(n)]
-
-
-class _Output:
-    """One choice's whole output."""
-
-    def __init__(self) -> None:
-        self.pieces: list[str] = []
-        self.logprobs: list[TokenLogprob] = []
-        self.last: CompletionChunk | None = None
-
-    def add(self, chunk: CompletionChunk) -> None:
-        self.pieces.append(chunk.text)
-        self.logprobs.extend(chunk.logprobs or ())
-        self.last = chunk
-
-    @property
-    def text(self) -> str:
-        return "".join(self.pieces)
-
-
-async def _close_all(gens: list[_Generation]) -> None:
-    for g in gens:
-        await g.close()
-
-
-def _usage_of(lasts: list[CompletionChunk | None], n: int) -> Usage:
-    """Usage of a request's choices: the prompt counted once per `n` choices that share it, completions summed."""
-    done = [c for c in lasts if c is not None]
-    prompt = sum(c.prompt_tokens for c in done[::n]) if done else 0
-    cached = sum(c.cached_prompt_tokens for c in done[::n]) if done else 0
-    completion = sum(c.completion_tokens for c in done)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
-
-
-class _Generation:
-    """One engine request: its chunks, their metrics, and an abort when it is closed before finishing."""
-
-    def __init__(self, engine: EngineClient, request_id: str, chat: ChatInput, params: SamplingParams,
-                 arrival: float, admission: Admission | None = None):
-        self.engine = engine
-        self._admission = admission
-        self._running = False       # counted in admission.running (past its first chunk, not closed)
-        self.request_id = request_id
-        self.created = int(time.time())
-        self._chunks = engine.generate(request_id, chat, params)
-        self._arrival = arrival
-        self._last_token_at: float | None = None
-        self.finished = False
-
-    async def next(self) -> CompletionChunk:
-        try:
-            chunk = await anext(self._chunks)
-        except StopAsyncIteration:
-            self.finished = True
-            raise GenerationFailed("the engine ended the request without a finish reason") from None
-        now = time.monotonic()
-        if not self._running and self._admission is not None:
-            self._running = True
-            self._admission.running += 1
-        if chunk.token_ids:
-            if self._last_token_at is None:
-                metrics.observe_ttft(now - self._arrival)
+        for i in range(n):
+            yield event([StreamChoice(index=i, delta=Delta(role="assistant", content=""))],
+                        transcripts=(transcripts or None) if i == 0 else None)
+        async for i, chunk in self.merged(gens, firsts, deadline):
+            lasts[i] = chunk
+            final = chunk.finish_reason is not None
+            parser = parsers[i]
+            if parser is None:
+                delta = Delta(content=chunk.text or None)
             else:
-                metrics.observe_inter_token(now - self._last_token_at, len(chunk.token_ids))
-            self._last_token_at = now
-        if chunk.finish_reason:
-            self.finished = True
-            metrics.observe_usage(chunk.prompt_tokens, chunk.completion_tokens)
-        return chunk
-
-    async def close(self) -> None:
-        """Release the engine stream, which aborts the request unless it finished. Safe to call more than once."""
-        if self._running and self._admission is not None:
-            self._running = False
-            self._admission.running -= 1
-        with anyio.CancelScope(shield=True):    # runs while the request is being cancelled, too
-            if isinstance(self._chunks, AsyncGenerator):
-                await self._chunks.aclose()     # EngineClient contract: closing early aborts
-            elif not self.finished:
-                self.finished = True
-                await self.engine.abort(self.request_id)
-
-
-def _finish_reason(chunk: CompletionChunk) -> str:
-    if chunk.finish_reason in ("stop", "length"):
-        return chunk.finish_reason
-    raise GenerationFailed(f"generation ended with {chunk.finish_reason!r}; retry the request")
-
-
-async def _unless_disconnected(work: Awaitable[T], disconnected: Disconnected) -> T | None:
-    """`work`'s result, or None (and `work` cancelled) if the client disconnects first."""
-    return await unless_disconnected(work, disconnected)
+                d = parser.feed(chunk.text, final=final)
+                delta = Delta(reasoning_content=d.reasoning or None, content=d.content or None)
+            lp = ChoiceLogprobs(content=self.token_logprobs(chunk.logprobs)) \
+                if request.logprobs and chunk.logprobs else None
+            usage = usage_of([chunk], 1) if request.continuous_usage else None
+            if final:
+                yield event([StreamChoice(index=i, delta=delta, logprobs=lp, finish_reason=finish_reason_of(chunk),
+                                          stop_reason=chunk.stop_reason)], usage=usage)
+            elif delta.content or delta.reasoning_content or lp:
+                yield event([StreamChoice(index=i, delta=delta, logprobs=lp)], usage=usage)
+        usage = usage_of(lasts, 1)
+        if recorder is not None:
+            recorder.stream_usage(usage)
+        if request.include_usage:
+            yield event([], usage=usage)

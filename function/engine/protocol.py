@@ -1,13 +1,23 @@
 """What the serving layer may know about the engine: request/param/output types, errors, and the client ABC.
 
 No torch, no HTTP. The HTTP layer builds a `ChatInput` + `SamplingParams`, calls `EngineClient.generate`, and
-gets an async stream of `CompletionChunk`s; errors are `EngineError`s whose `kind` maps to one HTTP status.
+gets an async stream of `CompletionChunk`s; errors are `function.errors.ServiceError`s (`EngineError` here) whose
+`kind` maps to one HTTP status.
 """
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
+
+# the client-visible errors live in function/errors.py (image, audio and API refusals raise them too); the engine's
+# names are re-exported here, EngineError being their base
+from function.errors import EngineDead, GenerationFailed, InternalError, InvalidInput, NotReady, Overloaded
+from function.errors import ServiceError as EngineError
+
+__all__ = ["FAILED_GRACE_S", "SamplingParams", "GENERATION_CONFIG_KEYS", "generation_defaults", "ChatInput",
+           "TokenLogprob", "CompletionChunk", "EngineClient", "EngineError", "InvalidInput", "Overloaded", "NotReady",
+           "GenerationFailed", "EngineDead", "InternalError"]
 
 FAILED_GRACE_S = 30.0   # after a fatal load error, liveness stays up this long so readiness can say why
 
@@ -85,48 +95,6 @@ class CompletionChunk:
     cached_prompt_tokens: int = 0
     stop_reason: str | int | None = None   # the stop string or token id that ended it (as vLLM reports)
     logprobs: list[TokenLogprob] | None = None   # one per token of `token_ids` when params.logprobs is set
-
-
-class EngineError(Exception):
-    """An error with a kind the HTTP layer maps to a status code (see api/errors)."""
-    kind = "internal"
-
-    def __init__(self, message: str, param: str | None = None, retry_after: float | None = None):
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        self.retry_after = retry_after
-
-
-class InvalidInput(EngineError):
-    """The request cannot be served as given (too long, bad image, ...): 400."""
-    kind = "invalid_request"
-
-
-class Overloaded(EngineError):
-    """The admission queue is full: 429, retry later."""
-    kind = "overloaded"
-
-
-class NotReady(EngineError):
-    """Still loading or shutting down: 503."""
-    kind = "not_ready"
-
-
-class GenerationFailed(EngineError):
-    """A step failed for this request (e.g. CUDA out of memory); retriable: 503."""
-    kind = "unavailable"
-
-
-class EngineDead(EngineError):
-    """The engine stopped (a device fault that poisons the CUDA context, a crashed loop): liveness turns false and
-    the container is restarted, so the request is retriable elsewhere or later: 503 with Retry-After."""
-    kind = "engine_stopped"
-
-
-class InternalError(EngineError):
-    """A bug on our side while serving one request: 500."""
-    kind = "internal"
 
 
 class EngineClient(abc.ABC):

@@ -26,7 +26,7 @@ from function.api.limits import INLINE_BYTES
 from function.api.protocol import ChatCompletionRequest, ImagePart
 from function.cache import Entry, ResponseCache, recording
 from function.config import Config
-from function.engine.protocol import EngineError
+from function.errors import ServiceError
 from function.http_common import SSE_START_HEADERS, Replay, read_body, unless_disconnected, until_disconnected
 from function.images import ImageLoader, LoadedImage, prefetched
 
@@ -138,7 +138,7 @@ class CacheLayer:
             if digests is None:
                 return None
             key = self.cache.key(request, digests, scope.get(SCOPE_KEY, ""))
-        except EngineError:                       # an image the app behind will refuse with its own 400
+        except ServiceError:                       # an image the app behind will refuse with its own 400
             return None
         except Exception:                         # noqa: BLE001 - a bug here must not cost the user an answer
             log.exception("response cache: cannot key a request; bypassing the cache")

@@ -11,7 +11,7 @@ import httpx
 from starlette.types import Receive, Scope, Send
 
 from function.api import errors
-from function.engine.protocol import EngineError
+from function.errors import ServiceError
 from function.http_common import SSE_DONE, read_body, sse_event, unless_disconnected, until_disconnected
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ class ModelProxy:
             log.warning("model service stream broke: %s: %s", type(e).__name__, e)
             if not response.headers.get("content-type", "").startswith("text/event-stream"):
                 raise
-            failure = errors.error_json(EngineError(f"the model service stream broke ({type(e).__name__})"))
+            failure = errors.error_json(ServiceError(f"the model service stream broke ({type(e).__name__})"))
             await send({"type": "http.response.body", "body": (sse_event(failure) + SSE_DONE).encode(),
                         "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})

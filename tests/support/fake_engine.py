@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 from typing import AsyncIterator
 
-from function.engine.protocol import (ChatInput, CompletionChunk, EngineClient, EngineError, InvalidInput,
-                                      SamplingParams)
+from function.engine.protocol import ChatInput, CompletionChunk, EngineClient, SamplingParams
+from function.errors import InvalidInput, ServiceError
 
 __all__ = ["FakeEngine", "answer_for"]
 
@@ -33,8 +33,8 @@ class FakeEngine(EngineClient):
         self.alive, self.ready, self.message = True, ready, "ready" if ready else "loading: weights"
         self.calls: list[tuple[str, ChatInput, SamplingParams]] = []
         self.aborted: list[str] = []
-        self.fail_before: EngineError | None = None     # raised at the first chunk (a refusal)
-        self.fail_after: tuple[int, EngineError] | None = None   # (pieces sent, error): a failure mid-stream
+        self.fail_before: ServiceError | None = None     # raised at the first chunk (a refusal)
+        self.fail_after: tuple[int, ServiceError] | None = None   # (pieces sent, error): a failure mid-stream
         self.finish_as: str | None = None               # e.g. "abort": override the last chunk's finish_reason
         self.hold_after: int | None = None              # pieces sent before the stream stalls until `release`
         self.release = asyncio.Event()
