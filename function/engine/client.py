@@ -433,3 +433,18 @@ class LocalEngine(EngineClient):
     def set_fault_hook(self, hook) -> None:
         self._core.fault_hook = hook
 
+
+    # ------------------------------------------------------------------ for tests and the bench (no private reach-in)
+    @property
+    def preparer(self):
+        """The loaded InputPreparer (chat template, image processor, positions); None before load."""
+        return self._preparer
+
+    @property
+    def tokenizer(self):
+        """The loaded tokenizer; None before load."""
+        return self._tokenizer
+
+    def set_prefix_caching(self, on: bool) -> None:
+        """Reuse cached prompt prefixes (PREFIX_CACHING) or not, for requests admitted from now on."""
+        self._core.scheduler.prefix_caching = on
