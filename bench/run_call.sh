@@ -66,12 +66,12 @@ case "${1:-perf}" in
     ;;
   gil)       # call 14: GIL switch interval 5 ms (default) vs 1 ms on 64 short chats; bf16 vs fp8 (small-M kernel)
     [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
-    OUT=$O/a timeout 110 python3 bench/agent_bench.py all --sections agent,short --clients 1,8 --turns-s 20 \
-      --short-rounds 2 --deadline 105
+    OUT=$O/a timeout 85 python3 bench/agent_bench.py all --sections agent,short --clients 1 --turns-s 15 \
+      --short-rounds 2 --deadline 80
     BENCH_GIL_SWITCH_S=0.001 OUT=$O/b timeout 60 python3 bench/agent_bench.py short --clients 64 --short-rounds 2 \
       --deadline 55
-    OUT=$O/c timeout 150 python3 bench/agent_bench.py all --quant fp8 --sections agent,short --clients 1,8 \
-      --turns-s 20 --short-rounds 2 --deadline 145
+    OUT=$O/c timeout 110 python3 bench/agent_bench.py all --quant fp8 --sections agent,short --clients 1 \
+      --turns-s 15 --short-rounds 2 --deadline 105
     ;;
   ab32)      # call 10: the 32-agent row of the A/B with enough turns, then a soak at the defaults
     [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
