@@ -17,7 +17,7 @@ from PIL import Image
 from function.api.app import build_app
 from function.config import Config
 
-from fake_engine import FakeEngine
+from support.fake_engine import FakeEngine
 
 BASE = "http://testserver"
 

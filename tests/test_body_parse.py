@@ -19,8 +19,8 @@ from function.api.app import INLINE_BYTES, PARSE_THREADS, BodyParser, build_app
 from function.api.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from function.config import Config
 
-from asgi_helpers import until
-from fake_engine import FakeEngine
+from support.asgi import until
+from support.fake_engine import FakeEngine
 
 MODEL = "autoglm-phone-9b"
 HELLO = [{"role": "user", "content": "hello"}]

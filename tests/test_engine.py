@@ -92,11 +92,11 @@ async def test_prefix_reuse_same_output_fewer_prefilled_tokens(engine):
     b = await run(engine, follow)
     assert b[1].cached_prompt_tokens >= MIN_PREFIX_REUSE   # the shared system prompt was reused
     # the same request on an engine state without that prefix gives the same text
-    engine._core.scheduler.prefix_caching = False
+    engine.set_prefix_caching(False)
     try:
         c = await run(engine, follow)
     finally:
-        engine._core.scheduler.prefix_caching = True
+        engine.set_prefix_caching(True)
     assert c[1].cached_prompt_tokens == 0 and c[0] == b[0]
 
 
@@ -104,7 +104,7 @@ async def test_different_images_never_share_a_prefix(engine):
     await run(engine, chat("same words", img((1, 2, 3))))
     _, last = await run(engine, chat("same words", img((250, 2, 3))))
     # the system prompt may be reused, the image may not: the reuse stops before the image tokens
-    image_start = next(s for s, *_ in engine._preparer.prepare(chat("same words", img((250, 2, 3))),
+    image_start = next(s for s, *_ in engine.preparer.prepare(chat("same words", img((250, 2, 3))),
                                                               GREEDY).images)
     assert last.cached_prompt_tokens <= image_start
 
@@ -244,7 +244,7 @@ def test_runner_matches_transformers_forward(model_cache_dir, engine):
     loaded = load(cfg)
     ref = copy.deepcopy(loaded.model)
     runner = ModelRunner(loaded.model, num_slots=3, max_len=1024, use_graphs=False)
-    prep = engine._preparer
+    prep = engine.preparer
     prompts = [prep.prepare(chat("text only"), GREEDY), prep.prepare(chat("with image", img((9, 80, 160))), GREEDY)]
     items = [PrefillItem(slot=i, token_ids=p.token_ids, start=0, position_ids=p.position_ids, images=p.images)
              for i, p in enumerate(prompts)]
@@ -315,7 +315,7 @@ def test_scheduler_prefix_match_stops_at_images_and_leaves_one_token():
 def test_output_text_holds_back_partial_stop_strings(engine):
     from function.engine.detokenizer import OutputText
 
-    tok = engine._tokenizer
+    tok = engine.tokenizer
     ids = tok("open the settings app now", add_special_tokens=False)["input_ids"]
     full = tok.decode(ids)
     ot = OutputText(tok, stop=("app",))
@@ -330,10 +330,10 @@ def test_output_text_holds_back_partial_stop_strings(engine):
 
 def test_enable_thinking_false_ends_the_prompt_with_an_empty_think_block(engine):
     """The tiny template knows the flag; GLM-4.1V's own template ignores it, so the preparer appends the block."""
-    prep = engine._preparer
+    prep = engine.preparer
     p = prep.prepare(ChatInput(messages=[{"role": "user", "content": "hi"}],
                                chat_template_kwargs={"enable_thinking": False}), GREEDY)
-    empty = engine._tokenizer("<think></think>", add_special_tokens=False)["input_ids"]
+    empty = engine.tokenizer("<think></think>", add_special_tokens=False)["input_ids"]
     assert p.token_ids[-len(empty):] == empty and p.token_ids[-2 * len(empty):-len(empty)] != empty
     enc = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long),
            "mm_token_type_ids": torch.zeros(1, 3, dtype=torch.int32)}
@@ -345,7 +345,7 @@ def test_enable_thinking_false_ends_the_prompt_with_an_empty_think_block(engine)
 def test_prepared_pixels_are_in_the_vision_towers_dtype(engine):
     """A queued screenshot holds its pixels in the dtype the vision tower casts them to (bf16 on a GPU: half the
     host memory of fp32); the values are exactly the processor's, cast."""
-    prep = engine._preparer
+    prep = engine.preparer
     model = engine.runner.model
     assert prep.pixel_dtype == model.model.visual.dtype
     original = prep.pixel_dtype

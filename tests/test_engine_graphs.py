@@ -231,7 +231,7 @@ async def test_chunked_prefill_in_the_engine_gives_the_same_tokens(model_cache_d
                                                                             ignore_eos=True))
         await gen.__anext__()                                   # a stream is decoding: prefill is chunked now
         before = e.stats()
-        e._core.scheduler.prefix_caching = False               # every prompt prefilled in full, in chunks
+        e.set_prefix_caching(False)                            # every prompt prefilled in full, in chunks
         together = await asyncio.gather(*(_collect(e, f"tog{i}", c, p) for i, c in enumerate(chats)))
         await gen.aclose()
         assert [[t for ch in r for t in ch.token_ids] for r in together] == alone

@@ -315,7 +315,7 @@ def test_engine_serves_an_fp8_model(tiny_dir, tmp_path):
         loaded = loader.load(Config.from_env({"MODEL_PATH": str(tiny_dir), "MODEL_CACHE_DIR": str(tmp_path),
                                               "QUANTIZATION": "fp8"}))
         assert loaded.choices.source == "prequantized-cache"
-        prompt = e._preparer.prepare(msgs, greedy)
+        prompt = e.preparer.prepare(msgs, greedy)
         runner = ModelRunner(loaded.model, num_slots=2, max_len=512, use_graphs=False)
         logits = runner.prefill([PrefillItem(slot=0, token_ids=prompt.token_ids, start=0,
                                              position_ids=prompt.position_ids, images=[])])

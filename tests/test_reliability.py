@@ -23,6 +23,7 @@ import httpx
 import pytest
 import torch
 from conftest import BASE, data_url, image_bytes, image_message, sse_events
+from support.asgi import until
 from support.fake_engine import FakeEngine
 from func_python.http import ASGIApplication
 from test_e2e_servers import Server, running_server
@@ -45,13 +46,6 @@ def ask(text: str = "hello", **kw) -> dict:
 
 def asgi_client(asgi) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=asgi), base_url=BASE, timeout=60)
-
-
-async def until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
 
 
 def assert_error(r: httpx.Response, status: int, code: str) -> dict:
@@ -194,7 +188,7 @@ async def test_drain_refuses_new_work_and_lets_streams_finish(app, engine):
     engine.hold_after = 2
     async with asgi_client(app) as c:
         running = asyncio.create_task(c.post(CHAT, json=ask(stream=True)))
-        await until(lambda: engine.calls, what="the stream to start")
+        await until(lambda: engine.calls, timeout=10, what="the stream to start")
         drain.begin()
         r = await c.post(CHAT, json=ask())
         assert_error(r, 503, "shutting_down")
@@ -286,7 +280,7 @@ def real_app(engine: LocalEngine, **env: str):
 
 
 async def idle(engine: LocalEngine) -> None:
-    await until(lambda: engine.idle(), what="the engine to be idle")
+    await until(lambda: engine.idle(), timeout=10, what="the engine to be idle")
 
 
 class Crash(BaseException):

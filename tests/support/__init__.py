@@ -4,6 +4,4 @@
 - `fake_speech`: `FakeSpeech`, the speech model's lifecycle (loading until told, then ready or failed);
 - `asgi`: `call_asgi`, one request driven through an ASGI app by hand with a client that disconnects on cue, and
   `until`, a wait on observable state (no fixed sleeps).
-
-tests/fake_engine.py and tests/asgi_helpers.py re-export these for the files that still import the old names.
 """

@@ -28,7 +28,11 @@ async def call_asgi(app, body: dict, disconnect: asyncio.Event, sent: list[dict]
     await asyncio.wait_for(app(scope, receive, send), timeout=10)
 
 
-async def until(predicate, timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
+async def until(predicate, timeout: float = 5.0, what: str = "condition") -> None:
+    """Poll `predicate` until it is true; an AssertionError naming `what` after `timeout` seconds."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        raise AssertionError(f"timed out after {timeout:g} s waiting for {what}") from None
