@@ -22,7 +22,7 @@ import email.message
 import json
 import time
 from functools import partial
-from typing import TYPE_CHECKING, Any, AsyncIterator, TypeVar
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import anyio
 from fastapi import FastAPI, HTTPException, Request, Response
@@ -176,37 +176,38 @@ def build_app(config: Config, engine: EngineClient, lifespan: Lifespan[FastAPI] 
 
     parse = app.state.body_parser = BodyParser(config.max_request_bytes)    # raw bodies, parsed off the loop if large
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERROR_RESPONSES,
-              openapi_extra=_json_body(ChatCompletionRequest))
-    async def chat_completions(request: Request) -> Response:
-        if (body := await parse(request, ChatCompletionRequest)) is None:
-            return Response(status_code=CLIENT_CLOSED)
+    def post(path: str, request_model: type[BaseModel], response_model: type[BaseModel],
+             serve: Callable[[Any, Request], Awaitable[Any]]) -> None:
+        """A POST route with a `request_model` JSON body (read and parsed by `parse`): what `serve(body, request)`
+        returns, or 499 when the client left while its body was being read."""
+        async def endpoint(request: Request) -> Any:
+            if (body := await parse(request, request_model)) is None:
+                return Response(status_code=CLIENT_CLOSED)
+            return await serve(body, request)
+
+        app.add_api_route(path, endpoint, methods=["POST"], name=serve.__name__, response_model=response_model,
+                          responses=_ERROR_RESPONSES, openapi_extra=_json_body(request_model))
+
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return _respond(await chat.create(body, partial(until_disconnected, request.receive)))
+
+    post("/v1/chat/completions", ChatCompletionRequest, ChatCompletionResponse, chat_completions)
 
     # --- vLLM's other endpoints: legacy completions, tokenizer, version (function/api/completions.py)
     completions = CompletionService(chat)
 
-    @app.post("/v1/completions", response_model=CompletionResponse, responses=_ERROR_RESPONSES,
-              openapi_extra=_json_body(CompletionRequest))
-    async def text_completions(request: Request) -> Response:
-        if (body := await parse(request, CompletionRequest)) is None:
-            return Response(status_code=CLIENT_CLOSED)
+    async def text_completions(body: CompletionRequest, request: Request) -> Response:
         return _respond(await completions.create(body, partial(until_disconnected, request.receive)))
 
-    @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERROR_RESPONSES,
-              openapi_extra=_json_body(TokenizeRequest))
-    async def tokenize(request: Request) -> Any:
-        if (body := await parse(request, TokenizeRequest)) is None:
-            return Response(status_code=CLIENT_CLOSED)
+    async def tokenize(body: TokenizeRequest, _: Request) -> TokenizeResponse:
         return await completions.tokenize(body)
 
-    @app.post("/detokenize", response_model=DetokenizeResponse, responses=_ERROR_RESPONSES,
-              openapi_extra=_json_body(DetokenizeRequest))
-    async def detokenize(request: Request) -> Any:
-        if (body := await parse(request, DetokenizeRequest)) is None:
-            return Response(status_code=CLIENT_CLOSED)
+    async def detokenize(body: DetokenizeRequest, _: Request) -> DetokenizeResponse:
         return await completions.detokenize(body)
 
+    post("/v1/completions", CompletionRequest, CompletionResponse, text_completions)
+    post("/tokenize", TokenizeRequest, TokenizeResponse, tokenize)
+    post("/detokenize", DetokenizeRequest, DetokenizeResponse, detokenize)
     _document_bodies(app, (ChatCompletionRequest, CompletionRequest, TokenizeRequest, DetokenizeRequest))
 
     @app.get("/version", response_model=VersionResponse)
