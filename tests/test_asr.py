@@ -19,6 +19,7 @@ import pytest
 from conftest import BASE, data_url, image_bytes, sse_events
 from support.fake_engine import FakeEngine
 from support.fake_speech import FakeSpeech
+from support.stages import wait_ready
 from test_audio import sf_bytes, wav_bytes
 
 from function import metrics
@@ -62,15 +63,6 @@ SCREENSHOT = {"type": "image_url", "image_url": {"url": data_url(image_bytes(siz
 def voice_message(data: str | None = None, fmt: str = "wav") -> dict:
     """A user turn as a phone agent sends it: the screenshot, then the spoken instruction."""
     return {"role": "user", "content": [SCREENSHOT, audio_part(data or voice_wav(), fmt)]}
-
-
-def wait_ready(r, timeout: float = 120) -> None:
-    t = time.monotonic()
-    while not r.status()[1]:
-        assert r.status()[0], r.status()
-        assert "failed" not in r.status()[2], r.status()
-        assert time.monotonic() - t < timeout, r.status()
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")

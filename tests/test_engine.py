@@ -11,23 +11,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support.stages import wait_ready
 
 from function.config import Config
 from function.engine.client import LocalEngine
 from function.engine.protocol import ChatInput, SamplingParams
-from function.errors import GenerationFailed, InvalidInput, Overloaded
 from function.engine.runner import ModelRunner, PrefillItem
 from function.engine.scheduler import MIN_PREFIX_REUSE, Scheduler
+from function.errors import GenerationFailed, InvalidInput, Overloaded
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-
-
-def wait_ready(e: LocalEngine, timeout: float = 120) -> None:
-    t = time.time()
-    while not e.status()[1]:
-        assert e.error is None, e.error
-        assert time.time() - t < timeout, e.status()
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")

@@ -5,18 +5,18 @@ prefix lives. Also: faults that poison the device stop the engine with a retriab
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 import torch
+from support.stages import wait_ready
 
 from function.config import Config
 from function.engine.client import LocalEngine
 from function.engine.core import is_fatal_device_error
 from function.engine.loader import load
 from function.engine.protocol import ChatInput, SamplingParams
-from function.errors import EngineDead, GenerationFailed
 from function.engine.runner import ModelRunner, PrefillItem
+from function.errors import EngineDead, GenerationFailed
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 
@@ -118,11 +118,7 @@ def _engine(model_cache_dir) -> LocalEngine:
     e = LocalEngine(Config.from_env({"MODEL_CACHE_DIR": str(model_cache_dir), "MAX_NUM_SEQS": "2",
                                      "MAX_MODEL_LEN": "1024", "WARMUP": "false"}))
     e.start_loading()
-    t = time.time()
-    while not e.status()[1]:
-        assert e.error is None, e.error
-        assert time.time() - t < 120
-        time.sleep(0.05)
+    wait_ready(e)
     return e
 
 
@@ -219,10 +215,7 @@ async def test_chunked_prefill_in_the_engine_gives_the_same_tokens(model_cache_d
     e = LocalEngine(Config.from_env({"MODEL_CACHE_DIR": str(model_cache_dir), "MAX_NUM_SEQS": "4",
                                      "MAX_MODEL_LEN": "2048", "WARMUP": "false", "PREFILL_CHUNK_TOKENS": "256"}))
     e.start_loading()
-    t = time.time()
-    while not e.status()[1]:
-        assert e.error is None and time.time() - t < 120
-        await asyncio.sleep(0.05)
+    wait_ready(e)
     try:
         chats = [chat(f"agent {i}: " + "scroll down and open the message " * (20 + 15 * i)) for i in range(4)]
         p = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)

@@ -11,12 +11,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+from support.stages import wait_ready
 
 from function.config import Config, ConfigError
 from function.engine import fp8
@@ -287,11 +287,7 @@ def test_engine_serves_an_fp8_model(tiny_dir, tmp_path):
                                      "QUANTIZATION": "fp8", "MAX_NUM_SEQS": "2", "MAX_MODEL_LEN": "1024",
                                      "WARMUP": "false"}))
     e.start_loading()
-    t = time.time()
-    while not e.status()[1]:
-        assert e.error is None, e.error
-        assert time.time() - t < 120
-        time.sleep(0.05)
+    wait_ready(e)
     try:
         assert e.choices.quantization == "fp8"
         assert isinstance(e.runner.lm.layers[0].mlp.down_proj, Fp8Linear)

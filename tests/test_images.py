@@ -2,10 +2,8 @@
 server for remote URLs)."""
 from __future__ import annotations
 
-import http.server
 import io
 import os
-import threading
 import time
 import zlib
 from pathlib import Path
@@ -13,6 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import data_url, image_bytes
 from PIL import Image
+from support.http_stub import StubHandler, serving
 
 from function.errors import InvalidInput
 from function.images import REMOTE_FAILED, ImageLoader
@@ -166,49 +165,36 @@ async def test_file_byte_cap(make_config, media):
 
 
 # --- http(s) URLs
-class _Handler(http.server.BaseHTTPRequestHandler):
+class _Handler(StubHandler):
     png = image_bytes()
 
     def do_GET(self):  # noqa: N802 - http.server's naming
         if self.path == "/shot.png":
-            self._send(self.png)
+            self.send_body(self.png)
         elif self.path == "/big-no-length":
             self.send_response(200)
             self.end_headers()
             for _ in range(100):
                 self.wfile.write(b"\0" * 1000)
         elif self.path == "/big":
-            self._send(b"\0" * 100_000)
+            self.send_body(b"\0" * 100_000)
         elif self.path == "/redirect":
             self.send_response(302)
             self.send_header("Location", "/shot.png")
             self.end_headers()
         elif self.path == "/slow":
             time.sleep(2)
-            self._send(self.png)
+            self.send_body(self.png)
         else:
             self.send_response(404)
             self.end_headers()
 
-    def _send(self, body: bytes) -> None:
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
 
 
 @pytest.fixture(scope="module")
 def image_server():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serving(_Handler) as server:
+        yield server.url
 
 
 async def test_remote_disabled_by_default(make_config, image_server):

@@ -25,6 +25,7 @@ import torch
 from conftest import BASE, data_url, image_bytes, image_message, sse_events
 from support.asgi import until
 from support.fake_engine import FakeEngine
+from support.stages import wait_ready
 from func_python.http import ASGIApplication
 from test_e2e_servers import Server, running_server
 
@@ -267,10 +268,7 @@ def real_engine(model_cache_dir: Path):
     engine = LocalEngine(Config.from_env({"MODEL_CACHE_DIR": str(model_cache_dir), "MAX_NUM_SEQS": "2",
                                           "MAX_MODEL_LEN": "4096", "WARMUP": "false"}))
     engine.start_loading()
-    deadline = time.monotonic() + 300
-    while not engine.status()[1]:
-        assert engine.status()[0] and time.monotonic() < deadline, engine.status()
-        time.sleep(0.05)
+    wait_ready(engine)
     yield engine
     engine.shutdown()
 

@@ -7,7 +7,6 @@ rotation, hostile bodies). Every loop is bounded."""
 from __future__ import annotations
 
 import asyncio
-import http.server
 import json
 import os
 import threading
@@ -42,6 +41,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from support.fake_engine import FakeEngine
+from support.http_stub import StubHandler, serving
 
 MODEL = "autoglm-phone-9b"
 P = "messages[0].content[0].image_url"
@@ -205,7 +205,7 @@ async def test_image_headers_are_checked_together_before_any_decode(make_config)
 
 
 # ========================================================================================= remote images
-class Counting(http.server.BaseHTTPRequestHandler):
+class Counting(StubHandler):
     hits: list[str] = []
     colors = [(255, 0, 0), (0, 0, 255)]
 
@@ -216,34 +216,20 @@ class Counting(http.server.BaseHTTPRequestHandler):
             self.send_header("Location", self.path[4:])
             self.end_headers()
             return
-        if self.path.startswith("/hop/"):                     # /hop/<n>: n more redirects, then the image
-            n = int(self.path[5:])
-            self.send_response(302 if n else 200)
-            if n:
-                self.send_header("Location", f"/hop/{n - 1}")
-                self.end_headers()
-                return
-        else:
-            self.send_response(200)
+        if self.path.startswith("/hop/") and int(self.path[5:]):   # /hop/<n>: n more redirects, then the image
+            self.send_response(302)
+            self.send_header("Location", f"/hop/{int(self.path[5:]) - 1}")
+            self.end_headers()
+            return
         color = Counting.colors[(len([h for h in Counting.hits if h == self.path]) - 1) % 2] \
             if self.path == "/changing.png" else (0, 255, 0)
-        body = image_bytes(size=(16, 16), color=color)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
+        self.send_body(image_bytes(size=(16, 16), color=color))
 
 
 @pytest.fixture(scope="module")
 def counting_server():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Counting)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
+    with serving(Counting) as server:
+        yield server.server_port
 
 
 @pytest.fixture
@@ -567,34 +553,28 @@ async def test_a_reset_cloudevent_frees_its_slot_within_a_second(engine):
 
 
 # ==================================================== the cache front as a real server (uvicorn, loopback)
-class ModelStub(http.server.BaseHTTPRequestHandler):
+class ModelStub(StubHandler):
     """The model service: records Authorization, answers /v1/models."""
     seen: list[str | None] = []
 
     def do_GET(self):  # noqa: N802
         ModelStub.seen.append(self.headers.get("authorization"))
-        body = json.dumps({"object": "list", "data": [{"id": MODEL, "object": "model"}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
+        self.send_json({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
 
 
 @pytest.fixture(scope="module")
 def front_server(tmp_path_factory):
+    with serving(ModelStub) as stub:
+        yield from _front(tmp_path_factory.mktemp("front"), stub.url)
+
+
+def _front(tmp: Path, model_url: str):
     import subprocess
     import sys
-    tmp = tmp_path_factory.mktemp("front")
-    stub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ModelStub)
-    threading.Thread(target=stub.serve_forever, daemon=True).start()
     keys = tmp / "keys"
     keys.write_text("first-key\n")
     port = free_port()
-    env = {**os.environ, "ROLE": "cache-front", "MODEL_URL": f"http://127.0.0.1:{stub.server_address[1]}",
+    env = {**os.environ, "ROLE": "cache-front", "MODEL_URL": model_url,
            "API_KEY_FILE": str(keys), "HOST": "127.0.0.1", "PORT": str(port), "PYTHON": sys.executable,
            "MAX_REQUEST_BYTES": str(64 * 2**20)}
     log = tmp / "front.log"
@@ -615,8 +595,6 @@ def front_server(tmp_path_factory):
     finally:
         proc.terminate()
         proc.wait(30)
-        stub.shutdown()
-        stub.server_close()
 
 
 def test_front_checks_the_key_passes_it_on_and_rotates(front_server):

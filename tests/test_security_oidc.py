@@ -5,9 +5,7 @@ with the `cloudevents` SDK. Every loop is bounded."""
 from __future__ import annotations
 
 import asyncio
-import http.server
 import json
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -25,6 +23,7 @@ from function.api.auth import OidcVerifier
 from function.config import Config, ConfigError
 
 from support.fake_engine import FakeEngine
+from support.http_stub import StubHandler, serving
 
 ISSUER = "https://kubernetes.default.svc.cluster.local"
 AUDIENCE = "autoglm-phone-9b"
@@ -196,7 +195,7 @@ async def test_replies_follow_the_sender_not_the_token(engine, key, jwks_file):
 
 
 # ===================================================================== the API server's keys over HTTP(S)
-class FakeApiServer(http.server.BaseHTTPRequestHandler):
+class FakeApiServer(StubHandler):
     """/.well-known/openid-configuration and /openid/v1/jwks as the API server serves them; counts and records
     the Authorization header of each request."""
     jwks: dict = {"keys": []}
@@ -218,25 +217,14 @@ class FakeApiServer(http.server.BaseHTTPRequestHandler):
             self.send_response(404)
             self.end_headers()
             return
-        data = json.dumps(body).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+        self.send_json(body)
 
 
 @pytest.fixture
 def api_server(key):
     FakeApiServer.jwks, FakeApiServer.hits, FakeApiServer.fail = {"keys": [jwk_of(key, "k1")]}, [], False
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeApiServer)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
-    srv.server_close()
+    with serving(FakeApiServer) as server:
+        yield server.url
 
 
 @pytest.fixture

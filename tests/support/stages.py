@@ -1,0 +1,18 @@
+"""Waiting for a stage that loads in the background (LocalEngine, SpeechRecognizer: function.http_common.Lifecycle)."""
+from __future__ import annotations
+
+import time
+
+__all__ = ["wait_ready"]
+
+
+def wait_ready(stage, timeout: float = 300.0) -> None:
+    """Poll `stage.status()` until it says ready. Fails at once when the stage stops being alive or reports a
+    failure (with its status), and after `timeout` seconds (a bound never reached when the code is right)."""
+    deadline = time.monotonic() + timeout
+    while not (status := stage.status())[1]:
+        alive, _, message = status
+        assert alive and "failed" not in message, status
+        assert getattr(stage, "error", None) is None, stage.error
+        assert time.monotonic() < deadline, status
+        time.sleep(0.02)
