@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -246,6 +247,8 @@ def test_loader_writes_the_fp8_copy_then_starts_from_it(tiny_dir, tmp_path):
     first = loader.load(cfg)
     assert first.choices.quantization == "fp8" and first.choices.source == "checkpoint"
     assert "load_and_quantize" in first.choices.timings and "save_prequantized" in first.choices.timings
+    assert "read_weights" in first.choices.timings     # a first fp8 start reads the bf16 shards ahead too
+    assert first.save_prequantized is None             # written before load() returned
     cache = loader.prequantized_dir(cfg, tiny_dir, first.choices)
     assert (cache / "prequantized.json").is_file() and fp8.is_fp8_checkpoint(cache)
     assert "-fp8-" in cache.name
@@ -257,6 +260,22 @@ def test_loader_writes_the_fp8_copy_then_starts_from_it(tiny_dir, tmp_path):
     plain = loader.load(Config.from_env({"MODEL_PATH": str(tiny_dir), "MODEL_CACHE_DIR": str(tmp_path),
                                          "QUANTIZATION": "none"}))
     assert plain.choices.source == "checkpoint" and not fp8.converted_modules(plain.model)
+
+
+def test_deferred_save_writes_the_copy_only_when_run(tiny_dir, tmp_path):
+    """What the server does: load() returns the write of the pre-quantized copy, run after ready."""
+    from function.engine import loader
+
+    cfg = Config.from_env({"MODEL_PATH": str(tiny_dir), "MODEL_CACHE_DIR": str(tmp_path), "QUANTIZATION": "fp8"})
+    first = loader.load(cfg, defer_save=True)
+    cache = loader.prequantized_dir(cfg, tiny_dir, first.choices)
+    assert first.save_prequantized is not None and not cache.exists()
+    assert "save_prequantized" not in first.choices.timings
+    first.save_prequantized()
+    assert fp8.is_fp8_checkpoint(cache) and "save_prequantized" in first.choices.timings
+    second = loader.load(cfg, defer_save=True)
+    assert second.choices.source == "prequantized-cache" and second.save_prequantized is None
+    _same_state(first.model, second.model)
 
 
 def test_prequantize_script_writes_the_fp8_copy_once(tiny_dir, tmp_path):
@@ -306,6 +325,11 @@ def test_engine_serves_an_fp8_model(tiny_dir, tmp_path):
         assert n >= 1 and isinstance(text, str)
         body, _ = metrics.render()
         assert 'quantization="fp8"' in body.decode()
+        # the pre-quantized copy is written after ready, beside serving (the first start does not wait for it)
+        deadline = time.time() + 60
+        while "save_prequantized" not in e.timings:
+            assert time.time() < deadline, "the pre-quantized copy was not written"
+            time.sleep(0.05)
         # the runner's prefill logits = the model's own forward (same fp8 modules)
         from function.engine import loader
         loaded = loader.load(Config.from_env({"MODEL_PATH": str(tiny_dir), "MODEL_CACHE_DIR": str(tmp_path),

@@ -45,6 +45,7 @@ class LocalEngine(EngineClient):
         self._eos: frozenset[int] = frozenset()
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="prepare")
         self._pending = 0            # accepted, not yet admitted to a slot (being prepared or waiting)
+        self._save_prequantized = None   # the pre-quantized copy's write, run after ready (loader.load defer_save)
         self._lock = threading.Lock()
         self.choices = None
         self.timings: dict[str, float] = {}
@@ -77,6 +78,9 @@ class LocalEngine(EngineClient):
             log.info("engine ready in %.1fs: %s", self.timings["total"], self.timings)
             if self.config.warmup:
                 threading.Thread(target=self._warmup_rest, name="engine-warmup-rest", daemon=True).start()
+            if self._save_prequantized is not None:
+                threading.Thread(target=self._write_prequantized, name="engine-save-prequantized",
+                                 daemon=True).start()
         except Exception as e:  # noqa: BLE001 - reported through readiness, then liveness
             log.exception("model load failed")
             self.error = f"{type(e).__name__}: {e}"
@@ -86,7 +90,8 @@ class LocalEngine(EngineClient):
     def _build(self) -> None:
         from . import loader
         self._set_phase("loading: resolving model")
-        loaded = loader.load(self.config, on_phase=lambda p: self._set_phase(f"loading: {p}"))
+        loaded = loader.load(self.config, on_phase=lambda p: self._set_phase(f"loading: {p}"), defer_save=True)
+        self._save_prequantized = loaded.save_prequantized
         self.timings.update(loaded.choices.timings)
         self.choices = loaded.choices
         c = loaded.choices
@@ -223,6 +228,16 @@ class LocalEngine(EngineClient):
         self._run_warmup([ChatInput(messages=[{"role": "user", "content": [{"type": "image", "image": img},
                                                                            {"type": "text", "text": "warm up"}]}])])
         self.timings["warmup_request"] = round(time.perf_counter() - t, 3)
+
+    def _write_prequantized(self) -> None:
+        """After ready, beside serving: the pre-quantized copy that later starts load (a first start that quantized
+        does not wait for the write; the copy appears atomically when it is whole)."""
+        self._save_prequantized()
+        self._save_prequantized = None
+        seconds = self.choices.timings.get("save_prequantized")
+        if seconds is not None:
+            self.timings["save_prequantized"] = seconds
+            metrics.set_cold_start_phase("save_prequantized", seconds)
 
     def _warmup_rest(self) -> None:
         """After ready, beside real requests: several text prompts (a batched prefill) and a full-size screenshot,

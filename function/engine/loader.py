@@ -288,6 +288,9 @@ class Loaded:
     generation_config: Any
     choices: Choices
     placement: Any = None      # placement.Placement when the model is split over several GPUs
+    # load(defer_save=True) on a start that quantized: writes the pre-quantized copy (the caller runs it once the
+    # server is ready, so the first start does not wait for the write); None when there is nothing to write
+    save_prequantized: Callable[[], None] | None = None
 
 
 def quantization_kwargs(config: Config, choices: Choices, dtype) -> dict:
@@ -311,13 +314,15 @@ def _process_age_s() -> float | None:
 def _preload_eligible(config: Config, choices: Choices, quantize_now: bool, load_dir: Path) -> str | None:
     """Why the weights are not read ahead (None: they are). Reading ahead holds the whole checkpoint in memory
     before from_pretrained consumes it: fine on the GPU (checked against free memory by the reader), not for a
-    checkpoint that is quantized while it loads (its full-precision copy would not fit where the quantized one
-    does), a model split over several cards, or a large checkpoint on CPU (it would sit in RAM twice)."""
+    checkpoint that bitsandbytes quantizes while it loads (its full-precision copy would not fit where the
+    quantized one does), a model split over several cards, or a large checkpoint on CPU (it would sit in RAM
+    twice). A first fp8 start reads ahead: its conversion runs on the loaded bf16 model either way, so the read
+    ahead needs no more memory than the plain path."""
     from . import weights
 
-    if quantize_now:
+    if quantize_now and choices.quantization != "fp8":
         return "quantized while loading"
-    if choices.quantization == "fp8":
+    if choices.quantization == "fp8" and not quantize_now:
         return "the fp8 copy is read by fp8.load_model"
     if config.gpus_per_pod > 1:
         return "split over several GPUs"
@@ -329,8 +334,10 @@ def _preload_eligible(config: Config, choices: Choices, quantize_now: bool, load
     return None
 
 
-def load(config: Config, on_phase: Callable[[str], None] = lambda p: None) -> Loaded:
+def load(config: Config, on_phase: Callable[[str], None] = lambda p: None, defer_save: bool = False) -> Loaded:
     """Load model + processor. Phases are reported through `on_phase` and timed in `choices.timings`.
+    `defer_save`: a start that quantized returns the write of the pre-quantized copy as
+    `Loaded.save_prequantized` instead of doing it before returning (the server writes it after ready).
 
     What overlaps (a cold start is mostly waiting on imports): after `import torch`, a reader thread creates the
     CUDA context and reads the safetensors shards into device memory (weights.WeightReader) while this thread
@@ -437,6 +444,10 @@ def load(config: Config, on_phase: Callable[[str], None] = lambda p: None) -> Lo
             log.info("read %.2f GB of weights into %s in %.2fs (%.2f GB/s, %d threads)", reader.stats["bytes"] / 1e9,
                      choices.device, reader.stats["read_s"], reader.stats["gbps"], reader.threads)
 
+    def _convert_fp8(model) -> None:
+        from . import fp8
+        log.info("fp8 conversion: %s", fp8.convert(model, quantize_vision=config.quantize_vision))
+
     def _from_pretrained():
         nonlocal state
         if state is not None:
@@ -444,6 +455,9 @@ def load(config: Config, on_phase: Callable[[str], None] = lambda p: None) -> Lo
                 cfg = config_cls.from_pretrained(load_dir)
                 model = model_cls.from_pretrained(None, config=cfg, state_dict=state, **common, **kwargs)
                 model.config._name_or_path = str(load_dir)
+                if quantize_now and choices.quantization == "fp8":
+                    state = None     # the bf16 tensors go as their modules are converted
+                    _convert_fp8(model)
                 return model.eval()
             except Exception as e:  # noqa: BLE001 - the plain path below reads the files itself
                 log.warning("loading the weights read ahead failed (%s: %s); reading them again with "
@@ -459,7 +473,7 @@ def load(config: Config, on_phase: Callable[[str], None] = lambda p: None) -> Lo
                     return fp8.load_model(load_dir, dtype=dtype, device_map=device_map,
                                           attn_implementation=choices.attn_implementation)
                 m = model_cls.from_pretrained(load_dir, **common).eval()
-                log.info("fp8 conversion: %s", fp8.convert(m, quantize_vision=config.quantize_vision))
+                _convert_fp8(m)
                 return m
             return model_cls.from_pretrained(load_dir, **common, **kwargs).eval()
         except Exception as e:  # noqa: BLE001 - safetensors' own error class derives from Exception only
@@ -473,11 +487,27 @@ def load(config: Config, on_phase: Callable[[str], None] = lambda p: None) -> Lo
     model = timed(phase, _from_pretrained)
     if cuda:
         torch.cuda.empty_cache()    # from_pretrained's allocator warm-up block, where the weights were read ahead
+    pending_save = None
     if cache_dir is not None and quantize_now and config.prequantized_cache:
-        try:
-            timed("save_prequantized", lambda: save_prequantized(model, model_path, cache_dir))
-        except Exception as e:  # a read-only or full volume must not stop serving
-            log.warning("could not write the pre-quantized checkpoint to %s: %s", cache_dir, e)
+        def pending_save() -> None:
+            t = time.perf_counter()
+            try:
+                if cuda:   # the copies to the host on a stream of their own, beside the serving engine's work
+                    side = torch.cuda.Stream(device=model.device)
+                    side.wait_stream(torch.cuda.default_stream(model.device))   # after the conversion's kernels
+                    with torch.cuda.stream(side):
+                        save_prequantized(model, model_path, cache_dir)
+                else:
+                    save_prequantized(model, model_path, cache_dir)
+            except Exception as e:  # a read-only or full volume must not stop serving
+                log.warning("could not write the pre-quantized checkpoint to %s: %s", cache_dir, e)
+                return
+            timings["save_prequantized"] = round(time.perf_counter() - t, 3)
+            log.info("wrote the pre-quantized checkpoint to %s in %.1fs", cache_dir, timings["save_prequantized"])
+        if not defer_save:
+            on_phase("save_prequantized")
+            pending_save()
+            pending_save = None
     def _processor():
         try:
             return processor_job.result()
@@ -500,7 +530,7 @@ def load(config: Config, on_phase: Callable[[str], None] = lambda p: None) -> Lo
     log.info("model loaded: %s", json.dumps({**choices.labels(), "timings": timings,
                                               "weights": choices.weights}))
     return Loaded(model=model, processor=processor, tokenizer=processor.tokenizer, generation_config=gen_cfg,
-                  choices=choices, placement=placement)
+                  choices=choices, placement=placement, save_prequantized=pending_save)
 
 
 class _Background:
