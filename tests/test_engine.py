@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from support.stages import wait_ready
+from support.stages import running
 
 from function.config import Config
 from function.engine.client import LocalEngine
@@ -25,12 +25,9 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def engine(model_cache_dir):
-    e = LocalEngine(Config.from_env({"MODEL_CACHE_DIR": str(model_cache_dir), "MAX_NUM_SEQS": "4",
-                                     "MAX_MODEL_LEN": "4096", "MAX_QUEUE_SIZE": "6"}))
-    e.start_loading()
-    wait_ready(e)
-    yield e
-    e.shutdown()
+    with running(LocalEngine(Config.from_env({"MODEL_CACHE_DIR": str(model_cache_dir), "MAX_NUM_SEQS": "4",
+                                              "MAX_MODEL_LEN": "4096", "MAX_QUEUE_SIZE": "6"}))) as e:
+        yield e
 
 
 def img(color, size=(84, 140)):

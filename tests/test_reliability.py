@@ -25,7 +25,7 @@ import torch
 from conftest import BASE, data_url, image_bytes, image_message, sse_events
 from support.asgi import until
 from support.fake_engine import FakeEngine
-from support.stages import wait_ready
+from support.stages import running
 from func_python.http import ASGIApplication
 from test_e2e_servers import Server, running_server
 
@@ -265,12 +265,9 @@ def test_outside_a_server_sigterm_is_left_alone():
 # ----------------------------------------------------------------------------------- GPU faults (real engine)
 @pytest.fixture(scope="module")
 def real_engine(model_cache_dir: Path):
-    engine = LocalEngine(Config.from_env({"MODEL_CACHE_DIR": str(model_cache_dir), "MAX_NUM_SEQS": "2",
-                                          "MAX_MODEL_LEN": "4096", "WARMUP": "false"}))
-    engine.start_loading()
-    wait_ready(engine)
-    yield engine
-    engine.shutdown()
+    with running(LocalEngine(Config.from_env({"MODEL_CACHE_DIR": str(model_cache_dir), "MAX_NUM_SEQS": "2",
+                                              "MAX_MODEL_LEN": "4096", "WARMUP": "false"}))) as engine:
+        yield engine
 
 
 def real_app(engine: LocalEngine, **env: str):

@@ -6,5 +6,6 @@
   `until`, a wait on observable state (no fixed sleeps);
 - `http_stub`: `StubHandler` and `serving`, loopback HTTP stand-ins (an image host, the model service, the API
   server's OIDC keys);
-- `stages`: `wait_ready`, the wait for a stage that loads in the background (LocalEngine, SpeechRecognizer).
+- `stages`: `wait_ready`, the wait for a stage that loads in the background (LocalEngine, SpeechRecognizer), and
+  `running`, a stage loaded for a `with` block and shut down after.
 """

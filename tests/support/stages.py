@@ -1,9 +1,13 @@
 """Waiting for a stage that loads in the background (LocalEngine, SpeechRecognizer: function.http_common.Lifecycle)."""
 from __future__ import annotations
 
+import contextlib
 import time
+from typing import Iterator, TypeVar
 
-__all__ = ["wait_ready"]
+__all__ = ["running", "wait_ready"]
+
+S = TypeVar("S")
 
 
 def wait_ready(stage, timeout: float = 300.0) -> None:
@@ -16,3 +20,14 @@ def wait_ready(stage, timeout: float = 300.0) -> None:
         assert getattr(stage, "error", None) is None, stage.error
         assert time.monotonic() < deadline, status
         time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def running(stage: S, timeout: float = 300.0) -> Iterator[S]:
+    """`stage` loaded (start_loading, then `wait_ready`) for the block, shut down after."""
+    stage.start_loading()
+    try:
+        wait_ready(stage, timeout)
+        yield stage
+    finally:
+        stage.shutdown()
