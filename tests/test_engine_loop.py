@@ -70,3 +70,40 @@ def test_work_on_the_engine_thread_still_runs_while_a_capture_waits_for_idle():
         assert runner.captured == []
     finally:
         core.stop()
+
+
+def test_mailbox_hands_a_steps_outputs_to_the_loop_with_one_wake_up_in_order():
+    """The engine thread's outputs reach their requests' queues in order; outputs posted while the loop has not
+    run yet share one call_soon_threadsafe (one self-pipe write); a closed loop drops them without raising."""
+    import asyncio
+
+    from function.engine.client import _LoopMailbox
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        box = _LoopMailbox(loop)
+        wakeups = []
+        real = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a: (wakeups.append(a), real(*a))[1]
+        queues = [asyncio.Queue() for _ in range(3)]
+
+        def engine_step(step):
+            for i in range(30):
+                box.post(queues[i % 3], (step, i))
+        t = threading.Thread(target=engine_step, args=(0,))
+        t.start()
+        t.join()                      # the loop has not run since: one wake-up carries the whole step
+        assert len(wakeups) == 1
+        await asyncio.sleep(0)
+        got = [[q.get_nowait() for _ in range(q.qsize())] for q in queues]
+        assert got == [[(0, i) for i in range(k, 30, 3)] for k in range(3)]
+        t = threading.Thread(target=engine_step, args=(1,))
+        t.start()
+        t.join()
+        assert len(wakeups) == 2
+        await asyncio.sleep(0)
+        assert all(q.qsize() == 10 for q in queues)
+        return box
+
+    box = asyncio.run(main())         # its loop is closed now
+    box.post(asyncio.Queue(), "late")  # no RuntimeError reaches the engine thread

@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
@@ -46,6 +47,8 @@ class LocalEngine(EngineClient):
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="prepare")
         self._pending = 0            # accepted, not yet admitted to a slot (being prepared or waiting)
         self._save_prequantized = None   # the pre-quantized copy's write, run after ready (loader.load defer_save)
+        # event loop -> its _LoopMailbox (the server's loop; the warm-up's short-lived ones go with their loops)
+        self._mailboxes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         self.choices = None
         self.timings: dict[str, float] = {}
@@ -302,6 +305,13 @@ class LocalEngine(EngineClient):
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ requests
+    def _mailbox(self, loop: asyncio.AbstractEventLoop) -> "_LoopMailbox":
+        with self._lock:
+            box = self._mailboxes.get(loop)
+            if box is None:
+                box = self._mailboxes[loop] = _LoopMailbox(loop)
+            return box
+
     def generate(self, request_id: str, chat: ChatInput, params: SamplingParams) -> AsyncIterator[CompletionChunk]:
         alive, ready, msg = self.status()
         if not ready:
@@ -335,11 +345,10 @@ class LocalEngine(EngineClient):
         max_new = min(max_new, self.max_model_len - prompt.length)
         out: asyncio.Queue = asyncio.Queue()
 
+        mailbox = self._mailbox(loop)
+
         def emit(tokens, finish, error, logprobs=None):
-            try:
-                loop.call_soon_threadsafe(out.put_nowait, (tokens, finish, error, logprobs))
-            except RuntimeError:  # the requester's event loop is gone; nobody is listening
-                pass
+            mailbox.post(out, (tokens, finish, error, logprobs))
 
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self._eos)
         seq = Sequence(request_id=request_id, prompt=prompt, params=params, emit=emit, max_new=max_new,
@@ -463,3 +472,33 @@ class LocalEngine(EngineClient):
     def set_prefix_caching(self, on: bool) -> None:
         """Reuse cached prompt prefixes (PREFIX_CACHING) or not, for requests admitted from now on."""
         self._core.scheduler.prefix_caching = on
+
+
+class _LoopMailbox:
+    """The engine thread's outputs for the requests of one event loop, handed over with one wake-up per batch.
+
+    `call_soon_threadsafe` writes to the loop's self-pipe for every call, a syscall on the engine thread: one per
+    running request per step (64 in a 64-row step) before this mailbox. Now the first output of a step schedules
+    one flush and the rest of the step's outputs ride along; the flush puts each into its request's queue."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._items: list = []
+        self._lock = threading.Lock()
+
+    def post(self, queue: asyncio.Queue, item) -> None:
+        with self._lock:
+            first = not self._items
+            self._items.append((queue, item))
+        if first:
+            try:
+                self.loop.call_soon_threadsafe(self._flush)
+            except RuntimeError:  # the loop is closed: nobody is listening
+                with self._lock:
+                    self._items.clear()
+
+    def _flush(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        for queue, item in items:
+            queue.put_nowait(item)
