@@ -35,7 +35,7 @@ from function import metrics
 from function.audio import SAMPLE_RATE
 from function.config import Config
 from function.engine.protocol import FAILED_GRACE_S
-from function.errors import EngineDead, GenerationFailed, NotReady, Overloaded
+from function.errors import EngineDead, GenerationFailed, NotReady, Overloaded, unready
 
 log = logging.getLogger(__name__)
 
@@ -161,10 +161,8 @@ class SpeechRecognizer:
     # ------------------------------------------------------------------ requests
     def check_ready(self) -> None:
         """NotReady (503, retry soon) while loading or stopping, EngineDead (503) once the load failed."""
-        alive, ready, message = self.status()
-        if not ready:
-            raise NotReady(f"the speech model is not ready ({message})", retry_after=5.0) if alive else \
-                EngineDead(f"the speech model is not running ({message})")
+        if (error := unready("the speech model", self.status())) is not None:
+            raise error
 
     async def transcribe(self, samples: np.ndarray) -> Transcription:
         """The transcript of 16 kHz mono float32 `samples` (queued into the next batch)."""

@@ -3,7 +3,7 @@
 Each has a `kind` that function/api/errors.py maps to one HTTP status and OpenAI's error shape, a `param` naming
 the offending request field, and an optional `retry_after` (seconds, sent as Retry-After). Nothing here imports
 HTTP, torch or another package module, so any layer can raise them. function.engine.protocol re-exports the
-engine's names (`EngineError` is `ServiceError`).
+engine's names (`EngineError` is `ServiceError`). `unready` is the one rule from a stage's status to its 503.
 """
 from __future__ import annotations
 
@@ -58,3 +58,15 @@ class RequestTimeout(ServiceError):
 class InternalError(ServiceError):
     """A bug on our side while serving one request: 500."""
     kind = "internal"
+
+
+def unready(what: str, status: tuple[bool, bool, str]) -> ServiceError | None:
+    """The refusal while a stage (`what`: "the model", "the speech model") is not ready, from its (alive, ready,
+    message) status: NotReady (503, retry in 5 s) while it loads or stops, EngineDead (503) once it is not alive;
+    None when it is ready."""
+    alive, ready, message = status
+    if ready:
+        return None
+    if alive:
+        return NotReady(f"{what} is not ready ({message})", retry_after=5.0)
+    return EngineDead(f"{what} is not running ({message})")

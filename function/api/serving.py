@@ -33,7 +33,7 @@ from function.audio import AudioLoader
 from function.cache import Recorder, recording
 from function.config import Config
 from function.engine.protocol import ChatInput, CompletionChunk, EngineClient, SamplingParams, TokenLogprob
-from function.errors import EngineDead, InvalidInput, ModelNotFound, NotReady, RequestTimeout
+from function.errors import InvalidInput, ModelNotFound, RequestTimeout, unready
 from function.http_common import Disconnected, sse_event, unless_disconnected
 from function.images import ImageLoader, set_admission
 
@@ -248,11 +248,8 @@ class ChatService:
                               "stopped; ask for fewer tokens or retry later")
 
     def check_ready(self) -> None:
-        alive, ready, message = self.engine.status()
-        if not alive:
-            raise EngineDead(message)
-        if not ready:
-            raise NotReady(message)
+        if (error := unready("the model", self.engine.status())) is not None:
+            raise error
 
     async def chat_input(self, messages: list[ChatMessage], template_kwargs: dict) -> ChatInput:
         """OpenAI messages -> transformers chat format with decoded images (and their digests)."""
