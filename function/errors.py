@@ -62,11 +62,11 @@ class InternalError(ServiceError):
 
 def unready(what: str, status: tuple[bool, bool, str]) -> ServiceError | None:
     """The refusal while a stage (`what`: "the model", "the speech model") is not ready, from its (alive, ready,
-    message) status: NotReady (503, retry in 5 s) while it loads or stops, EngineDead (503) once it is not alive;
-    None when it is ready."""
+    message) status: EngineDead (503) once it is not alive, NotReady (503, retry in 5 s) while it loads or stops;
+    None when it is alive and ready."""
     alive, ready, message = status
-    if ready:
-        return None
-    if alive:
+    if not alive:              # first: a stage whose thread died may still say ready
+        return EngineDead(f"{what} is not running ({message})")
+    if not ready:
         return NotReady(f"{what} is not ready ({message})", retry_after=5.0)
-    return EngineDead(f"{what} is not running ({message})")
+    return None

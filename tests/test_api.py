@@ -13,7 +13,7 @@ from support.asgi import call_asgi, until
 from support.fake_engine import FakeEngine, answer_for
 
 from function.engine.protocol import ChatInput, SamplingParams
-from function.errors import EngineDead, GenerationFailed, InvalidInput, NotReady, Overloaded
+from function.errors import EngineDead, GenerationFailed, InvalidInput, NotReady, Overloaded, unready
 
 MODEL = "autoglm-phone-9b"
 HELLO = [{"role": "user", "content": "hello"}]
@@ -402,6 +402,15 @@ async def test_dead_engine_is_a_retriable_503(client, engine):
     r = await client.post("/v1/chat/completions", json=chat())
     err = assert_error(r, 503, "engine_stopped")
     assert "no weights" in err["message"] and int(r.headers["retry-after"]) > 0
+
+
+def test_unready_is_one_rule_for_every_stage():
+    """A stage whose thread died may still say ready: not alive wins (EngineDead), then not ready (NotReady)."""
+    assert unready("the model", (True, True, "ready")) is None
+    dead = unready("the model", (False, True, "engine stopped: boom"))
+    assert isinstance(dead, EngineDead) and "boom" in dead.message
+    loading = unready("the speech model", (True, False, "speech model loading: x"))
+    assert isinstance(loading, NotReady) and loading.retry_after == 5.0 and "speech model" in loading.message
 
 
 async def test_engine_not_ready_raised_by_generate(client, engine):
