@@ -18,8 +18,9 @@ from typing import AsyncIterator
 
 from .. import metrics
 from ..config import Config
+from ..errors import unready
 from .protocol import (FAILED_GRACE_S, ChatInput, CompletionChunk, EngineClient, EngineDead, EngineError,
-                       InvalidInput, NotReady, Overloaded, SamplingParams, TokenLogprob)
+                       InvalidInput, Overloaded, SamplingParams, TokenLogprob)
 
 log = logging.getLogger(__name__)
 
@@ -313,10 +314,7 @@ class LocalEngine(EngineClient):
             return box
 
     def generate(self, request_id: str, chat: ChatInput, params: SamplingParams) -> AsyncIterator[CompletionChunk]:
-        alive, ready, msg = self.status()
-        if not ready:
-            raise NotReady(f"the model is not ready ({msg})", retry_after=5.0) if alive else \
-                EngineDead(f"the engine is not running ({msg})")
+        self._require_ready()
         return self._generate(request_id, chat, params)
 
     async def _generate(self, request_id: str, chat: ChatInput, params: SamplingParams,
@@ -444,10 +442,9 @@ class LocalEngine(EngineClient):
         return [self._tokenizer.decode([t]) for t in token_ids]
 
     def _require_ready(self) -> None:
-        alive, ready, msg = self.status()
-        if not ready:
-            raise NotReady(f"the model is not ready ({msg})", retry_after=5.0) if alive else \
-                EngineDead(f"the engine is not running ({msg})")
+        refusal = unready("the model", self.status())
+        if refusal is not None:
+            raise refusal
 
     async def abort(self, request_id: str) -> None:
         if self._core is not None:
