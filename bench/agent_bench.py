@@ -902,7 +902,7 @@ def _runner_checks(args, e, tag, res) -> None:
     import torch
     from function.engine.runner import PrefillItem
     runner = e.runner
-    e._core.stop()
+    e.core.stop()
     dev = runner.device
     gen = torch.Generator().manual_seed(0)
     vocab = min(runner.vocab, 50_000)

@@ -20,7 +20,7 @@ res = {}
 e, load_s = eb.make_engine("none")
 res["load_s"] = load_s
 runner = e.runner
-core = e._core
+core = e.core
 
 
 def runner_step_ms(B, pos):

@@ -223,7 +223,7 @@ def engine_section(quant):
             "gpu_mem_alloc_GB": round(torch.cuda.memory_allocated() / 1e9, 2),
             "gpu_mem_reserved_GB": round(torch.cuda.memory_reserved() / 1e9, 2)}
     log(tag + "_load", info)
-    tok = e._tokenizer
+    tok = e.tokenizer
     rng = random.Random(1)
     res = {}
 
@@ -322,7 +322,7 @@ def engine_section(quant):
         del shot
 
     asyncio.run(run())
-    res["profile"] = {B: profile_decode(e.runner, B, e._core.sampler) for B in (1, 32)}
+    res["profile"] = {B: profile_decode(e.runner, B, e.core.sampler) for B in (1, 32)}
     res["gpu_mem_peak_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
     res["graphs"] = len(e.runner.graphs)
     log(tag, res)

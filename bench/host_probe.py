@@ -58,7 +58,7 @@ def main() -> None:
     streams = int(args[0]) if args else 64
     new = int(args[1]) if len(args) > 1 else 256
     e = make_engine(tiny, streams)
-    core = e._core
+    core = e.core
     asyncio.run(run_streams(e, streams, 8, "warm"))   # the decode buckets of this batch, captured on first use
     while not e.idle():
         time.sleep(0.05)

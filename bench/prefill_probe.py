@@ -159,7 +159,7 @@ def main():
     print("processors", res["processors"], flush=True)
     e, load_s = eb.make_engine("none")
     res["load_s"] = load_s
-    core = e._core
+    core = e.core
     runner = core.runner
     t = time.time()
     while runner.has_idle_work() and time.time() - t < 60:
@@ -171,7 +171,7 @@ def main():
     print("sdpa", res.get("sdpa"), flush=True)
     save()
 
-    prep = e._preparer
+    prep = e.preparer
     orig = prep.prepare
     prep_times: dict = {}
 

@@ -295,6 +295,12 @@ class LocalEngine(EngineClient):
         return dict(self._core.stats) if self._core is not None else {}
 
     @property
+    def core(self):
+        """The EngineCore (the engine thread, its scheduler and sampler), for the bench: `core.call(fn)` runs fn
+        on the engine thread; None before load."""
+        return self._core
+
+    @property
     def runner(self):
         """The loaded ModelRunner (the model, its graphs and cache), for the bench and tests; None before load."""
         return self._core.runner if self._core is not None else None
