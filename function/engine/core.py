@@ -128,9 +128,6 @@ class EngineCore:
             self.inbox.put(("call", (fn, fut)))
         return fut
 
-    def waiting_count(self) -> int:
-        return len(self.scheduler.waiting)
-
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()

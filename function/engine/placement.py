@@ -290,14 +290,6 @@ class Placement:
     def binding_device(self) -> str:
         return self.devices[self.kv.binding_device]
 
-    @property
-    def first_device(self) -> str:
-        return self.devices[0]
-
-    @property
-    def last_device(self) -> str:
-        return self.devices[-1]
-
     def summary(self) -> dict[str, Any]:
         """For the load log line: per card, layers, weights, KV budget and KV tokens."""
         return {"devices": [{"device": d, "layers": n, "weights_gib": round(w / GIB, 2),

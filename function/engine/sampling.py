@@ -21,9 +21,6 @@ import torch
 from .protocol import SamplingParams
 
 
-MAX_LOGPROBS = 20   # top logprobs per token (OpenAI's and vLLM's limit)
-
-
 @dataclass
 class RowState:
     """Sampling state of one running sequence."""
