@@ -142,30 +142,21 @@ _VISION = dict(
 )
 _BPE_VOCAB = 4000  # target size of the trained BPE part; the special tokens follow it
 
-PREPROCESSOR_CONFIG = {
-    "size": {"shortest_edge": 12544, "longest_edge": 9633792},
+# what the image and the video processor share (GLM-4.1V's preprocessor_config.json values)
+_PATCHING = {
     "do_rescale": True,
     "patch_size": 14,
     "temporal_patch_size": 2,
     "merge_size": 2,
     "image_mean": [0.48145466, 0.4578275, 0.40821073],
     "image_std": [0.26862954, 0.26130258, 0.27577711],
-    "image_processor_type": "Glm4vImageProcessor",
-    "processor_class": "Glm4vProcessor",
 }
+PREPROCESSOR_CONFIG = {"size": {"shortest_edge": 12544, "longest_edge": 9633792}, **_PATCHING,
+                       "image_processor_type": "Glm4vImageProcessor", "processor_class": "Glm4vProcessor"}
 
 # GLM-4.1V's video_preprocessor_config.json values (as in vLLM's GLM-4.1V example); read only where torchvision exists.
-VIDEO_PREPROCESSOR_CONFIG = {
-    "size": {"shortest_edge": 12544, "longest_edge": 47040000},
-    "do_rescale": True,
-    "patch_size": 14,
-    "temporal_patch_size": 2,
-    "merge_size": 2,
-    "image_mean": [0.48145466, 0.4578275, 0.40821073],
-    "image_std": [0.26862954, 0.26130258, 0.27577711],
-    "video_processor_type": "Glm4vVideoProcessor",
-    "processor_class": "Glm4vProcessor",
-}
+VIDEO_PREPROCESSOR_CONFIG = {"size": {"shortest_edge": 12544, "longest_edge": 47040000}, **_PATCHING,
+                             "video_processor_type": "Glm4vVideoProcessor", "processor_class": "Glm4vProcessor"}
 
 # GLM-4's split regex (cl100k-style) ahead of the byte-level mapping, as in GLM-4-0414 / GLM-4.1V tokenizer.json.
 _SPLIT_PATTERN = (
