@@ -646,13 +646,16 @@ def load_model(load_dir: Path, *, dtype: torch.dtype, device_map, attn_implement
 
 #: The useful KV room: MAX_NUM_SEQS sequences of this many tokens (a phone step: one screenshot + the task and history
 #: is ~1.5-2k tokens; the answer needs room too). bf16 is chosen wherever its weights leave this much, because it is
-#: the fastest setting measured (on an H200 fp8 ran 0.91-0.94x bf16's agent turns per minute, nf4 0.6-0.7x bf16's
-#: throughput under load: bench/RESULTS.md). Below it, fp8 needs only one such sequence beside its weights (the engine
+#: the setting measured best under load (on an H200 fp8 ran 0.91-0.94x bf16's agent turns per minute before its
+#: small-M decode kernel; with it, 1.22x at 1 agent, not yet measured under load; nf4 0.6-0.7x bf16's throughput:
+#: bench/RESULTS.md). Below it, fp8 needs only one such sequence beside its weights (the engine
 #: sizes its slots to what is left); nf4 where fp8 does not run or does not fit.
 USEFUL_KV_TOKENS_PER_SEQ = 4096
 
 #: Where the speed ranking of the rule comes from (cited in its reasons).
-MEASURED = "fp8 measured 0.91-0.94x bf16's agent turns per minute on an H200, nf4 0.6-0.7x (bench/RESULTS.md)"
+MEASURED = ("fp8 measured 0.91-0.94x bf16's agent turns per minute on an H200 before its small-M decode kernel and "
+            "1.22x bf16's turn time at 1 agent with it (not yet measured under 8-32 agents; accuracy on real "
+            "weights unvalidated), nf4 0.6-0.7x (bench/RESULTS.md)")
 
 
 @dataclass(frozen=True)
@@ -670,8 +673,9 @@ def decide(cards: list[Card], weight_bytes: dict[str, int], kv_bytes: int, *, us
     one phone step. `overhead_bytes`: per card (CUDA context, activations, graph pools). `fp8_runs` / `fp8_why_not`:
     whether torch._scaled_mm runs on these cards (and why not); only consulted when bf16 does not fit. Returns
     (quantization, reason). The order follows what was measured (bench/RESULTS.md: on an H200 this project's fp8
-    path gave 0.91-0.94x bf16's agent turns per minute, its decode GEMMs 0.79x bf16's; nf4 gives 0.6-0.7x bf16's
-    throughput under load), so the fastest setting that fits wins:
+    path gave 0.91-0.94x bf16's agent turns per minute, its decode GEMMs 0.79x bf16's, before the small-M decode
+    kernel; with it one agent's turn is 1.22x faster, but nothing under load and no real-weight accuracy is
+    measured yet; nf4 gives 0.6-0.7x bf16's throughput under load), so the setting measured best that fits wins:
 
     - bf16 (none) where bf16 weights leave the useful KV room (`kv_bytes`);
     - else fp8 on cards with FP8 tensor cores (compute capability >= 8.9, `fp8_runs`) where fp8 weights leave at
@@ -698,7 +702,7 @@ def decide(cards: list[Card], weight_bytes: dict[str, int], kv_bytes: int, *, us
     if fp8_card and fp8_runs and room - weight_bytes["fp8"] >= min_kv_bytes:
         return "fp8", (f"{desc}: {too_little}; FP8 tensor cores (compute capability >= 8.9): fp8 weights "
                        f"({weight_bytes['fp8'] / gib:.1f} GiB) leave {left('fp8'):.1f} GiB of {room / gib:.1f} GiB "
-                       "usable for the KV cache; fp8 is ahead of nf4 (0.91-0.94x bf16 against 0.6-0.7x on an H200: "
+                       "usable for the KV cache; fp8 is ahead of nf4 (0.91-1.22x bf16 against 0.6-0.7x on an H200: "
                        "bench/RESULTS.md)")
     if not fp8_card:
         why_fp8 = "no FP8 tensor cores (compute capability < 8.9)"
