@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support.faults import set_fault_hook
 from support.stages import running
 
 from function.config import Config
@@ -194,13 +195,13 @@ async def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(en
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
 
     await idle(engine)
-    engine.set_fault_hook(fault)
+    set_fault_hook(engine, fault)
     try:
         with pytest.raises(GenerationFailed) as ei:
             await run(engine, chat("victim"))
         assert "out of GPU memory" in ei.value.message
     finally:
-        engine.set_fault_hook(None)
+        set_fault_hook(engine, None)
     text, last = await run(engine, chat("survivor"))
     assert last.finish_reason == "length" and engine.status()[:2] == (True, True)
 

@@ -8,6 +8,7 @@ import asyncio
 
 import pytest
 import torch
+from support.faults import set_fault_hook
 from support.stages import wait_ready
 
 from function.config import Config
@@ -136,7 +137,7 @@ async def test_a_fault_that_poisons_the_device_stops_the_engine_with_a_retriable
             if stage == "decode":
                 raise RuntimeError("CUDA error: device-side assert triggered")
 
-        e.set_fault_hook(fault)
+        set_fault_hook(e, fault)
         running = [asyncio.create_task(_collect(e, f"r{i}", chat(f"request {i}"))) for i in range(3)]
         results = await asyncio.gather(*running, return_exceptions=True)
         assert all(isinstance(r, EngineDead) for r in results), results
@@ -159,10 +160,10 @@ async def test_out_of_memory_and_failed_idle_captures_keep_the_engine_serving(mo
                 calls["n"] += 1
                 raise torch.OutOfMemoryError("CUDA out of memory (injected)")
 
-        e.set_fault_hook(oom)
+        set_fault_hook(e, oom)
         with pytest.raises(GenerationFailed):
             await _collect(e, "victim", chat("victim"))
-        e.set_fault_hook(None)
+        set_fault_hook(e, None)
         # an idle capture that fails for a survivable reason leaves its bucket eager and the engine up
         runner = e.runner
 

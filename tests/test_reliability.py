@@ -2,8 +2,8 @@
 through HTTP, then the real servers on loopback (func-python/hypercorn and uvicorn, the tiny model): overload,
 client disconnects, probe latency while the engine is saturated, hostile input, and SIGTERM during streams.
 
-In-process tests use the fake engine where exact control is enough and the real LocalEngine (tiny model, its fault
-hook) for faults; every wait has a deadline, so a regression fails instead of hanging."""
+In-process tests use the fake engine where exact control is enough and the real LocalEngine (tiny model, faults
+injected into its model steps by support.faults) for faults; every wait has a deadline, so a regression fails instead of hanging."""
 from __future__ import annotations
 
 import asyncio
@@ -23,6 +23,7 @@ import httpx
 import pytest
 import torch
 from conftest import BASE, data_url, image_bytes, image_message, sse_events
+from support.faults import set_fault_hook
 from support.asgi import until
 from support.fake_engine import FakeEngine
 from support.stages import running
@@ -292,7 +293,7 @@ async def test_out_of_memory_fails_that_request_with_503_and_the_next_succeeds(r
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
 
     await idle(real_engine)
-    real_engine.set_fault_hook(oom_on_third_decode)
+    set_fault_hook(real_engine, oom_on_third_decode)
     try:
         async with asgi_client(real_app(real_engine)) as c:
             r = await c.post(CHAT, json=ask(max_tokens=8, ignore_eos=True))
@@ -304,7 +305,7 @@ async def test_out_of_memory_fails_that_request_with_503_and_the_next_succeeds(r
             ok = await c.post(CHAT, json=ask(max_tokens=8, ignore_eos=True))   # the engine kept serving
             assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 8
     finally:
-        real_engine.set_fault_hook(None)
+        set_fault_hook(real_engine, None)
     assert real_engine.status() == (True, True, "ready")
     await idle(real_engine)
 
@@ -338,14 +339,14 @@ async def test_non_finite_logits_fail_only_their_request(real_engine):
 @pytest.mark.parametrize("stream", [False, True])
 async def test_deadline_aborts_the_engine_request_and_frees_its_slot(real_engine, stream):
     await idle(real_engine)
-    real_engine.set_fault_hook(lambda stage: time.sleep(0.01))     # ~10 ms a step: 3000 tokens would take 30 s
+    set_fault_hook(real_engine, lambda stage: time.sleep(0.01))     # ~10 ms a step: 3000 tokens would take 30 s
     try:
         async with asgi_client(real_app(real_engine, REQUEST_TIMEOUT_S="1")) as c:
             t = time.monotonic()
             r = await c.post(CHAT, json=ask(max_tokens=3000, ignore_eos=True, stream=stream))
             took = time.monotonic() - t
     finally:
-        real_engine.set_fault_hook(None)
+        set_fault_hook(real_engine, None)
     if stream:
         assert r.status_code == 200 and stream_outcome(r.text) == "error" and '"code":"timeout"' in r.text
     else:
@@ -366,7 +367,7 @@ async def test_an_engine_crash_turns_liveness_false_and_requests_fail_fast(model
         def crash(stage: str) -> None:
             if stage == "decode":
                 raise Crash("illegal memory access (injected)")
-        engine.set_fault_hook(crash)
+        set_fault_hook(engine, crash)
         async with asgi_client(wrapper) as c:
             t = time.monotonic()
             in_flight = await c.post(CHAT, json=ask(max_tokens=8))

@@ -456,9 +456,6 @@ class LocalEngine(EngineClient):
         if self._core is not None:
             self._core.abort(request_id)
 
-    # test hook: make the next steps fail (see tests/test_reliability.py)
-    def set_fault_hook(self, hook) -> None:
-        self._core.fault_hook = hook
 
 
     # ------------------------------------------------------------------ for tests and the bench (no private reach-in)

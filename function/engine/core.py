@@ -98,7 +98,6 @@ class EngineCore:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.dead: Exception | None = None
-        self.fault_hook: Callable[[str], None] | None = None   # tests inject step failures here
         self._busy_s = 0.0
         self._since = time.monotonic()
         self.idle_capture_delay_s = IDLE_CAPTURE_DELAY_S
@@ -285,8 +284,6 @@ class EngineCore:
                              position_ids=c.seq.prompt.position_ids, images=c.seq.prompt.images,
                              features=c.seq.image_features) for c in chunks]
         try:
-            if self.fault_hook:
-                self.fault_hook("prefill")
             logits = self.runner.prefill(items)
             done = [i for i, c in enumerate(chunks) if c.final]
             if done:
@@ -308,8 +305,6 @@ class EngineCore:
         positions = {s.slot: len(s.prompt.token_ids) + len(s.generated) - 1 for s in seqs}
         deltas = {s.slot: s.prompt.rope_delta for s in seqs}
         try:
-            if self.fault_hook:
-                self.fault_hook("decode")
             rows = self.runner.stage_rows([s.slot for s in seqs])
             logits = self.runner.decode(tokens, positions, deltas)
             toks = self.sampler.sample(logits.index_select(0, rows), rows, [s.row for s in seqs])
