@@ -73,6 +73,18 @@ case "${1:-perf}" in
     OUT=$O/c timeout 110 python3 bench/agent_bench.py all --quant fp8 --sections agent,short --clients 1 \
       --turns-s 15 --short-rounds 2 --deadline 105
     ;;
+  next1)     # planned: the engine thread's host profile at 64 rows; bf16 at 8 and 32 agents and 64 short chats
+    [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
+    OUT=$O/a timeout 110 python3 bench/host_probe.py 64 256
+    OUT=$O/b timeout 230 python3 bench/agent_bench.py all --sections agent,short --clients 8,32 --turns-s 55 \
+      --short-rounds 2 --deadline 225
+    ;;
+  next2)     # planned: the same rows in fp8 (small-M kernel; the first start converts, writes its copy after ready)
+    [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
+    OUT=$O/c timeout 280 python3 bench/agent_bench.py all --quant fp8 --sections agent,short --clients 1,8,32 \
+      --turns-s 55 --short-rounds 2 --deadline 275
+    OUT=$O/d timeout 150 python3 bench/agent_bench.py soak --quant fp8 --minutes 2 --deadline 145
+    ;;
   ab32)      # call 10: the 32-agent row of the A/B with enough turns, then a soak at the defaults
     [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
     for e in a:2048 b:0 c:65536; do
