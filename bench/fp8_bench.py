@@ -134,6 +134,24 @@ def _errors(out, ref):
             "norm_rel": round(float((out - ref).norm() / ref.norm()), 5)}
 
 
+def _graph_replay_equals_eager(mod, x, g, before_eager=lambda: None) -> bool:
+    """Warm `mod` on a side stream, capture `mod(x)` in a CUDA graph, refill `x` with new values and replay: whether
+    the replay equals an eager call on the new `x` (made after `before_eager`, which may switch the eager path)."""
+    import torch
+    st = torch.cuda.Stream()
+    st.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(st):
+        mod(x)
+    torch.cuda.current_stream().wait_stream(st)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = mod(x)
+    x.copy_(torch.randn(x.shape, generator=g).to(x.device, x.dtype))
+    graph.replay()
+    before_eager()
+    return bool(torch.equal(y, mod(x)))
+
+
 def _err_str(e):
     return f"{type(e).__name__}: {str(e)[:300]}"
 
@@ -429,18 +447,10 @@ def check():
         out, ref = m(x).float(), m._emulated(x).float()
         rel[rows] = float((out - ref).norm() / ref.norm())
     static = torch.randn(8, 4096, generator=g).to("cuda", torch.bfloat16)
-    st = torch.cuda.Stream()
-    st.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(st):
-        m(static)
-    torch.cuda.current_stream().wait_stream(st)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = m(static)
-    static.copy_(torch.randn(8, 4096, generator=g).to("cuda", torch.bfloat16))
-    graph.replay()
-    m.small_m = 0
-    same = bool(torch.equal(y, m(static)))
+
+    def scaled_mm_eager():
+        m.small_m = 0
+    same = _graph_replay_equals_eager(m, static, g, before_eager=scaled_mm_eager)
     out = {"rel_err_vs_emulation": rel, "pass_rel_err_below_1e-2": max(rel.values()) < 1e-2,
            "graph_equals_eager": same, "small_m": support.small_m}
     # the weight-only path: rows 1..64 eager against its fp32 reference, the path each row count takes, and every
@@ -466,17 +476,7 @@ def check():
             for rows in (1, 8, 64):
                 try:
                     xs = torch.randn(rows, K, generator=g).to("cuda", torch.bfloat16)
-                    st.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(st):
-                        m2(xs)
-                    torch.cuda.current_stream().wait_stream(st)
-                    gr = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(gr):
-                        ys = m2(xs)
-                    xs.copy_(torch.randn(rows, K, generator=g).to("cuda", torch.bfloat16))
-                    gr.replay()
-                    graphs[f"{name}_M{rows}"] = bool(torch.equal(ys, m2(xs)))
-                    del gr
+                    graphs[f"{name}_M{rows}"] = _graph_replay_equals_eager(m2, xs, g)
                 except Exception as e:  # noqa: BLE001
                     graphs[f"{name}_M{rows}"] = _err_str(e)
             del lin2, m2
