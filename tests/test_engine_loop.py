@@ -107,3 +107,20 @@ def test_mailbox_hands_a_steps_outputs_to_the_loop_with_one_wake_up_in_order():
 
     box = asyncio.run(main())         # its loop is closed now
     box.post(asyncio.Queue(), "late")  # no RuntimeError reaches the engine thread
+
+
+def test_mailbox_does_not_keep_its_event_loop_alive():
+    """LocalEngine maps each event loop to its mailbox weakly: the warm-up's short-lived loops must be collectable
+    while their mailbox exists, and a post to a collected loop is dropped without raising."""
+    import asyncio
+    import gc
+    import weakref
+
+    from function.engine.client import _LoopMailbox
+
+    async def make():
+        return _LoopMailbox(asyncio.get_running_loop()), weakref.ref(asyncio.get_running_loop())
+    box, loop_ref = asyncio.run(make())
+    gc.collect()
+    assert loop_ref() is None
+    box.post(asyncio.Queue(), "late")

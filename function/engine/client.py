@@ -236,9 +236,8 @@ class LocalEngine(EngineClient):
     def _write_prequantized(self) -> None:
         """After ready, beside serving: the pre-quantized copy that later starts load (a first start that quantized
         does not wait for the write; the copy appears atomically when it is whole)."""
-        self._save_prequantized()
+        seconds = self._save_prequantized()
         self._save_prequantized = None
-        seconds = self.choices.timings.get("save_prequantized")
         if seconds is not None:
             self.timings["save_prequantized"] = seconds
             metrics.set_cold_start_phase("save_prequantized", seconds)
@@ -456,8 +455,6 @@ class LocalEngine(EngineClient):
         if self._core is not None:
             self._core.abort(request_id)
 
-
-
     # ------------------------------------------------------------------ for tests and the bench (no private reach-in)
     @property
     def preparer(self):
@@ -477,12 +474,12 @@ class LocalEngine(EngineClient):
 class _LoopMailbox:
     """The engine thread's outputs for the requests of one event loop, handed over with one wake-up per batch.
 
-    `call_soon_threadsafe` writes to the loop's self-pipe for every call, a syscall on the engine thread: one per
-    running request per step (64 in a 64-row step) before this mailbox. Now the first output of a step schedules
-    one flush and the rest of the step's outputs ride along; the flush puts each into its request's queue."""
+    `call_soon_threadsafe` writes to the loop's self-pipe, a syscall on the engine thread, at every call: the first
+    output posted since the last flush schedules one flush, the others of the step ride along, and the flush puts
+    each into its request's queue. The loop is held weakly, so LocalEngine's loop -> mailbox map lets it go."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
+        self._loop = weakref.ref(loop)
         self._items: list = []
         self._lock = threading.Lock()
 
@@ -491,9 +488,12 @@ class _LoopMailbox:
             first = not self._items
             self._items.append((queue, item))
         if first:
+            loop = self._loop()
             try:
-                self.loop.call_soon_threadsafe(self._flush)
-            except RuntimeError:  # the loop is closed: nobody is listening
+                if loop is None:
+                    raise RuntimeError("event loop collected")
+                loop.call_soon_threadsafe(self._flush)
+            except RuntimeError:  # the loop is closed or gone: nobody is listening
                 with self._lock:
                     self._items.clear()
 
