@@ -5,6 +5,7 @@ Works the same for the real AutoGLM-Phone-9B directory and the embedded tiny mod
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -290,7 +291,7 @@ class Loaded:
     placement: Any = None      # placement.Placement when the model is split over several GPUs
     # load(defer_save=True) on a start that quantized: writes the pre-quantized copy (the caller runs it once the
     # server is ready, so the first start does not wait for the write); None when there is nothing to write
-    save_prequantized: Callable[[], None] | None = None
+    save_prequantized: Callable[[], float | None] | None = None
 
 
 def quantization_kwargs(config: Config, choices: Choices, dtype) -> dict:
@@ -489,25 +490,28 @@ def load(config: Config, on_phase: Callable[[str], None] = lambda p: None, defer
         torch.cuda.empty_cache()    # from_pretrained's allocator warm-up block, where the weights were read ahead
     pending_save = None
     if cache_dir is not None and quantize_now and config.prequantized_cache:
-        def pending_save() -> None:
+        def pending_save() -> float | None:
+            """Write the copy; its seconds (also in choices.timings), or None when it could not be written."""
             t = time.perf_counter()
+            stream = contextlib.nullcontext()
+            if cuda:   # the copies to the host on a stream of their own, beside the serving engine's work
+                side = torch.cuda.Stream(device=model.device)
+                side.wait_stream(torch.cuda.default_stream(model.device))   # after the conversion's kernels
+                stream = torch.cuda.stream(side)
             try:
-                if cuda:   # the copies to the host on a stream of their own, beside the serving engine's work
-                    side = torch.cuda.Stream(device=model.device)
-                    side.wait_stream(torch.cuda.default_stream(model.device))   # after the conversion's kernels
-                    with torch.cuda.stream(side):
-                        save_prequantized(model, model_path, cache_dir)
-                else:
+                with stream:
                     save_prequantized(model, model_path, cache_dir)
             except Exception as e:  # a read-only or full volume must not stop serving
                 log.warning("could not write the pre-quantized checkpoint to %s: %s", cache_dir, e)
-                return
+                return None
             timings["save_prequantized"] = round(time.perf_counter() - t, 3)
             log.info("wrote the pre-quantized checkpoint to %s in %.1fs", cache_dir, timings["save_prequantized"])
+            return timings["save_prequantized"]
         if not defer_save:
             on_phase("save_prequantized")
             pending_save()
             pending_save = None
+
     def _processor():
         try:
             return processor_job.result()
