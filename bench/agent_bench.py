@@ -29,7 +29,6 @@ import io
 import json
 import os
 import random
-import re
 import shutil
 import signal
 import socket
@@ -152,14 +151,17 @@ class Server:
             text = httpx.get(f"{self.url}/metrics", timeout=5, trust_env=False).text
         except httpx.HTTPError:
             return {}
+        from prometheus_client.parser import text_string_to_metric_families
         out = {}
-        for ln in text.splitlines():
-            m = re.match(r'autoglm_engine_step_seconds_(sum|count)\{phase="(\w+)"\} (\S+)', ln)
-            if m:
-                out[f"{m[2]}_{m[1]}"] = float(m[3])
-            m = re.match(r'autoglm_engine_step_seconds_bucket\{le="([^"]+)",phase="(\w+)"\} (\S+)', ln)
-            if m:
-                out.setdefault(f"{m[2]}_buckets", []).append((float(m[1]), float(m[3])))
+        for fam in text_string_to_metric_families(text):
+            if fam.name != "autoglm_engine_step_seconds":
+                continue
+            for smp in fam.samples:
+                ph = smp.labels.get("phase")
+                if smp.name.endswith(("_sum", "_count")):
+                    out[f"{ph}_{smp.name.rsplit('_', 1)[1]}"] = smp.value
+                elif smp.name.endswith("_bucket"):
+                    out.setdefault(f"{ph}_buckets", []).append((float(smp.labels["le"]), smp.value))
         return out
 
     def wait_ready(self, timeout: float) -> dict:
