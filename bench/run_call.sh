@@ -85,6 +85,16 @@ case "${1:-perf}" in
       --turns-s 55 --short-rounds 2 --deadline 275
     OUT=$O/d timeout 150 python3 bench/agent_bench.py soak --quant fp8 --minutes 2 --deadline 145
     ;;
+  overlap)   # call 17: overlapped engine loop (here) against the tree before it (/tmp/ho); then a soak of this tree
+    [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
+    mkdir -p "$O/e"
+    OUT=$O/a timeout 185 python3 bench/agent_bench.py all --sections agent,short --clients 1,8,32 --turns-s 40 \
+      --short-rounds 2 --deadline 180
+    (cd /tmp/ho && OUT=$O/b timeout 60 python3 bench/agent_bench.py short --clients 64 --short-rounds 2 --deadline 55)
+    (cd /tmp/ho && OUT=$O/c timeout 70 python3 bench/agent_bench.py agent --quant none --clients 32 --turns-s 35 \
+      --deadline 65)
+    OUT=$O/d timeout 150 python3 bench/agent_bench.py soak --quant none --minutes 2 --deadline 145
+    ;;
   ab32)      # call 10: the 32-agent row of the A/B with enough turns, then a soak at the defaults
     [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
     for e in a:2048 b:0 c:65536; do

@@ -61,8 +61,8 @@ BUSY = Gauge("autoglm_engine_busy_ratio", "Fraction of recent wall time the engi
              registry=REGISTRY)
 """0..1 over the engine's own sampling window; near 1 means the accelerator is the bottleneck."""
 
-ENGINE_STEP = Histogram("autoglm_engine_step_seconds", "Wall time of the engine's prefill and decode forwards per "
-                        "step, the device sync included.", ["phase"], buckets=_TOKEN_LATENCY_BUCKETS,
+ENGINE_STEP = Histogram("autoglm_engine_step_seconds", "Time of the engine's prefill and decode forwards per step: "
+                        "launch plus the wait for their tokens.", ["phase"], buckets=_TOKEN_LATENCY_BUCKETS,
                         registry=REGISTRY)
 """phase=prefill|decode. Beside the inter-token latency it tells the engine's share of a gap from the rest
 (scheduling, the event loop, the network): decode step mean = rate(_sum) / rate(_count)."""

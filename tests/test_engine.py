@@ -121,7 +121,8 @@ async def test_a_consumer_that_fell_behind_gets_one_chunk_with_everything_produc
     await idle(engine)                      # the engine has produced every token; they wait in the request's queue
     rest = [c async for c in gen]
     slow = [first] + rest
-    assert len(fast) == 16 and len(rest) == 1 and rest[0].finish_reason == "length"
+    # (the "fast" consumer may lag a step too: only its total is fixed)
+    assert sum(len(c.token_ids) for c in fast) == 16 and len(rest) == 1 and rest[0].finish_reason == "length"
     assert [t for c in slow for t in c.token_ids] == [t for c in fast for t in c.token_ids]
     assert "".join(c.text for c in slow) == "".join(c.text for c in fast)
     for c in slow:
@@ -209,9 +210,9 @@ async def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(en
 async def test_non_finite_logits_fail_only_that_request(engine):
     real = engine.runner.decode
 
-    def nan_decode(tokens, positions, deltas):
-        out = real(tokens, positions, deltas).clone()
-        out[min(tokens)] = float("nan")
+    def nan_decode(slots, positions, deltas):
+        out = real(slots, positions, deltas).clone()
+        out[min(slots)] = float("nan")
         return out
 
     await idle(engine)
@@ -255,9 +256,9 @@ def test_runner_matches_transformers_forward(model_cache_dir, engine):
         torch.testing.assert_close(logits[i], reference(p), atol=1e-4, rtol=1e-4)
     gen = [[int(logits[i].argmax())] for i in range(2)]
     for _ in range(3):
-        out = runner.decode({i: gen[i][-1] for i in range(2)},
-                            {i: prompts[i].length + len(gen[i]) - 1 for i in range(2)},
-                            {i: prompts[i].rope_delta for i in range(2)})
+        runner.feed(torch.arange(2), torch.tensor([gen[i][-1] for i in range(2)]))
+        out = runner.decode([0, 1], [prompts[i].length + len(gen[i]) - 1 for i in range(2)],
+                            [prompts[i].rope_delta for i in range(2)])
         for i, p in enumerate(prompts):
             torch.testing.assert_close(out[i], reference(p, gen[i]), atol=1e-4, rtol=1e-4)
             gen[i].append(int(out[i].argmax()))

@@ -64,14 +64,17 @@ def test_idle_captures_after_a_big_prefill_leave_live_slots_untouched(loaded, pr
         for a, b in zip(before[i], kv_of(runner, i, p.length)):
             assert torch.equal(a, b), f"an idle capture changed slot {i}'s KV"
     # decode continues exactly as on the eager runner
-    toks = {i: int(first[i].argmax()) for i in range(2)}
-    pos = {i: prompts[i].length for i in range(2)}
-    delta = {i: prompts[i].rope_delta for i in range(2)}
+    slots = torch.arange(2)
+    toks = first.argmax(dim=-1)
+    pos = [p.length for p in prompts]
+    delta = [p.rope_delta for p in prompts]
     for _ in range(3):
-        out, want = runner.decode(toks, pos, delta), eager.decode(toks, pos, delta)
+        runner.feed(slots, toks)
+        eager.feed(slots, toks)
+        out, want = runner.decode([0, 1], pos, delta), eager.decode([0, 1], pos, delta)
         torch.testing.assert_close(out[:2], want[:2], atol=1e-4, rtol=1e-4)
-        toks = {i: int(want[i].argmax()) for i in range(2)}
-        pos = {i: pos[i] + 1 for i in range(2)}
+        toks = want[:2].argmax(dim=-1)
+        pos = [x + 1 for x in pos]
         runner.capture(("prefill", 8, 256))   # idle work between steps must not disturb the running rows
         runner.capture((2, 4096 if 4096 in runner.len_buckets else runner.len_buckets[-1]))
 

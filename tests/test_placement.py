@@ -296,7 +296,8 @@ def test_runner_through_accelerate_hooks(tiny_dir, tiny_plan):
         ids = [5, 9, 13, 17, 21, 25]
         pos = torch.arange(len(ids)).view(1, -1).expand(3, -1)
         first = r.prefill([PrefillItem(slot=0, token_ids=ids, start=0, position_ids=pos, images=[])])
-        step = r.decode({0: int(first[0].argmax())}, {0: len(ids)}, {0: 0})
+        r.feed(torch.tensor([0]), first[:1].argmax(dim=-1))
+        step = r.decode([0], [len(ids)], [0])
         outs.append((first[0], step[0]))
     torch.testing.assert_close(outs[0][0], outs[1][0])
     torch.testing.assert_close(outs[0][1], outs[1][1])

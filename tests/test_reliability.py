@@ -314,12 +314,12 @@ async def test_non_finite_logits_fail_only_their_request(real_engine):
     runner = real_engine.runner
     real_decode, poisoned = runner.decode, []
 
-    def decode(tokens, positions, deltas):
-        out = real_decode(tokens, positions, deltas)
-        if len(tokens) == 2 and not poisoned:          # once, in a step where both requests run: one row only
-            poisoned.append(min(tokens))
+    def decode(slots, positions, deltas):
+        out = real_decode(slots, positions, deltas)
+        if len(slots) == 2 and not poisoned:          # once, in a step where both requests run: one row only
+            poisoned.append(min(slots))
             out = out.clone()
-            out[min(tokens)] = float("nan")
+            out[min(slots)] = float("nan")
         return out
 
     await idle(real_engine)

@@ -18,7 +18,7 @@ def setup(*params: SamplingParams, stop_ids=(3,)):
 
 def step(s, rows, slots, logits):
     toks = s.sample(logits, slots, rows)
-    host, lps = s.to_host(toks)
+    host, lps = s.fetch(toks).result()
     s.record(slots, toks.clamp(min=0))
     return host, lps
 

@@ -23,7 +23,7 @@ from .. import metrics
 from .inputs import PreparedPrompt
 from .protocol import EngineDead, GenerationFailed, SamplingParams
 from .runner import PREFILL_GRAPH_TOKENS, ModelRunner, PrefillItem
-from .sampling import RowState, Sampler
+from .sampling import HostFetch, RowState, Sampler
 from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,17 @@ class Sequence:
     cached_tokens: int = 0
     arrival: float = field(default_factory=time.monotonic)
     image_features: dict = field(default_factory=dict)   # vision features kept across prefill chunks
+    inflight: int = 0        # tokens sampled on the device whose values the host has not read yet
+    finished: bool = False
+
+
+@dataclass
+class _Launched:
+    """A step's forwards whose sampled tokens are on their way to the host."""
+    seqs: list[Sequence]
+    fetches: list[HostFetch]   # one per forward, their rows in the order of `seqs`
+    phase: str                 # "prefill" or "decode", for the step-time metric
+    host_s: float              # the host time its launch took
 
 
 class EngineCore:
@@ -103,6 +114,7 @@ class EngineCore:
         self.idle_capture_delay_s = IDLE_CAPTURE_DELAY_S
         self._clock = time.monotonic   # tests replace it to decide when the engine counts as idle
         self._last_work = self._clock()
+        self._pending: list[_Launched] = []   # launched forwards whose tokens the host reads in the next step
         # cumulative step timings (wall, including the per-step device sync), for benchmarks and debugging
         self.stats = dict(prefills=0, prefill_seqs=0, prefill_tokens=0, prefill_s=0.0, decode_steps=0,
                           decode_rows=0, decode_s=0.0)
@@ -145,14 +157,14 @@ class EngineCore:
         self.runner.engine_thread = threading.get_ident()
         try:
             while not self._stop.is_set():
-                idle = not self.by_id
+                idle = not self.by_id and not self._pending
                 pending_graphs = idle and self.runner.has_idle_work()
                 if pending_graphs:   # wait out the rest of the idle delay, waking for any new request
                     wait = self.idle_capture_delay_s - (self._clock() - self._last_work)
                     self._drain(block=wait > 0, timeout=min(max(wait, 0.0), 0.5))
                 else:
                     self._drain(block=idle)
-                if not self.by_id:
+                if idle and not self.by_id:
                     self._report()   # gauges fall back to idle values (after aborts too)
                     if (pending_graphs and self.inbox.empty()
                             and self._clock() - self._last_work >= self.idle_capture_delay_s):
@@ -174,6 +186,7 @@ class EngineCore:
             for seq in list(self.by_id.values()):
                 seq.emit([], "error", err)
             self.by_id.clear()
+            self._pending.clear()
             self._fail_inbox(err)
 
     def _capture_idle(self) -> None:
@@ -235,31 +248,26 @@ class EngineCore:
 
     # --- one iteration
     def step(self) -> None:
-        st = self.stats
-        decoding = any(s.slot >= 0 and s.generated for s in self.by_id.values())
-        chunks = self.scheduler.schedule(decoding=decoding)
-        if chunks:
-            t = time.perf_counter()
-            self._prefill(chunks)
-            dt = time.perf_counter() - t
-            st["prefills"] += 1
-            st["prefill_seqs"] += sum(c.final for c in chunks)
-            st["prefill_tokens"] += sum(c.tokens for c in chunks)
-            st["prefill_s"] += dt
-            metrics.observe_engine_step("prefill", dt)
-        running = [s for s in self.by_id.values() if s.slot >= 0 and s.generated]
+        """Launch this step's decode, read the previous step's tokens while the GPU runs it, then launch this step's
+        prefill chunks (SGLang's overlap scheduler, vLLM's async scheduling): the host work of a step (emitting
+        tokens, finish checks, staging inputs) hides behind the GPU work of the next. A decode step takes its
+        input ids from the device (`ModelRunner.feed`), so it never waits for the host to see them; a sequence
+        that turns out to have stopped one step earlier wastes one row of one step, whose token is dropped."""
+        done, self._pending = self._pending, []
+        running = [s for s in self.by_id.values()
+                   if s.slot >= 0 and (s.generated or s.inflight) and len(s.generated) + s.inflight < s.max_new]
+        chunks = self.scheduler.schedule(decoding=bool(running))
         if running:
-            t = time.perf_counter()
-            self._decode(running)
-            dt = time.perf_counter() - t
-            st["decode_steps"] += 1
-            st["decode_rows"] += len(running)
-            st["decode_s"] += dt
-            metrics.observe_engine_step("decode", dt)
+            self._launch_decode(running)
+        for launched in done:
+            self._accept(launched)
+        if chunks:
+            self._launch_prefill(chunks)
 
-    def _prefill(self, chunks) -> None:
-        """Run this step's prefill chunks: those from position 0 batched in one forward, each continuing chunk
+    def _launch_prefill(self, chunks) -> None:
+        """Launch this step's prefill chunks: those from position 0 batched in one forward, each continuing chunk
         (after a reused prefix or an earlier chunk) in its own forward with flash-capable causal attention."""
+        t = time.perf_counter()
         ready = []
         for c in chunks:
             seq = c.seq
@@ -275,10 +283,20 @@ class EngineCore:
                     continue
                 metrics.observe_prefix_cache(c.reuse, seq.prompt.length)
             ready.append(c)
+        seqs, fetches = [], []
         for group in _prefill_groups(ready):
-            self._prefill_group(group)
+            sampled = self._prefill_group(group)
+            if sampled:
+                seqs += sampled[0]
+                fetches.append(sampled[1])
+        st = self.stats
+        st["prefills"] += 1
+        st["prefill_seqs"] += sum(c.final for c in chunks)
+        st["prefill_tokens"] += sum(c.tokens for c in chunks)
+        self._launched(_Launched(seqs, fetches, "prefill", time.perf_counter() - t))
 
-    def _prefill_group(self, chunks) -> None:
+    def _prefill_group(self, chunks) -> tuple[list[Sequence], HostFetch] | None:
+        """Launch one prefill forward; (the sequences whose prompt it completes, their first tokens' fetch)."""
         seqs = [c.seq for c in chunks]
         items = [PrefillItem(slot=c.slot, token_ids=c.seq.prompt.token_ids, start=c.start, end=c.end,
                              position_ids=c.seq.prompt.position_ids, images=c.seq.prompt.images,
@@ -288,35 +306,67 @@ class EngineCore:
             done = [i for i, c in enumerate(chunks) if c.final]
             if done:
                 rows = self.runner.stage_rows([chunks[i].slot for i in done])
-                sel = logits if len(done) == len(chunks) else logits[torch.tensor(done, device=logits.device)]
-                toks = self.sampler.sample(sel, rows, [seqs[i].row for i in done])
+                sel = logits if len(done) == len(chunks) else \
+                    logits.index_select(0, self.runner.stage_rows(done))
+                fetch = self._sample([seqs[i] for i in done], sel, rows)
         except Exception as e:  # noqa: BLE001
             self._step_failed(seqs, e)
-            return
+            return None
         for c in chunks:
             self.scheduler.chunk_done(c)
             if c.final:
                 c.seq.image_features = {}
-        if done:
-            self._accept([seqs[i] for i in done], toks, rows)
+        return ([seqs[i] for i in done], fetch) if done else None
 
-    def _decode(self, seqs: list[Sequence]) -> None:
-        tokens = {s.slot: s.generated[-1] for s in seqs}
-        positions = {s.slot: len(s.prompt.token_ids) + len(s.generated) - 1 for s in seqs}
-        deltas = {s.slot: s.prompt.rope_delta for s in seqs}
+    def _launch_decode(self, seqs: list[Sequence]) -> None:
+        t = time.perf_counter()
+        # the token fed is the last one sampled (read or still in flight); it sits at index generated + inflight - 1
+        positions = [len(s.prompt.token_ids) + len(s.generated) + s.inflight - 1 for s in seqs]
         try:
             rows = self.runner.stage_rows([s.slot for s in seqs])
-            logits = self.runner.decode(tokens, positions, deltas)
-            toks = self.sampler.sample(logits.index_select(0, rows), rows, [s.row for s in seqs])
+            logits = self.runner.decode([s.slot for s in seqs], positions, [s.prompt.rope_delta for s in seqs])
+            fetch = self._sample(seqs, logits.index_select(0, rows), rows)
         except Exception as e:  # noqa: BLE001
             self._step_failed(seqs, e)
             return
-        self._accept(seqs, toks, rows)
+        st = self.stats
+        st["decode_steps"] += 1
+        st["decode_rows"] += len(seqs)
+        self._launched(_Launched(seqs, [fetch], "decode", time.perf_counter() - t))
 
-    def _accept(self, seqs: list[Sequence], toks: torch.Tensor, slots_t: torch.Tensor) -> None:
-        self.sampler.record(slots_t, toks.clamp(min=0))
-        host, lps = self.sampler.to_host(toks)   # the one device->host sync of the step (logprobs ride along)
-        for seq, tok, lp in zip(seqs, host, lps):
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, rows: torch.Tensor):
+        """Sample the rows' next tokens on the device, count them, feed them to the next decode step and start
+        their copy to the host; the host reads them a step later (`_accept`)."""
+        toks = self.sampler.sample(logits, rows, [s.row for s in seqs])
+        self.sampler.record(rows, toks.clamp(min=0))
+        self.runner.feed(rows, toks)
+        for s in seqs:
+            s.inflight += 1
+        return self.sampler.fetch(toks)
+
+    def _launched(self, launched: "_Launched") -> None:
+        if launched.fetches:
+            self._pending.append(launched)
+        else:   # nothing sampled (chunks that end mid-prompt, or every row failed): its launch time is its cost
+            self.stats[f"{launched.phase}_s"] += launched.host_s
+            metrics.observe_engine_step(launched.phase, launched.host_s)
+
+    def _accept(self, launched: "_Launched") -> None:
+        """Read a launched forward's tokens (waiting for that forward alone) and hand them to their requests. A step
+        counts as its launch time plus the wait here: the engine's period per step when the GPU is the limit."""
+        t = time.perf_counter()
+        host, lps = [], []
+        for fetch in launched.fetches:
+            h, lp = fetch.result()
+            host += h
+            lps += lp
+        dt = launched.host_s + time.perf_counter() - t
+        self.stats[f"{launched.phase}_s"] += dt
+        metrics.observe_engine_step(launched.phase, dt)
+        for seq, tok, lp in zip(launched.seqs, host, lps):
+            seq.inflight -= 1
+            if seq.finished:   # stopped, aborted or failed since this step was launched: its token is dropped
+                continue
             if tok < 0:
                 self._fail(seq, GenerationFailed("the model produced non-finite logits for this request"))
                 continue
@@ -334,6 +384,7 @@ class EngineCore:
                 self._finish(seq, finish, emitted=True)
 
     def _finish(self, seq: Sequence, reason: str, emitted: bool = False) -> None:
+        seq.finished = True
         self.by_id.pop(seq.request_id, None)
         if seq.slot >= 0:
             # the last sampled token's KV was never written
@@ -347,6 +398,7 @@ class EngineCore:
             seq.emit([], reason, None)
 
     def _fail(self, seq: Sequence, err: Exception) -> None:
+        seq.finished = True
         self.by_id.pop(seq.request_id, None)
         if seq.slot >= 0:
             self.scheduler.release(seq.slot, None)

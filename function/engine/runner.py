@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .kv_cache import ATTN_NAME, SlotKVCache, register_attention
+from .staging import to_device
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +98,9 @@ class ModelRunner:
         self.in_ids = torch.zeros(S, 1, dtype=torch.long, device=dev)
         self.in_pos = torch.full((S,), self.scratch_pos, dtype=torch.long, device=dev)
         self.in_delta = torch.zeros(S, dtype=torch.long, device=dev)
-        self._host = torch.zeros(3, S, dtype=torch.long, pin_memory=dev.type == "cuda")
-        self._host_rows = torch.zeros(S, dtype=torch.long, pin_memory=dev.type == "cuda")
-        self.rows = torch.zeros(S, dtype=torch.long, device=dev)
+        # each slot's last sampled token, written on the device by `feed`: a decode step takes its input ids from
+        # here, so it can be launched before the host has read the previous step's tokens
+        self.next_ids = torch.zeros(S, dtype=torch.long, device=dev)
         # a split model runs eagerly: one CUDA graph cannot span the cards' streams
         self.use_graphs = use_graphs and self.device.type == "cuda" and not self.split
         self.batch_buckets = _buckets(S, graph_batch_sizes or (1, 2, 4, 8, 16, 32, 48, 64, 96, 128))
@@ -143,16 +144,16 @@ class ModelRunner:
             pos[:, i, :ql] = p
             if ql < q:  # padding continues the positions; its outputs are discarded
                 pos[:, i, ql:] = p[:, -1:] + torch.arange(1, q - ql + 1)
-        embeds = self.lm.embed_tokens(ids.to(dev))
+        embeds = self.lm.embed_tokens(to_device(ids, torch.long, dev))
         self._place_images(items, ends, embeds)
         fresh = all(it.start == 0 for it in items)
         bucket = self._prefill_bucket(n, q) if (fresh and (self.use_graphs or self.static_prefill)) else None
         if bucket is not None:
             return self._prefill_graphed(bucket, items, qlens, embeds, pos)
-        pos = pos.to(dev)
-        starts = torch.tensor([it.start for it in items], device=dev)
+        pos = to_device(pos, torch.long, dev)
+        starts = to_device([it.start for it in items], torch.long, dev)
         steps = torch.arange(q, device=dev).unsqueeze(0)
-        real = steps < torch.tensor(qlens, device=dev).unsqueeze(1)
+        real = steps < to_device(qlens, torch.long, dev).unsqueeze(1)
         write_pos = torch.where(real, starts.unsqueeze(1) + steps, self.scratch_pos)   # padding writes scratch
         read_len = int(max(it.start for it in items)) + q
         attn, row_slot = None, None
@@ -161,12 +162,12 @@ class ModelRunner:
         elif not fresh:
             keys = torch.arange(read_len, device=dev)
             attn = (keys.view(1, 1, read_len) <= write_pos.unsqueeze(-1)).unsqueeze(1)  # [n,1,q,read_len]
-        slots = torch.tensor([it.slot for it in items], device=dev)
+        slots = to_device([it.slot for it in items], torch.long, dev)
         self.cache.set_prefill(slots, write_pos, read_len, fresh, row_slot=row_slot)
         out = self.lm(inputs_embeds=embeds, position_ids=pos, attention_mask=attn, use_cache=True,
                       **{self._cache_kw: self.cache})
         hs = out.last_hidden_state
-        last = torch.tensor([ql - 1 for ql in qlens], device=hs.device)
+        last = to_device([ql - 1 for ql in qlens], torch.long, hs.device)
         h = hs[torch.arange(n, device=hs.device), last]
         return self.lm_head(h).to(dev)
 
@@ -184,8 +185,9 @@ class ModelRunner:
                     todo.append((store, img))
         if todo:
             dev = self.device
-            grids = torch.stack([img.grid for _, img in todo]).to(dev)
-            pixels = torch.cat([img.pixels for _, img in todo]).to(dev)
+            grids = to_device(torch.stack([img.grid for _, img in todo]), torch.long, dev)
+            pixels = torch.cat([img.pixels for _, img in todo])
+            pixels = to_device(pixels, pixels.dtype, dev)
             feats = self.model.model.get_image_features(pixels, grids, return_dict=True).pooler_output
             for (store, img), f in zip(todo, feats):
                 store[img.start] = f.to(embeds.dtype)
@@ -241,10 +243,10 @@ class ModelRunner:
             ws[i] = it.slot
             wp[i, : qlens[i]] = torch.arange(qlens[i])
             last[i] = qlens[i] - 1
-        pf["pos"][:, :T].copy_(hp.view(3, T), non_blocking=True)
-        pf["wslot"][:T].copy_(ws.view(T), non_blocking=True)
-        pf["wpos"][:T].copy_(wp.view(T), non_blocking=True)
-        pf["last"][:nb].copy_(last, non_blocking=True)
+        pf["pos"][:, :T].copy_(to_device(hp.view(3, T), torch.long, self.device))
+        pf["wslot"][:T].copy_(to_device(ws.view(T), torch.long, self.device))
+        pf["wpos"][:T].copy_(to_device(wp.view(T), torch.long, self.device))
+        pf["last"][:nb].copy_(to_device(last, torch.long, self.device))
         if not self.use_graphs:   # the same static-buffer path, run eagerly (CPU tests)
             return self._prefill_forward(nb, qb)[:n]
         g = self.graphs[key]
@@ -269,32 +271,33 @@ class ModelRunner:
         return b, ln
 
     @torch.inference_mode()
-    def decode(self, tokens: dict[int, int], positions: dict[int, int], deltas: dict[int, int]) -> torch.Tensor:
-        """One step for the slots in `tokens` (slot -> last token), each writing at `positions[slot]`.
+    def decode(self, slots: list[int], positions: list[int], deltas: list[int]) -> torch.Tensor:
+        """One step for `slots`, each feeding its last sampled token (`next_ids`, on the device) at its position.
         Returns logits [B, V] for rows 0..B-1 (= slots); rows of idle slots are garbage.
 
-        All host->device copies go through pinned buffers before the graph launch: a copy from pageable memory
-        would wait for the GPU and put a bubble between steps."""
-        B, Ln = self.bucket(max(tokens), max(positions.values()))
+        Nothing here waits for the GPU: the positions go through a pinned buffer, the ids never leave the device,
+        so the host can launch this step while the previous one still runs."""
+        B, Ln = self.bucket(max(slots), max(positions))
         if self.use_graphs and (B, Ln) not in self.graphs:
             self.capture((B, Ln))   # on idle inputs, before this step's inputs are staged
-        h = self._host[:, :B]
-        h[0].zero_()
-        h[1].fill_(self.scratch_pos)
-        h[2].zero_()
-        slots = list(tokens)
+        h = torch.zeros(2, B, dtype=torch.long)
+        h[0].fill_(self.scratch_pos)   # idle rows write the scratch position
         idx = torch.tensor(slots)
-        h[0, idx] = torch.tensor([tokens[s] for s in slots])
-        h[1, idx] = torch.tensor([positions[s] for s in slots])
-        h[2, idx] = torch.tensor([deltas[s] for s in slots])
-        self.in_ids[:B, 0].copy_(h[0], non_blocking=True)
-        self.in_pos[:B].copy_(h[1], non_blocking=True)
-        self.in_delta[:B].copy_(h[2], non_blocking=True)
+        h[0, idx] = torch.tensor(positions)
+        h[1, idx] = torch.tensor(deltas)
+        h = to_device(h, torch.long, self.device)
+        self.in_ids[:B, 0].copy_(self.next_ids[:B])
+        self.in_pos[:B].copy_(h[0])
+        self.in_delta[:B].copy_(h[1])
         if not self.use_graphs:
             return self._decode_forward(B, Ln)
         g = self.graphs[(B, Ln)]
         g[0].replay()
         return g[1]
+
+    def feed(self, slots: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Make `tokens` (sampled on the device for `slots`) the input of those slots' next decode step."""
+        self.next_ids.index_copy_(0, slots, tokens.clamp(min=0))
 
     # ------------------------------------------------------------------ graph capture
     def _idle_inputs(self, key: tuple) -> None:
@@ -385,10 +388,7 @@ class ModelRunner:
 
     def stage_rows(self, slots: list[int]) -> torch.Tensor:
         """The slots of a step as a device index tensor, copied without a sync (see decode)."""
-        n = len(slots)
-        self._host_rows[:n] = torch.tensor(slots)
-        self.rows[:n].copy_(self._host_rows[:n], non_blocking=True)
-        return self.rows[:n]
+        return to_device(slots, torch.long, self.device)
 
     def copy_prefix(self, src: int, dst: int, length: int) -> None:
         self.cache.copy_prefix(src, dst, length)

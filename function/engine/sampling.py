@@ -4,8 +4,8 @@ OpenAI frequency/presence penalties, a multiplicative repetition penalty, logit 
 
 Order, as vLLM's sampler: allowed ids and logit bias, the min_tokens mask, penalties, temperature, min-p, top-k/top-p.
 Logprobs are the log-softmax of the model's raw logits (vLLM's default `raw_logprobs`), computed on the device for
-the step's rows only when some row asked, and copied to the host together with the tokens (`to_host`: still the
-step's one device->host sync).
+the step's rows only when some row asked, and copied to the host together with the tokens (`fetch`: the step's
+one device->host copy, which the engine reads only after it has launched the next step).
 
 Per-slot parameters live in device tables written once when a request is admitted, so a decode step samples
 without copying anything from the host (a copy from pageable memory would wait for the GPU). Sampling uses the
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .protocol import SamplingParams
+from .staging import to_device
 
 
 @dataclass
@@ -27,6 +28,31 @@ class RowState:
     params: SamplingParams
     generator: torch.Generator | None = None
     biased: bool = False        # logit_bias / allowed_token_ids: the slot's row of `Sampler.bias` is in use
+
+
+class HostFetch:
+    """A device->host copy under way (a CUDA event marks its end); `result()` waits for it alone, not for work
+    queued after it. The pinned buffer comes from torch's caching host allocator, which does not hand it out
+    again before the copy has completed."""
+
+    def __init__(self, packed: torch.Tensor, has_logprobs: bool):
+        self.has_logprobs = has_logprobs
+        if packed.is_cuda:
+            self._host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            self._host.copy_(packed, non_blocking=True)
+            self._done = torch.cuda.Event()
+            self._done.record()
+        else:
+            self._host, self._done = packed.clone(), None
+
+    def result(self) -> tuple[list[int], list[list[float] | None]]:
+        """(token ids, packed logprobs per row or None)."""
+        if self._done is not None:
+            self._done.synchronize()
+        rows = self._host.tolist()
+        if not self.has_logprobs:
+            return [int(r[0]) for r in rows], [None] * len(rows)
+        return [int(r[0]) for r in rows], [r[1:] for r in rows]
 
 
 class Sampler:
@@ -47,15 +73,15 @@ class Sampler:
         # end tokens each slot masks until min_tokens
         self.bias: torch.Tensor | None = None
         self.stop_mask: torch.Tensor | None = None
-        self._logprobs: torch.Tensor | None = None    # [n, 2 + 2k] of the last step, see to_host
+        self._logprobs: torch.Tensor | None = None    # [n, 2 + 2k] of the last step, see fetch
 
     def reset_slot(self, slot: int, prompt_ids: list[int], params: SamplingParams,
                    stop_ids: frozenset[int] | tuple[int, ...] = ()) -> RowState:
         """Set up `slot` for a new sequence; `stop_ids` are the ids that end it (masked before min_tokens)."""
         self.counts[slot].zero_()
-        self.fparams[slot] = torch.tensor([params.temperature if not params.greedy else 1.0, params.top_p,
-                                           params.frequency_penalty, params.presence_penalty,
-                                           params.repetition_penalty, float(params.greedy)])
+        self.fparams[slot] = self._dev([params.temperature if not params.greedy else 1.0, params.top_p,
+                                        params.frequency_penalty, params.presence_penalty,
+                                        params.repetition_penalty, float(params.greedy)], torch.float32)
         self.top_k[slot] = params.top_k if params.top_k > 0 else self.vocab
         self.min_p[slot] = params.min_p
         self.n_gen[slot] = 0
@@ -83,12 +109,11 @@ class Sampler:
             if params.logit_bias:
                 pairs = [(i, b) for i, b in params.logit_bias if 0 <= i < self.vocab]
                 if pairs:
-                    row.index_add_(0, torch.tensor([i for i, _ in pairs], dtype=torch.long, device=self.device),
-                                   torch.tensor([b for _, b in pairs], dtype=torch.float32, device=self.device))
+                    row.index_add_(0, self._dev([i for i, _ in pairs], torch.long),
+                                   self._dev([b for _, b in pairs], torch.float32))
         if params.repetition_penalty != 1.0:
             self.prompt_seen[slot].zero_()
-            ids = torch.tensor([i for i in prompt_ids if 0 <= i < self.vocab], device=self.device, dtype=torch.long)
-            self.prompt_seen[slot].index_fill_(0, ids, True)
+            self.prompt_seen[slot].index_fill_(0, self._ids(prompt_ids), True)
         gen = None
         if params.seed is not None and not params.greedy:
             gen = torch.Generator(device=self.device)
@@ -96,26 +121,29 @@ class Sampler:
         return RowState(params=params, generator=gen, biased=biased)
 
     def _ids(self, ids) -> torch.Tensor:
-        return torch.tensor([i for i in ids if 0 <= i < self.vocab], device=self.device, dtype=torch.long)
+        return self._dev([i for i in ids if 0 <= i < self.vocab], torch.long)
+
+    def _dev(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        return to_device(values, dtype, self.device)
 
     def record(self, slots: torch.Tensor, tokens: torch.Tensor) -> None:
         """Count the tokens just sampled (before they are fed back)."""
         self.counts.index_put_((slots, tokens), torch.ones_like(tokens, dtype=torch.int32), accumulate=True)
         self.n_gen.index_add_(0, slots, torch.ones_like(slots, dtype=torch.int32))
 
-    def to_host(self, tokens: torch.Tensor) -> tuple[list[int], list[list[float] | None]]:
-        """The step's tokens as ints and, when the step computed logprobs, each row's packed logprobs
-        ([logprob of the token, k, k top logprobs, k top ids]) - one device->host copy either way."""
+    def fetch(self, tokens: torch.Tensor) -> "HostFetch":
+        """Start copying the step's tokens and, when the step computed logprobs, each row's packed logprobs
+        ([logprob of the token, k, k top logprobs, k top ids]) to the host - one device->host copy either way,
+        into pinned memory without waiting: the engine launches the next step before it reads them."""
         lp, self._logprobs = self._logprobs, None
-        if lp is None:
-            host = tokens.tolist()
-            return host, [None] * len(host)
-        packed = torch.cat([tokens.unsqueeze(1).to(lp.dtype), lp], dim=1).tolist()
-        return [int(r[0]) for r in packed], [r[1:] for r in packed]
+        packed = tokens.unsqueeze(1).to(lp.dtype if lp is not None else tokens.dtype)
+        if lp is not None:
+            packed = torch.cat([packed, lp], dim=1)
+        return HostFetch(packed, has_logprobs=lp is not None)
 
     @staticmethod
     def unpack_logprobs(token: int, packed: list[float]):
-        """(logprob of `token`, ((id, logprob), ...) top first) from a row of `to_host`."""
+        """(logprob of `token`, ((id, logprob), ...) top first) from a row of `fetch`."""
         k = int(packed[1])
         return packed[0], tuple(zip((int(i) for i in packed[2 + k:2 + 2 * k]), packed[2:2 + k]))
 
@@ -165,7 +193,7 @@ class Sampler:
         return self._with_logprobs(sampled.masked_fill(bad, -1), raw, k)
 
     def _with_logprobs(self, tokens: torch.Tensor, raw: torch.Tensor | None, k: int | None) -> torch.Tensor:
-        """Keep the rows' logprobs for `to_host` (when some row asked; k = the most top logprobs asked)."""
+        """Keep the rows' logprobs for `fetch` (when some row asked; k = the most top logprobs asked)."""
         if raw is None or k is None:
             self._logprobs = None
             return tokens
