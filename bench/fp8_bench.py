@@ -16,6 +16,14 @@ Sections:
   decode    the engine's ModelRunner (CUDA graphs) decode step, ms per step at B = 1, 8, 32, 64, bf16 vs fp8.
   engine    engine_bench's engine section (streams 1/8/32/64, TTFT with 8 clients, agent turns) for none and fp8.
   cold      process exec -> ready: bf16, fp8 first start (convert + write the copy), fp8 from the pre-quantized copy.
+  prefill   prefill sizes (M = 512, 2048, 4096, 5400 rows) of the same projections: bf16 (nn.Linear -> F.linear),
+            the Fp8Linear call as the engine makes it (activation quantization + torch._scaled_mm), the quantization
+            kernel alone, _scaled_mm alone on pre-quantized inputs (and with use_fast_accum), each in a CUDA graph
+            (GPU time) and eagerly (wall and host issue time per call, as continuing prefill chunks run); ratios to
+            bf16; sums over the 40 layers and the 40 layers' projections run eagerly in order; a torch.profiler
+            table (top kernels by GPU time, top host ops) of one layer's fp8 and bf16 calls at 2048 rows and fp8's
+            at 2000 (no multiple of 256); first-call times of the weight-only path at row counts new to its launch
+            config (Triton specialization). ~30 s; runs before accuracy.
   gemv      decode sizes (M = 1, 2, 4, 8, 16, 32, 64 rows) of the same projections, each in a CUDA graph: bf16
             F.linear, the `_scaled_mm` path (activation quantization + torch._scaled_mm), the weight-only Triton
             kernel (function/engine/fp8_gemv.py) with its launch config; max and norm relative error of each against
@@ -26,6 +34,7 @@ Sections:
             and in a graph: the GPU half of tests/test_fp8.py, which CI runs on CPU.
 
     python3 bench/fp8_bench.py gemv,check 120         # the weight-only kernel against bf16 and _scaled_mm (~1 min)
+    python3 bench/fp8_bench.py prefill 80             # where the prefill-size fp8 path spends its time (< 1 min)
 """
 from __future__ import annotations
 
@@ -123,6 +132,188 @@ def gemm():
         torch.cuda.empty_cache()
     eb.log("gemm_per_step_ms_40_layers", {M: {k.replace("_us", "_ms"): round(v, 2) for k, v in d.items()}
                                           for M, d in per_step.items()})
+
+
+PREFILL_ROWS = (512, 2048, 4096, 5400)     # prefill chunk sizes: 2048 beside decoding streams, up to 8192 idle
+PROFILE_ROWS = 2048                        # the profiled calls
+PROFILE_ROWS_ODD = 2000                    # ... and fp8's again at a row count that is no multiple of 256
+DEVICE = "cuda"                            # the prefill section's tensors (a CPU dry run of its logic sets "cpu")
+
+
+def _eager_us(fn, reps):
+    """(wall, host) microseconds per call of `fn` run eagerly `reps` times back to back: wall from CUDA events around
+    the loop (the larger of launch-bound and GPU-bound, as an eager prefill chunk runs), host the CPU time to issue
+    one call (perf_counter around the loop, before the sync)."""
+    import torch
+    for _ in range(2):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    walls, hosts = [], []
+    for _ in range(3):
+        torch.cuda.synchronize()
+        start.record()
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        hosts.append((time.perf_counter() - t) * 1e6 / reps)
+        end.record()
+        torch.cuda.synchronize()
+        walls.append(start.elapsed_time(end) * 1000 / reps)
+    return round(sorted(walls)[1], 2), round(sorted(hosts)[1], 2)
+
+
+def _kernel_table(prof, top=15):
+    """The profile's top entries by GPU time (kernels) and by host self time (ops, launches)."""
+    ka = prof.key_averages()
+
+    def dev(e):
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0
+    gpu_total = sum(dev(e) for e in ka)
+    return {"gpu_us_total": round(gpu_total, 1),
+            "top_gpu": [{"name": e.key[:120], "count": e.count, "gpu_us": round(dev(e), 1),
+                         "share": round(dev(e) / gpu_total, 3) if gpu_total else None}
+                        for e in sorted(ka, key=lambda e: -dev(e))[:top] if dev(e) > 0],
+            "top_host": [{"name": e.key[:120], "count": e.count, "self_cpu_us": round(e.self_cpu_time_total, 1)}
+                         for e in sorted(ka, key=lambda e: -e.self_cpu_time_total)[:top]]}
+
+
+def _decoder_modules(support):
+    """One bf16 nn.Linear and its Fp8Linear per decoder projection (SHAPES), weights ~N(0, 0.02), q/k/v with bias."""
+    import torch
+    from torch import nn
+    from function.engine import fp8
+    mods = {}
+    for i, (name, (K, N)) in enumerate(SHAPES.items()):
+        torch.manual_seed(i)
+        lin = nn.Linear(K, N, bias=name in ("q_proj", "k_proj", "v_proj"), device=DEVICE, dtype=torch.bfloat16)
+        with torch.no_grad():
+            lin.weight.normal_(0, 0.02)
+            if lin.bias is not None:
+                lin.bias.normal_(0, 0.1)
+        m = fp8.Fp8Linear.from_linear(lin, scaled_mm=support.scaled_mm)
+        m.fuse_bias, m.small_m = support.fuse_bias, support.small_m
+        mods[name] = (lin, m)
+    return mods
+
+
+def prefill():
+    """Prefill-size products of the decoder's projections (the module docstring's `prefill`): a torch.profiler table
+    of one layer's calls first, then per shape and M the CUDA-graph (GPU) and eager (wall, host) times and their sums
+    over the 40 layers, then first-call times of the weight-only path at row counts new to its launch config."""
+    import torch
+    from function.engine import fp8
+
+    t0 = time.time()
+    if not torch.cuda.is_available():
+        eb.log("prefill", {"skipped": "no CUDA device"})
+        return
+    support = fp8.device_support(DEVICE)
+    eb.log("prefill_support", {"scaled_mm": support.scaled_mm, "fuse_bias": support.fuse_bias,
+                               "triton_quant": support.triton, "small_m": support.small_m, "reason": support.reason,
+                               "probe_s": round(time.time() - t0, 1), "torch": torch.__version__,
+                               "triton": _triton_version(), "cuda": torch.version.cuda,
+                               "device": torch.cuda.get_device_name()})
+    if not support.scaled_mm:
+        eb.log("prefill", {"skipped": support.reason})
+        return
+    mods = _decoder_modules(support)
+    # what runs: one layer's six fp8 calls (and bf16's for comparison), 3 times, under the profiler; fp8 also at a
+    # row count that is no multiple of 256 (torch's rowwise CUTLASS path then pads and copies the activation scales)
+    from torch.profiler import ProfilerActivity, profile
+    prof_out = {}
+    for rows, kind, i in ((PROFILE_ROWS, "fp8", 1), (PROFILE_ROWS, "bf16", 0), (PROFILE_ROWS_ODD, "fp8", 1)):
+        xs = {K: torch.randn(rows, K, device=DEVICE, dtype=torch.bfloat16) for K in {k for k, _ in SHAPES.values()}}
+
+        def one_layer(i=i, xs=xs):
+            for name, (K, _) in SHAPES.items():
+                mods[name][i](xs[K])
+        one_layer()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                one_layer()
+            torch.cuda.synchronize()
+        prof_out[f"{kind}_M{rows}"] = _kernel_table(prof, 15 if kind == "fp8" else 8)
+        eb.log("prefill_profile", prof_out)
+
+    res, per = {}, {M: {} for M in PREFILL_ROWS}
+    for M in PREFILL_ROWS:
+        if eb.left() < 15:
+            eb.log("prefill_cut", f"deadline: rows {M} and above not measured")
+            break
+        inputs = {K: torch.randn(M, K, device=DEVICE, dtype=torch.bfloat16) for K in {k for k, _ in SHAPES.values()}}
+        for name, (K, N) in SHAPES.items():
+            lin, m = mods[name]
+            x = inputs[K]
+            reps = 20 if M * K * N < 5e10 else 5
+            r = {"path": m.path(M, True, torch.bfloat16)}
+            qx, sx = fp8.quantize_rows(x)
+            wt, sw, b = m.weight.t(), m.weight_scale.view(1, -1), m.bias if m.fuse_bias else None
+
+            def smm(fast=False):
+                return torch._scaled_mm(qx, wt, scale_a=sx, scale_b=sw, bias=b, out_dtype=torch.bfloat16,
+                                        use_fast_accum=fast)
+            calls = {"bf16": lambda: lin(x), "fp8": lambda: m(x), "quant": lambda: fp8.quantize_rows(x),
+                     "scaled_mm": smm}
+            for k, fn in calls.items():
+                r[k + "_us"] = _graph_us(fn, reps)
+            for k, fn in calls.items():
+                r[k + "_eager_us"], r[k + "_host_us"] = _eager_us(fn, reps)
+            try:
+                r["scaled_mm_fast_accum_us"] = _graph_us(lambda: smm(True), reps)
+            except RuntimeError as e:
+                r["scaled_mm_fast_accum_us"] = f"unsupported: {str(e)[:120]}"
+            r["fp8_speedup"] = round(r["bf16_us"] / r["fp8_us"], 3)
+            r["scaled_mm_speedup"] = round(r["bf16_us"] / r["scaled_mm_us"], 3)
+            r["fp8_eager_speedup"] = round(r["bf16_eager_us"] / r["fp8_eager_us"], 3)
+            r["quant_share_of_fp8"] = round(r["quant_us"] / r["fp8_us"], 3)
+            r["fp8_minus_parts_us"] = round(r["fp8_us"] - r["quant_us"] - r["scaled_mm_us"], 2)
+            r["quant_TBps"] = round(M * K * 3 / (r["quant_us"] * 1e-6) / 1e12, 2)   # bf16 read + fp8 write
+            r["bf16_TFLOPs"] = round(2 * M * K * N / (r["bf16_us"] * 1e-6) / 1e12, 1)
+            r["scaled_mm_TFLOPs"] = round(2 * M * K * N / (r["scaled_mm_us"] * 1e-6) / 1e12, 1)
+            res[f"{name}_M{M}"] = r
+            for k, v in r.items():
+                if k.endswith("_us") and isinstance(v, float):
+                    per[M][k[:-3] + "_ms"] = per[M].get(k[:-3] + "_ms", 0.0) + v * LAYERS / 1000
+        eb.log("prefill", res)
+        d = per[M]
+        for k in list(d):
+            d[k] = round(d[k], 2)
+        d["fp8_speedup"] = round(d["bf16_ms"] / d["fp8_ms"], 3)
+        d["scaled_mm_speedup"] = round(d["bf16_ms"] / d["scaled_mm_ms"], 3)
+        d["fp8_eager_speedup"] = round(d["bf16_eager_ms"] / d["fp8_eager_ms"], 3)
+        d["quant_share_of_fp8"] = round(d["quant_ms"] / d["fp8_ms"], 3)
+        # q, k and v quantize the same input: two of the three quantizations are repeated work
+        d["qkv_repeat_quant_ms"] = round(2 * res[f"q_proj_M{M}"]["quant_us"] * LAYERS / 1000, 2)
+        # the 40 layers' projections in the model's order, eagerly (q, k, v, o, gate_up, down per layer)
+        seq = [(name, inputs[K]) for name, (K, _) in SHAPES.items()]
+        for kind, i in (("bf16", 0), ("fp8", 1)):
+            def layers(i=i):
+                for _ in range(LAYERS):
+                    for name, xin in seq:
+                        mods[name][i](xin)
+            d[f"layers40_{kind}_eager_ms"], d[f"layers40_{kind}_host_ms"] = (
+                round(v / 1000, 2) for v in _eager_us(layers, 1))
+        d["layers40_eager_speedup"] = round(d["layers40_bf16_eager_ms"] / d["layers40_fp8_eager_ms"], 3)
+        eb.log("prefill_per_40_layers", {str(k): v for k, v in per.items() if v})
+        del inputs
+        torch.cuda.empty_cache()
+
+    # row counts new to a weight-only launch config (an eager prefill tail of 37 or 20 tokens, after decode graphs
+    # of 48/64 and 32 rows): Triton specializes integer arguments (M == 1, M % 16 == 0), so such a first call may
+    # compile a kernel in the middle of a step; the later calls of the same M are the warm time
+    first = {}
+    lin, m = mods["o_proj"]
+    for M in (64, 48, 37, 37, 32, 20, 20):
+        x = torch.randn(M, SHAPES["o_proj"][0], device=DEVICE, dtype=torch.bfloat16)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        m(x)
+        torch.cuda.synchronize()
+        first.setdefault(f"M{M}", []).append(round((time.perf_counter() - t) * 1000, 2))
+    first["path_M37"] = m.path(37, True, torch.bfloat16)
+    eb.log("prefill_small_m_first_call_ms", first)
+    eb.log("prefill_s", round(time.time() - t0, 1))
 
 
 GEMV_ROWS = (1, 2, 4, 8, 16, 32, 64)
@@ -498,18 +689,34 @@ def smoke():
     print(json.dumps({"convert": info, "accuracy_tiny_cpu": acc}, indent=1))
 
 
+SECTIONS = ("build", "gemm", "prefill", "accuracy", "decode", "engine", "cold", "gemv", "check", "gemv_tune")
+ALL = frozenset(SECTIONS) - {"gemv_tune"}
+
+
+def parse_args(argv):
+    """`fp8_bench.py [SECTION[,SECTION...]] [DEADLINE_S]` -> (sections, deadline seconds): "all" (the default) adds
+    every section but gemv_tune; "smoke" is the CPU run; an unknown name is an error."""
+    what = {w for w in (argv[1] if len(argv) > 1 else "all").split(",") if w}
+    unknown = what - set(SECTIONS) - {"all", "smoke"}
+    if unknown:
+        raise SystemExit(f"fp8_bench: unknown section(s) {', '.join(sorted(unknown))}; known: "
+                         f"{', '.join(SECTIONS)}, all, smoke")
+    if "all" in what:
+        what |= ALL
+    return what, float(argv[2]) if len(argv) > 2 else 1800.0
+
+
 def main():
-    what = set((sys.argv[1] if len(sys.argv) > 1 else "all").split(","))
+    what, eb.DEADLINE = parse_args(sys.argv)
     if "smoke" in what:
         return smoke()
-    if "all" in what:
-        what |= {"build", "gemm", "gemv", "accuracy", "decode", "engine", "cold", "check"}
-    eb.DEADLINE = float(sys.argv[2]) if len(sys.argv) > 2 else 1800.0
     os.makedirs(eb.OUT, exist_ok=True)
     if "build" in what and not os.path.exists(os.path.join(eb.MODEL_DIR, "config.json")):
         eb.bounded("build", 200, eb.build)
     if "gemm" in what:
         eb.bounded("gemm", 200, gemm)
+    if "prefill" in what:
+        eb.bounded("prefill", 90, prefill)
     if "accuracy" in what:
         eb.bounded("accuracy", 300, accuracy)
     if "decode" in what:
@@ -526,7 +733,6 @@ def main():
     if "gemv_tune" in what:
         eb.bounded("gemv_tune", 540, gemv_tune)
     eb.log("done", round(time.time() - eb.T0, 1))
-
 
 if __name__ == "__main__":
     main()
