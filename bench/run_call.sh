@@ -95,6 +95,14 @@ case "${1:-perf}" in
       --deadline 65)
     OUT=$O/d timeout 150 python3 bench/agent_bench.py soak --quant none --minutes 2 --deadline 145
     ;;
+  next3)     # call 18: 64 short chats, overlapped loop (here) vs the tree before it (/tmp/ho); fp8 prefill GEMMs; fp8
+    [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
+    OUT=$O/a timeout 50 python3 bench/agent_bench.py short --clients 64 --short-rounds 2 --deadline 48
+    (cd /tmp/ho && OUT=$O/b timeout 50 python3 bench/agent_bench.py short --clients 64 --short-rounds 2 --deadline 48)
+    OUT=$O/c timeout 45 python3 bench/fp8_bench.py prefill 40
+    OUT=$O/d timeout 110 python3 bench/agent_bench.py all --quant fp8 --sections agent,short --clients 32 \
+      --turns-s 30 --short-rounds 1 --deadline 105
+    ;;
   ab32)      # call 10: the 32-agent row of the A/B with enough turns, then a soak at the defaults
     [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
     for e in a:2048 b:0 c:65536; do
