@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -82,7 +83,8 @@ def choose(config: Config, model_path: Path) -> Choices:
     reason = f"QUANTIZATION={quant}"
     if quant == "auto":
         from . import fp8
-        quant, reason = fp8.choose_auto(config, model_path, device)
+        with hidden_from_transformers():     # its AutoConfig is transformers' first import on a GPU start
+            quant, reason = fp8.choose_auto(config, model_path, device)
         reason = f"QUANTIZATION=auto chose {quant}: {reason}"
     if quant == "bf16":
         quant = "none"
@@ -183,6 +185,64 @@ def _model_type(model_dir: Path) -> str:
         return str(json.loads((Path(model_dir) / "config.json").read_text()).get("model_type", ""))
     except (OSError, ValueError):
         return ""
+
+
+# Packages transformers imports at module level when they are installed, for what this server never runs: scipy
+# for the object-detection losses (transformers.loss, imported by modeling_utils) and scikit-learn for assisted
+# generation's ROC heuristic (generation.candidate_generator, at import in transformers 5.17, lazily in 5.24).
+# scipy.optimize is ~0.2 s of the start's import on this CPU; scikit-learn was 1.4 s on the H200 image (which has
+# it; the product image does not install it).
+OPTIONAL_TO_TRANSFORMERS = ("scipy", "sklearn")
+_hidden_at_first_import: tuple[str, ...] = ()    # what transformers was first imported without, in this process
+
+
+@contextlib.contextmanager
+def hidden_from_transformers(names: tuple[str, ...] = OPTIONAL_TO_TRANSFORMERS):
+    """The packages `names` look absent while the block imports transformers, as on an image without them: a None
+    in sys.modules makes `importlib.util.find_spec` (transformers' is_*_available) answer None and an import of
+    them raise ImportError. transformers caches those answers, so it keeps treating them as absent; the packages
+    import as usual for everyone else once the block ends (function/audio.py's scipy resampling). Left alone: a
+    package already imported (the speech model imports transformers first, with them), and, once transformers is
+    imported, any package it was not first imported without (its cached answer may say "installed", and hiding
+    the package then would break its import)."""
+    global _hidden_at_first_import
+    first = "transformers" not in sys.modules
+    hidden = [n for n in names if n not in sys.modules and (first or n in _hidden_at_first_import)]
+    if first:
+        _hidden_at_first_import = tuple(hidden)
+    for n in hidden:
+        sys.modules[n] = None
+    try:
+        yield hidden
+    finally:
+        for n in hidden:
+            if n in sys.modules and sys.modules[n] is None:
+                del sys.modules[n]
+
+
+def import_transformers(model_dir: Path, hide: tuple[str, ...] = OPTIONAL_TO_TRANSFORMERS):
+    """What the start imports of transformers before it builds the model, with the packages `hide` hidden from it
+    (`hidden_from_transformers`): (config class, model class) from `model_classes`, and on the same thread what
+    the processor thread uses (two threads importing one package's modules can deadlock): the tokenizer and
+    generation config classes, Glm4vProcessor and the image processor class it serves. Should transformers want
+    a hidden package after all (an availability check answered between two blocks), it is imported again without
+    hiding. Measured by bench/import_probe.py; tests/test_import_budget.py checks what it leaves out."""
+    def _import():
+        classes = model_classes(model_dir)
+        from transformers import AutoTokenizer, GenerationConfig  # noqa: F401
+        if _model_type(model_dir) == "glm4v":
+            from transformers.models.glm4v import processing_glm4v  # noqa: F401
+            image_processor_class()
+        return classes
+
+    try:
+        with hidden_from_transformers(hide) as hidden:
+            return _import()
+    except ImportError as e:
+        if (e.name or "").split(".")[0] not in hidden:
+            raise
+        log.warning("importing transformers without %s failed (%s); importing it with them", ", ".join(hidden), e)
+        return _import()
 
 
 def model_classes(model_dir: Path):
@@ -389,16 +449,7 @@ def load(config: Config, on_phase: Callable[[str], None] = lambda p: None, defer
     if cuda and reader is None:
         cuda_init = _Background(lambda: torch.zeros(1, device=choices.device))
 
-    def _imports():
-        classes = model_classes(model_path)
-        # what the processor thread uses, imported here: two threads importing one package's modules can deadlock
-        from transformers import AutoTokenizer, GenerationConfig  # noqa: F401
-        if _model_type(model_path) == "glm4v":
-            from transformers.models.glm4v import processing_glm4v  # noqa: F401
-            image_processor_class()
-        return classes
-
-    config_cls, model_cls = timed("import_transformers", _imports)
+    config_cls, model_cls = timed("import_transformers", lambda: import_transformers(model_path))
     timings["import"] = round(timings["import_torch"] + timings["import_transformers"], 3)
     processor_job = _Background(lambda: load_processor(model_path))   # tokenizer files, beside from_pretrained
     from transformers import GenerationConfig
