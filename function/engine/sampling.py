@@ -41,7 +41,7 @@ class HostFetch:
             self._host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
             self._host.copy_(packed, non_blocking=True)
             self._done = torch.cuda.Event()
-            self._done.record()
+            self._done.record(torch.cuda.current_stream(packed.device))   # the copy's stream, not the thread's device
         else:
             self._host, self._done = packed.clone(), None
 
