@@ -61,8 +61,13 @@ def site(tmp_path_factory) -> Path:
     return root
 
 
-def test_hidden_packages_come_back_and_imported_ones_are_left_alone():
-    name = "function_import_budget_absent_pkg"
+ABSENT = "function_import_budget_absent_pkg"
+
+
+def test_hidden_packages_come_back_and_imported_ones_are_left_alone(monkeypatch):
+    name = ABSENT
+    # as if this process's transformers had been first imported without both (other tests may have imported it)
+    monkeypatch.setattr(loader, "_hidden_at_first_import", (name, "json"))
     assert "json" in sys.modules
     json_mod = sys.modules["json"]
     with loader.hidden_from_transformers((name, "json")) as hidden:
@@ -74,6 +79,23 @@ def test_hidden_packages_come_back_and_imported_ones_are_left_alone():
     assert name not in sys.modules               # no None left behind: the package imports as usual again
     with pytest.raises(ModuleNotFoundError, match=name):
         __import__(name)                          # (it does not exist: the ordinary error, not the blocked one)
+
+
+def test_an_import_that_wants_a_hidden_package_runs_again_without_hiding(monkeypatch, caplog):
+    monkeypatch.setattr(loader, "_hidden_at_first_import", (ABSENT,))
+    seen = []
+
+    def fn():
+        seen.append(sys.modules.get(ABSENT, "absent"))
+        if len(seen) == 1:
+            __import__(ABSENT)             # hidden: ImportError, as transformers' import would raise
+        return "imported"
+
+    assert loader.with_hidden_from_transformers(fn, (ABSENT,)) == "imported"
+    assert seen == [None, "absent"]       # the second run saw nothing hidden
+    assert "importing it with them" in caplog.text
+    with pytest.raises(ImportError):      # an ImportError of anything else is the caller's
+        loader.with_hidden_from_transformers(lambda: __import__(ABSENT + "_other"), (ABSENT,))
 
 
 def test_start_up_imports_leave_optional_packages_unimported(tiny_dir, site):

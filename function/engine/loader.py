@@ -83,8 +83,8 @@ def choose(config: Config, model_path: Path) -> Choices:
     reason = f"QUANTIZATION={quant}"
     if quant == "auto":
         from . import fp8
-        with hidden_from_transformers():     # its AutoConfig is transformers' first import on a GPU start
-            quant, reason = fp8.choose_auto(config, model_path, device)
+        # its AutoConfig is the start's first import of transformers on a GPU
+        quant, reason = with_hidden_from_transformers(lambda: fp8.choose_auto(config, model_path, device))
         reason = f"QUANTIZATION=auto chose {quant}: {reason}"
     if quant == "bf16":
         quant = "none"
@@ -224,9 +224,8 @@ def import_transformers(model_dir: Path, hide: tuple[str, ...] = OPTIONAL_TO_TRA
     """What the start imports of transformers before it builds the model, with the packages `hide` hidden from it
     (`hidden_from_transformers`): (config class, model class) from `model_classes`, and on the same thread what
     the processor thread uses (two threads importing one package's modules can deadlock): the tokenizer and
-    generation config classes, Glm4vProcessor and the image processor class it serves. Should transformers want
-    a hidden package after all (an availability check answered between two blocks), it is imported again without
-    hiding. Measured by bench/import_probe.py; tests/test_import_budget.py checks what it leaves out."""
+    generation config classes, Glm4vProcessor and the image processor class it serves. Measured by
+    bench/import_probe.py; tests/test_import_budget.py checks what it leaves out."""
     def _import():
         classes = model_classes(model_dir)
         from transformers import AutoTokenizer, GenerationConfig  # noqa: F401
@@ -235,14 +234,20 @@ def import_transformers(model_dir: Path, hide: tuple[str, ...] = OPTIONAL_TO_TRA
             image_processor_class()
         return classes
 
+    return with_hidden_from_transformers(_import, hide)
+
+
+def with_hidden_from_transformers(fn: Callable[[], Any], hide: tuple[str, ...] = OPTIONAL_TO_TRANSFORMERS):
+    """fn() under `hidden_from_transformers(hide)`; should its imports want a hidden package after all (an
+    availability check answered between two blocks), fn() once more without hiding."""
     try:
         with hidden_from_transformers(hide) as hidden:
-            return _import()
+            return fn()
     except ImportError as e:
         if (e.name or "").split(".")[0] not in hidden:
             raise
         log.warning("importing transformers without %s failed (%s); importing it with them", ", ".join(hidden), e)
-        return _import()
+        return fn()
 
 
 def model_classes(model_dir: Path):
