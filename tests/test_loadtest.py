@@ -173,7 +173,9 @@ def test_fixed_concurrency_counts_and_429s(fake):
     for r in results:
         if r.ok:
             assert r.ttft >= FIRST_TOKEN_DELAY                          # the role-only chunk at t~0 is skipped
-            assert len(r.itl) == 3 and min(r.itl) >= GAP * 0.9
+            # one gap per token after the first; a busy machine may deliver two chunks together, so only the
+            # largest gap is sure to show the server's pause
+            assert len(r.itl) == 3 and max(r.itl) >= GAP * 0.9
             assert r.e2e >= r.ttft
     body = state["bodies"][0]
     assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
