@@ -2,17 +2,13 @@
 model). Timings are measured by bench/cold_bench.py, not asserted here."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from support.subproc import fake_package, run_json
 from function.config import Config
 from function.engine import loader
 from function.engine.weights import WeightReader, read_header
@@ -20,28 +16,11 @@ from function.engine.weights import WeightReader, read_header
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _fake_package(root: Path, module: str, dist: str) -> None:
-    """An importable package with distribution metadata, so transformers' is_*_available() says it is installed;
-    importing it is what the test looks for."""
-    (root / module).mkdir(parents=True)
-    (root / module / "__init__.py").write_text("__version__ = '99.0'\n")
-    info = root / f"{dist.replace('-', '_')}-99.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 99.0\n")
-    (info / "top_level.txt").write_text(module + "\n")
-
-
-def _run(code: str, env_path: list[Path] = (), timeout: int = 300) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *map(str, env_path)]))
-    p = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=timeout)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 def test_engine_modules_import_without_fastapi_or_torch():
     """function/__init__ imports the Knative adapter (FastAPI) only when `new` is asked for."""
-    got = _run("""
+    got = run_json("""
         import json, sys
         import function.engine.loader, function.engine.client, function.engine.weights
         before = sorted(m for m in ("fastapi", "starlette", "torch", "transformers") if m in sys.modules)
@@ -57,9 +36,9 @@ def test_serving_path_leaves_optional_heavy_packages_unimported(tmp_path, model_
     modules import them unconditionally, through masking_utils and torch.distributed.tensor; torchvision, where
     installed, through transformers.image_utils.)"""
     fakes = tmp_path / "site"
-    _fake_package(fakes, "sklearn", "scikit-learn")
-    _fake_package(fakes, "pandas", "pandas")
-    got = _run(f"""
+    fake_package(fakes, "sklearn", "scikit-learn")
+    fake_package(fakes, "pandas", "pandas")
+    got = run_json(f"""
         import json, sys
         from transformers.utils import is_pandas_available, is_sklearn_available
         from function.config import Config

@@ -11,15 +11,13 @@ both, accelerate, and torchvision where installed (transformers.image_utils)."""
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
+from support.subproc import fake_package, run_json
 from function.config import Config
 from function.engine import loader
 from function.tiny_model import build_tiny_model
@@ -28,22 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 OPTIONAL = list(loader.OPTIONAL_TO_TRANSFORMERS)
 
 
-def _fake_package(root: Path, module: str, dist: str) -> None:
-    """An importable package with distribution metadata (transformers' is_*_available says it is installed)."""
-    (root / module).mkdir(parents=True)
-    (root / module / "__init__.py").write_text("__version__ = '99.0'\n")
-    info = root / f"{dist.replace('-', '_')}-99.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 99.0\n")
-    (info / "top_level.txt").write_text(module + "\n")
-
-
-def _run(code: str, env_path: list[Path] = (), timeout: int = 300) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *map(str, env_path)]))
-    p = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=timeout)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +39,7 @@ def site(tmp_path_factory) -> Path:
     """scikit-learn 'installed' (a fake transformers detects) beside the real scipy of the test venv."""
     root = tmp_path_factory.mktemp("site")
     if importlib.util.find_spec("sklearn") is None:
-        _fake_package(root, "sklearn", "scikit-learn")
+        fake_package(root, "sklearn", "scikit-learn")
     return root
 
 
@@ -102,7 +84,7 @@ def test_start_up_imports_leave_optional_packages_unimported(tiny_dir, site):
     """loader.import_transformers, what load() runs before from_pretrained, then the engine's modules. A control
     run of the same imports without the block shows that the check can fail: transformers does import scipy."""
     heavy = OPTIONAL + ["torch._dynamo", "sympy", "torch.distributed.tensor", "torchvision", "accelerate"]
-    got = _run(f"""
+    got = run_json(f"""
         import importlib.util, json, sys
         from pathlib import Path
         import torch
@@ -123,7 +105,7 @@ def test_start_up_imports_leave_optional_packages_unimported(tiny_dir, site):
     assert sorted(got["findable"]) == sorted(OPTIONAL)     # still installed, for everyone else
     assert got["scipy_after"]
 
-    control = _run(f"""
+    control = run_json(f"""
         import json, sys
         from pathlib import Path
         import torch
@@ -143,7 +125,7 @@ def test_transformers_that_may_think_them_installed_still_imports(tiny_dir, befo
     """transformers imported before the start's block (its availability checks answered with scipy visible)
     must not fail to import the model: the block hides nothing it was not first imported without, and an import
     that wants a hidden package after all is done again without hiding. The model then loads."""
-    got = _run(f"""
+    got = run_json(f"""
         import json, sys
         from pathlib import Path
         import torch
@@ -160,7 +142,7 @@ def test_transformers_that_may_think_them_installed_still_imports(tiny_dir, befo
 def test_engine_start_to_ready_leaves_optional_packages_unimported(tiny_dir, site, tmp_path):
     """The server's engine (LocalEngine: loader.load, KV cache, warm-up) to ready and one greedy request, in a
     fresh process: no optional package came in along the way, and the engine serves."""
-    got = _run(f"""
+    got = run_json(f"""
         import asyncio, json, sys, time
         from function.config import Config
         from function.engine.client import LocalEngine
