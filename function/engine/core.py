@@ -115,7 +115,7 @@ class EngineCore:
         self._clock = time.monotonic   # tests replace it to decide when the engine counts as idle
         self._last_work = self._clock()
         self._pending: list[_Launched] = []   # launched forwards whose tokens the host reads in the next step
-        # cumulative step timings (wall, including the per-step device sync), for benchmarks and debugging
+        # cumulative step timings (each forward's launch plus the wait for its tokens), for benchmarks and debugging
         self.stats = dict(prefills=0, prefill_seqs=0, prefill_tokens=0, prefill_s=0.0, decode_steps=0,
                           decode_rows=0, decode_s=0.0)
 

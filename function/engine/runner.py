@@ -186,7 +186,8 @@ class ModelRunner:
         if todo:
             dev = self.device
             grids = to_device(torch.stack([img.grid for _, img in todo]), torch.long, dev)
-            pixels = torch.cat([img.pixels for _, img in todo])
+            # one image (the usual screenshot) is staged as it is: a cat would copy its ~30 MB once more
+            pixels = todo[0][1].pixels if len(todo) == 1 else torch.cat([img.pixels for _, img in todo])
             pixels = to_device(pixels, pixels.dtype, dev)
             feats = self.model.model.get_image_features(pixels, grids, return_dict=True).pooler_output
             for (store, img), f in zip(todo, feats):

@@ -43,7 +43,7 @@ class HostFetch:
             self._done = torch.cuda.Event()
             self._done.record(torch.cuda.current_stream(packed.device))   # the copy's stream, not the thread's device
         else:
-            self._host, self._done = packed.clone(), None
+            self._host, self._done = packed, None   # nothing writes the step's tokens after sampling
 
     def result(self) -> tuple[list[int], list[list[float] | None]]:
         """(token ids, packed logprobs per row or None)."""
