@@ -105,6 +105,11 @@ class Config:
     attn_implementation: str = env("ATTN_IMPLEMENTATION", "auto | flash_attention_2 | sdpa | eager. auto: "
                                    "flash_attention_2 when flash-attn imports and CUDA is present, else sdpa.",
                                    default="auto")
+    model_impl: str = env("MODEL_IMPL", "auto | native | transformers. Which implementation of the model and its "
+                          "processor serves (vLLM's --model-impl). auto: the native torch implementation of GLM-4.1V "
+                          "(function/engine/glm4v.py; no transformers import, so a cold start skips ~7-10 s) for "
+                          "bf16 and fp8 on one device, transformers for nf4/int8 (bitsandbytes quantizes through "
+                          "it), GPUS_PER_POD > 1 and other architectures.", default="auto")
     device: str = env("DEVICE", "auto | cuda | cuda:N | cpu.", default="auto")
     dtype: str = env("DTYPE", "auto | bfloat16 | float16 | float32. auto: bfloat16 on CUDA, float32 on CPU.",
                      default="auto")
@@ -278,6 +283,8 @@ class Config:
                 raise ConfigError(f"{_ENV_OF[name]}={value!r}: {r.message}")
         if self.quantization not in ("auto", "fp8", "nf4", "int8", "none", "bf16"):
             bad("QUANTIZATION", f"{self.quantization!r} is not one of auto, fp8, nf4, int8, none")
+        if self.model_impl not in ("auto", "native", "transformers"):
+            bad("MODEL_IMPL", f"{self.model_impl!r} is not one of auto, native, transformers")
         if self.attn_implementation not in ("auto", "flash_attention_2", "sdpa", "eager"):
             bad("ATTN_IMPLEMENTATION", f"{self.attn_implementation!r} is not one of auto, flash_attention_2, sdpa, "
                 "eager")

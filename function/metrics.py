@@ -87,7 +87,8 @@ COLD_START_PHASE = Gauge("autoglm_cold_start_phase_seconds", "Duration of each c
 """Seconds spent per startup phase (e.g. weights, quantize, warmup); the sum is the time to ready."""
 
 MODEL_INFO = Gauge("autoglm_model_info", "The served model and how it runs (value is always 1).",
-                   ["model", "quantization", "attn_implementation", "device", "dtype"], registry=REGISTRY)
+                   ["model", "quantization", "attn_implementation", "device", "dtype", "model_impl"],
+                   registry=REGISTRY)
 """Resolved startup choices as labels, so dashboards can group or filter by them."""
 
 
@@ -150,10 +151,11 @@ def set_cold_start_phase(phase: str, seconds: float) -> None:
     COLD_START_PHASE.labels(phase).set(seconds)
 
 
-def set_model_info(*, model: str, quantization: str, attn_implementation: str, device: str, dtype: str) -> None:
+def set_model_info(*, model: str, quantization: str, attn_implementation: str, device: str, dtype: str,
+                   model_impl: str = "transformers") -> None:
     """Record the resolved startup choices (replaces any earlier record)."""
     MODEL_INFO.clear()
-    MODEL_INFO.labels(model, quantization, attn_implementation, device, dtype).set(1)
+    MODEL_INFO.labels(model, quantization, attn_implementation, device, dtype, model_impl).set(1)
 
 
 # --- CloudEvents (written by function/events.py)

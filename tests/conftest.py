@@ -28,6 +28,15 @@ def model_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("model-cache")
 
 
+@pytest.fixture(scope="session")
+def tiny_dir(model_cache_dir: Path) -> Path:
+    """The tiny checkpoint in the session's MODEL_CACHE_DIR, built beforehand (a start that builds it imports
+    transformers' modeling for the build, which fresh-process import checks must not count)."""
+    from function.tiny_model import build_tiny_model
+
+    return Path(build_tiny_model(Config.from_env({"MODEL_CACHE_DIR": str(model_cache_dir)}).tiny_model_dir))
+
+
 @pytest.fixture
 def make_config() -> Callable[..., Config]:
     """Config from env-style keyword arguments: make_config(MAX_IMAGE_BYTES="100")."""

@@ -30,28 +30,40 @@ def test_engine_modules_import_without_fastapi_or_torch():
     assert got == {"before": [], "after": True, "new": True}
 
 
-def test_serving_path_leaves_optional_heavy_packages_unimported(tmp_path, model_cache_dir):
-    """With scikit-learn and pandas 'installed' (fake packages transformers detects), the whole load of the tiny
-    model and the engine's modules import neither. (torch._dynamo and sympy do come in: transformers' modeling
-    modules import them unconditionally, through masking_utils and torch.distributed.tensor; torchvision, where
-    installed, through transformers.image_utils.)"""
+HEAVY = ("transformers", "torch._dynamo", "sympy", "torch.distributed.tensor", "torchvision", "sklearn", "pandas")
+
+
+@pytest.mark.parametrize("impl", ["auto", "transformers"])
+def test_serving_path_leaves_optional_heavy_packages_unimported(tmp_path, model_cache_dir, tiny_dir, impl):
+    """With scikit-learn and pandas 'installed' (fake packages transformers would detect), the whole load of the
+    tiny model and the engine's modules. MODEL_IMPL=auto serves the native GLM-4.1V implementation: none of
+    transformers, torch._dynamo, sympy, torch.distributed.tensor, torchvision, scikit-learn or pandas is imported
+    (that is what makes its cold start short). MODEL_IMPL=transformers imports transformers but still neither
+    optional package (torch._dynamo and sympy do come in there: transformers' modeling modules import them)."""
     fakes = tmp_path / "site"
     fake_package(fakes, "sklearn", "scikit-learn")
     fake_package(fakes, "pandas", "pandas")
     got = run_json(f"""
-        import json, sys
-        from transformers.utils import is_pandas_available, is_sklearn_available
+        import importlib.util, json, sys
         from function.config import Config
         from function.engine import loader
-        loaded = loader.load(Config.from_env({{"MODEL_CACHE_DIR": {str(model_cache_dir)!r}}}))
+        loaded = loader.load(Config.from_env({{"MODEL_CACHE_DIR": {str(model_cache_dir)!r},
+                                              "MODEL_IMPL": {impl!r}}}))
         import function.engine.core, function.engine.runner, function.engine.inputs, function.engine.kv_cache
-        print(json.dumps({{"detected": [is_sklearn_available(), is_pandas_available()],
-                           "imported": sorted(m for m in ("sklearn", "pandas") if m in sys.modules),
-                           "model": type(loaded.model).__name__, "weights": loaded.choices.weights}}))
+        import function.engine.sampling, function.engine.scheduler, function.engine.detokenizer
+        print(json.dumps({{"findable": [importlib.util.find_spec(m) is not None for m in ("sklearn", "pandas")],
+                           "imported": sorted(m for m in {HEAVY!r} if sys.modules.get(m) is not None),
+                           "model": type(loaded.model).__name__, "weights": loaded.choices.weights,
+                           "impl": loaded.choices.model_impl}}))
     """, env_path=[fakes])
-    assert got["detected"] == [True, True]          # the check could fail: transformers sees both
-    assert got["imported"] == []
-    assert got["model"] == "Glm4vForConditionalGeneration"
+    assert got["findable"] == [True, True]          # the check could fail: both are importable
+    if impl == "auto":
+        assert got["impl"] == "native" and got["model"] == "Glm4vNativeForConditionalGeneration"
+        assert got["imported"] == []
+    else:
+        assert got["impl"] == "transformers" and got["model"] == "Glm4vForConditionalGeneration"
+        assert "transformers" in got["imported"]
+        assert not {"sklearn", "pandas"} & set(got["imported"])
     assert got["weights"]["tensors"] > 0           # the read-ahead path served this load
 
 
@@ -98,22 +110,76 @@ def test_weight_reader_reports_a_truncated_shard(tmp_path):
         WeightReader(tmp_path, "cpu", chunk_bytes=256).start().result()
 
 
-def test_loader_reads_ahead_and_matches_from_pretrained(model_cache_dir):
+@pytest.mark.parametrize("impl", ["native", "transformers"])
+def test_loader_reads_ahead_and_matches_from_pretrained(model_cache_dir, impl):
     """The model assembled from the read-ahead tensors equals transformers' own load of the same directory,
-    parameters and buffers; the phases are timed."""
+    parameters and the rotary buffers, for either implementation; the phases are timed."""
     from transformers.models.glm4v.modeling_glm4v import Glm4vForConditionalGeneration
 
-    cfg = Config.from_env({"MODEL_CACHE_DIR": str(model_cache_dir)})
+    cfg = Config.from_env({"MODEL_CACHE_DIR": str(model_cache_dir), "MODEL_IMPL": impl})
     loaded = loader.load(cfg)
+    assert loaded.choices.model_impl == impl
     ref = Glm4vForConditionalGeneration.from_pretrained(cfg.tiny_model_dir, dtype=torch.float32)
     ours, theirs = loaded.model.state_dict(), ref.state_dict()
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
-    b1, b2 = dict(loaded.model.named_buffers()), dict(ref.named_buffers())
+    # transformers also keeps an unsaved `original_inv_freq` copy (for dynamic RoPE), which the native one has not
+    b1 = {k: b for k, b in loaded.model.named_buffers() if "original_inv_freq" not in k}
+    b2 = {k: b for k, b in ref.named_buffers() if "original_inv_freq" not in k}
     assert b1.keys() == b2.keys() and all(torch.equal(b1[k], b2[k]) for k in b1)
     assert loaded.choices.weights["bytes"] > 0
-    for phase in ("import_torch", "import_transformers", "read_weights", "load_weights", "processor"):
+    imported = "import_model" if impl == "native" else "import_transformers"
+    for phase in ("import_torch", imported, "read_weights", "load_weights", "processor"):
         assert phase in loaded.choices.timings, phase
-    # the processor is the image-only GLM-4.1V one on the PIL backend, whatever is installed
-    assert type(loaded.processor.image_processor).__name__ in ("Glm4vImageProcessorPil", "Glm4vImageProcessor")
+    # the image-only GLM-4.1V processor: the native one, or transformers' on the PIL backend here
+    assert type(loaded.processor.image_processor).__name__ in ("NativeImageProcessor", "Glm4vImageProcessorPil",
+                                                               "Glm4vImageProcessor")
     assert loaded.processor.video_processor is None
+
+
+@pytest.mark.parametrize("settings,quant,want", [
+    ({}, "none", "native"),
+    ({}, "fp8", "native"),
+    ({}, "nf4", "transformers"),
+    ({"GPUS_PER_POD": "2"}, "none", "transformers"),
+    ({"MODEL_IMPL": "transformers"}, "none", "transformers"),
+    ({"MODEL_IMPL": "native"}, "fp8", "native"),
+])
+def test_model_impl_picks_native_where_it_serves(model_cache_dir, settings, quant, want):
+    cfg = Config.from_env({"MODEL_CACHE_DIR": str(model_cache_dir), **settings})
+    impl, why = loader.model_impl(cfg, Path(cfg.tiny_model_dir), quant)
+    assert impl == want, why
+    assert why
+
+
+def test_model_impl_native_refuses_what_it_cannot_serve(model_cache_dir, tmp_path):
+    cfg = Config.from_env({"MODEL_CACHE_DIR": str(model_cache_dir), "MODEL_IMPL": "native"})
+    with pytest.raises(RuntimeError, match="QUANTIZATION=nf4"):
+        loader.model_impl(cfg, Path(cfg.tiny_model_dir), "nf4")
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(RuntimeError, match="llama"):
+        loader.model_impl(cfg, tmp_path, "none")
+    auto = Config.from_env({"MODEL_CACHE_DIR": str(model_cache_dir)})
+    assert loader.model_impl(auto, tmp_path, "none")[0] == "transformers"
+
+
+def test_generation_defaults_read_without_transformers_equal_transformers(model_cache_dir, tmp_path):
+    """The sampling defaults and end ids the native path reads from generation_config.json are what transformers'
+    GenerationConfig gives (protocol.generation_defaults of either), also for a file that spells out a default."""
+    import json
+
+    from transformers import GenerationConfig
+
+    from function.engine.protocol import generation_defaults
+
+    cfg = Config.from_env({"MODEL_CACHE_DIR": str(model_cache_dir)})
+    tiny = Path(cfg.tiny_model_dir)
+    raw = json.loads((tiny / "generation_config.json").read_text())
+    spelled = tmp_path / "spelled"
+    spelled.mkdir()
+    (spelled / "generation_config.json").write_text(json.dumps({**raw, "temperature": 1.0, "top_p": 0.9}))
+    for d in (tiny, spelled):
+        ours, theirs = loader.GenerationDefaults.from_dir(d), GenerationConfig.from_pretrained(d)
+        assert generation_defaults(ours) == generation_defaults(theirs) != {}
+        assert ours.eos_token_id == theirs.eos_token_id
+    assert loader.GenerationDefaults.from_dir(tmp_path).eos_token_id is None    # no file: no defaults

@@ -32,12 +32,6 @@ def _codes(t: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(model_cache_dir) -> Path:
-    from function.tiny_model import build_tiny_model
-    return Path(build_tiny_model(Config.from_env({"MODEL_CACHE_DIR": str(model_cache_dir)}).tiny_model_dir))
-
-
-@pytest.fixture(scope="module")
 def tiny(tiny_dir):
     from transformers import AutoModelForImageTextToText
     return AutoModelForImageTextToText.from_pretrained(tiny_dir, dtype=torch.float32).eval()

@@ -214,12 +214,6 @@ def test_config_defaults_plan_on_one_gpu():
 # ------------------------------------------------------------------------------------------ against a real tiny model
 
 @pytest.fixture(scope="module")
-def tiny_dir(model_cache_dir):
-    from function.tiny_model import build_tiny_model
-    return build_tiny_model(Config.from_env({"MODEL_CACHE_DIR": str(model_cache_dir)}).tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
 def tiny_plan(tiny_dir):
     from transformers import AutoConfig
     cfg = AutoConfig.from_pretrained(tiny_dir)

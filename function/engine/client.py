@@ -100,7 +100,8 @@ class LocalEngine(EngineClient):
         self.choices = loaded.choices
         c = loaded.choices
         metrics.set_model_info(model=self.config.served_model_name, quantization=c.quantization,
-                               attn_implementation=c.attn_implementation, device=c.device, dtype=c.dtype)
+                               attn_implementation=c.attn_implementation, device=c.device, dtype=c.dtype,
+                               model_impl=c.model_impl)
 
         import torch
         from .core import EngineCore

@@ -585,20 +585,27 @@ def _assign(model: nn.Module, key: str, value: torch.Tensor) -> None:
         raise KeyError(key)
 
 
-def load_model(load_dir: Path, *, dtype: torch.dtype, device_map, attn_implementation: str):
+def load_model(load_dir: Path, *, dtype: torch.dtype, device_map, attn_implementation: str, native: bool = False):
     """The pre-quantized checkpoint written by `save_model`, built on the meta device and filled straight from the
-    safetensors files onto the target device(s). Every parameter must come from the files."""
-    from accelerate import init_empty_weights
+    safetensors files onto the target device(s). Every parameter must come from the files. `native`: the model is
+    engine/glm4v.py's (no transformers import), else transformers' class for the checkpoint."""
     from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForImageTextToText
 
     load_dir = Path(load_dir)
     info = json.loads((load_dir / INFO_FILE).read_text())
     if info.get("format") != FORMAT:
         raise RuntimeError(f"{load_dir}: fp8 checkpoint format {info.get('format')} != {FORMAT}")
-    cfg = AutoConfig.from_pretrained(load_dir)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForImageTextToText.from_config(cfg, dtype=dtype, attn_implementation=attn_implementation)
+    if native:
+        from . import glm4v
+        cfg = glm4v.Glm4vNativeConfig.from_dir(load_dir)
+        model = glm4v.build_empty(cfg).to(dtype)
+    else:
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForImageTextToText
+        cfg = AutoConfig.from_pretrained(load_dir)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForImageTextToText.from_config(cfg, dtype=dtype,
+                                                            attn_implementation=attn_implementation)
     support = None
     for name in info["modules"]:
         lin = model.get_submodule(name)
@@ -625,7 +632,9 @@ def load_model(load_dir: Path, *, dtype: torch.dtype, device_map, attn_implement
                 if key not in expected:
                     raise RuntimeError(f"{load_dir / fname}: unexpected tensor {key}")
                 _assign(model, key, f.get_tensor(key).to(_device_for(key, device_map)))
-    if getattr(cfg.get_text_config(), "tie_word_embeddings", False) or getattr(cfg, "tie_word_embeddings", False):
+    if native:
+        glm4v.finish_load(model, _device_for("lm_head.weight", device_map))   # tied weights, rotary buffers
+    elif getattr(cfg.get_text_config(), "tie_word_embeddings", False) or getattr(cfg, "tie_word_embeddings", False):
         model.tie_weights()
     # non-persistent buffers (rotary inv_freq) were built on the CPU by the model's __init__
     for key, b in list(model.named_buffers()):
@@ -741,7 +750,7 @@ def choose_auto(config, model_path: Path, device: str) -> tuple[str, str]:
     pod where bf16 fits starts without it; a failing probe gives the rule's next choice, with the probe's reason."""
     if not device.startswith("cuda"):
         return decide_for([], None, config)
-    from transformers import AutoConfig
+    from .loader import model_config as read_model_config
 
     n = max(1, config.gpus_per_pod)
     idx = [torch.device(device).index or 0] if n == 1 else list(range(n))
@@ -749,7 +758,7 @@ def choose_auto(config, model_path: Path, device: str) -> tuple[str, str]:
     for i in idx:
         p = torch.cuda.get_device_properties(i)
         cards.append(Card((p.major, p.minor), int(p.total_memory), p.name))
-    model_config = AutoConfig.from_pretrained(model_path)
+    model_config = read_model_config(model_path)
     quant, reason = decide_for(cards, model_config, config)
     if quant == "fp8":
         s = device_support(torch.device("cuda", idx[0]))

@@ -11,10 +11,17 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 ATTN_NAME = "autoglm_slots"
 _GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
+def causal_lower_right(q_len: int, kv_len: int):
+    """torch's lower-right causal bias, imported on first use: torch.nn.attention.bias imports torch._dynamo and
+    sympy (~0.8 s of a cold start), and the CUDA prefill path never needs it (flash takes the causal flag)."""
+    from torch.nn.attention.bias import causal_lower_right as bias
+
+    return bias(q_len, kv_len)
 
 
 def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

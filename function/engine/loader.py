@@ -41,11 +41,13 @@ class Choices:
     reason: str = ""            # why this quantization (QUANTIZATION=auto's rule: fp8.choose_auto)
     timings: dict[str, float] = field(default_factory=dict)
     weights: dict[str, float] = field(default_factory=dict)    # read-ahead: bytes, read_s, gbps (empty: not used)
+    model_impl: str = "transformers"   # "native" (engine/glm4v.py, glm4v_processing.py) | "transformers"
+    model_impl_reason: str = ""
 
     def labels(self) -> dict[str, str]:
         return {"model_path": self.model_path, "device": self.device, "dtype": self.dtype,
                 "quantization": self.quantization, "attn_implementation": self.attn_implementation,
-                "source": self.source}
+                "source": self.source, "model_impl": self.model_impl}
 
 
 def resolve_model_path(config: Config, on_phase: Callable[[str], None] = lambda p: None) -> tuple[Path, str]:
@@ -109,6 +111,56 @@ def choose(config: Config, model_path: Path) -> Choices:
                 pass
     return Choices(model_path=str(model_path), device=device, dtype=dtype, quantization=quant,
                    attn_implementation=attn, reason=reason)
+
+
+def model_impl(config: Config, model_path: Path, quantization: str) -> tuple[str, str]:
+    """("native" | "transformers", why): which implementation serves (MODEL_IMPL, vLLM's --model-impl). The native
+    one (engine/glm4v.py and glm4v_processing.py, torch and tokenizers only) is what makes a cold start short:
+    importing transformers' GLM-4.1V modules costs 7-10 s on the GPU image (bench/RESULTS.md). It covers GLM-4.1V
+    in bf16 and fp8 on one device; bitsandbytes quantizes inside transformers' from_pretrained, and a split over
+    several cards uses transformers' device map, so those keep transformers."""
+    if config.model_impl == "transformers":
+        return "transformers", "MODEL_IMPL=transformers"
+    kind = _model_type(model_path)
+    why_not = None
+    if kind != "glm4v":
+        why_not = f"model_type {kind!r} has no native implementation (only glm4v)"
+    elif quantization in ("nf4", "int8"):
+        why_not = f"QUANTIZATION={quantization} quantizes through transformers (bitsandbytes)"
+    elif config.gpus_per_pod > 1:
+        why_not = f"GPUS_PER_POD={config.gpus_per_pod} places the model with transformers' device map"
+    if why_not is None:
+        return "native", f"MODEL_IMPL={config.model_impl}: GLM-4.1V, {quantization}, one device"
+    if config.model_impl == "native":
+        raise RuntimeError(f"MODEL_IMPL=native cannot serve this: {why_not}; use MODEL_IMPL=auto or transformers")
+    return "transformers", f"MODEL_IMPL=auto: {why_not}"
+
+
+def model_config(model_path: Path):
+    """The checkpoint's config for sizing (QUANTIZATION=auto, placement): the native parse of config.json for
+    GLM-4.1V (no transformers import), AutoConfig for anything else."""
+    if _model_type(model_path) == "glm4v":
+        from .glm4v import Glm4vNativeConfig
+        return Glm4vNativeConfig.from_dir(model_path)
+    from transformers import AutoConfig
+    return with_hidden_from_transformers(lambda: AutoConfig.from_pretrained(model_path))
+
+
+class GenerationDefaults(dict):
+    """generation_config.json as read without transformers: its keys as a dict (protocol.generation_defaults reads
+    them as vLLM's --generation-config auto does) and `eos_token_id` as an attribute, as GenerationConfig has it.
+    Every value the file sets counts, as transformers 5's `to_diff_dict` (its defaults are unset) counts them."""
+
+    @classmethod
+    def from_dir(cls, model_path: Path) -> "GenerationDefaults":
+        f = Path(model_path) / "generation_config.json"
+        if not f.is_file():
+            return cls()
+        return cls(json.loads(f.read_text()))
+
+    @property
+    def eos_token_id(self):
+        return self.get("eos_token_id")
 
 
 def bnb_config(quant: str, quantize_vision: bool, dtype):
@@ -290,10 +342,14 @@ def image_processor_class():
         return Glm4vImageProcessor
 
 
-def load_processor(model_path: Path):
+def load_processor(model_path: Path, impl: str = "transformers"):
     """Glm4vProcessor from its tokenizer, its image processor (`image_processor_class`) and the chat template,
     without a video processor: the API takes no video, and transformers' video processor would make the processor
-    depend on torchvision. Checkpoints of another architecture go through AutoProcessor."""
+    depend on torchvision. The native implementation (`impl="native"`) is glm4v_processing's, which imports no
+    transformers. Checkpoints of another architecture go through AutoProcessor."""
+    if impl == "native":
+        from .glm4v_processing import NativeGlm4vProcessor
+        return NativeGlm4vProcessor.from_dir(model_path)
     if _model_type(model_path) != "glm4v":
         from transformers import AutoProcessor
         return AutoProcessor.from_pretrained(model_path)
@@ -428,6 +484,10 @@ def load(config: Config, on_phase: Callable[[str], None] = lambda p: None, defer
     choices = choose(config, model_path)
     choices.source = source
     on_phase(f"quantization {choices.quantization} ({choices.reason})")
+    impl, choices.model_impl_reason = model_impl(config, model_path, choices.quantization)
+    choices.model_impl = impl
+    native = impl == "native"
+    log.info("model implementation %s (%s)", impl, choices.model_impl_reason)
     dtype = getattr(torch, choices.dtype)
     cuda = choices.device.startswith("cuda")
     if cuda:
@@ -454,10 +514,13 @@ def load(config: Config, on_phase: Callable[[str], None] = lambda p: None, defer
     if cuda and reader is None:
         cuda_init = _Background(lambda: torch.zeros(1, device=choices.device))
 
-    config_cls, model_cls = timed("import_transformers", lambda: import_transformers(model_path))
-    timings["import"] = round(timings["import_torch"] + timings["import_transformers"], 3)
-    processor_job = _Background(lambda: load_processor(model_path))   # tokenizer files, beside from_pretrained
-    from transformers import GenerationConfig
+    if native:
+        glm4v = timed("import_model", lambda: importlib.import_module(".glm4v", __package__))
+        timings["import"] = round(timings["import_torch"] + timings["import_model"], 3)
+    else:
+        config_cls, model_cls = timed("import_transformers", lambda: import_transformers(model_path))
+        timings["import"] = round(timings["import_torch"] + timings["import_transformers"], 3)
+    processor_job = _Background(lambda: load_processor(model_path, impl))   # tokenizer files, beside the load
 
     if cuda_init is not None:
         timed("cuda_init", cuda_init.result)
@@ -505,8 +568,38 @@ def load(config: Config, on_phase: Callable[[str], None] = lambda p: None, defer
         from . import fp8
         log.info("fp8 conversion: %s", fp8.convert(model, quantize_vision=config.quantize_vision))
 
+    def _load_native():
+        nonlocal state
+        from . import fp8
+        if choices.quantization == "fp8" and load_dir != model_path:   # the pre-quantized fp8 copy
+            return fp8.load_model(load_dir, dtype=dtype, device_map=device_map,
+                                  attn_implementation=choices.attn_implementation, native=True)
+        try:
+            model = glm4v.load_native(load_dir, dtype, choices.device, state_dict=state)
+        except Exception as e:  # noqa: BLE001 - a read-ahead that went wrong: read the files once more
+            if state is None:
+                raise
+            log.warning("loading the weights read ahead failed (%s: %s); reading them again", type(e).__name__, e)
+            state = None
+            model = glm4v.load_native(load_dir, dtype, choices.device)
+        state = None
+        if quantize_now and choices.quantization == "fp8":
+            _convert_fp8(model)
+        return model.eval()
+
     def _from_pretrained():
         nonlocal state
+        if native:
+            try:
+                return _load_native()
+            except Exception as e:  # noqa: BLE001 - safetensors' own error class derives from Exception only
+                if "out of memory" in str(e).lower():
+                    raise
+                raise _unreadable(e) from e
+            finally:
+                state = None
+                if cuda:
+                    torch.cuda.empty_cache()
         if state is not None:
             try:
                 cfg = config_cls.from_pretrained(load_dir)
@@ -536,10 +629,13 @@ def load(config: Config, on_phase: Callable[[str], None] = lambda p: None, defer
         except Exception as e:  # noqa: BLE001 - safetensors' own error class derives from Exception only
             if "out of memory" in str(e).lower() or isinstance(e, ImportError):
                 raise
-            fix = ("delete that directory so the next start quantizes again" if load_dir != model_path else
-                   "re-copy the checkpoint (or re-run the model-cache Job)")
-            raise RuntimeError(f"the checkpoint in {load_dir} could not be read; it is corrupt or incomplete "
-                               f"({type(e).__name__}: {e}); {fix}") from e
+            raise _unreadable(e) from e
+
+    def _unreadable(e: Exception) -> RuntimeError:
+        fix = ("delete that directory so the next start quantizes again" if load_dir != model_path else
+               "re-copy the checkpoint (or re-run the model-cache Job)")
+        return RuntimeError(f"the checkpoint in {load_dir} could not be read; it is corrupt or incomplete "
+                            f"({type(e).__name__}: {e}); {fix}")
 
     model = timed(phase, _from_pretrained)
     if cuda:
@@ -582,10 +678,14 @@ def load(config: Config, on_phase: Callable[[str], None] = lambda p: None, defer
         size = dict(getattr(processor.image_processor, "size", {}) or {})
         size["longest_edge"] = config.image_max_pixels
         processor.image_processor.size = size
-    try:
-        gen_cfg = GenerationConfig.from_pretrained(model_path)
-    except OSError:
-        gen_cfg = model.generation_config
+    if native:
+        gen_cfg = GenerationDefaults.from_dir(model_path)
+    else:
+        from transformers import GenerationConfig
+        try:
+            gen_cfg = GenerationConfig.from_pretrained(model_path)
+        except OSError:
+            gen_cfg = model.generation_config
     choices.timings = timings
     log.info("model loaded: %s", json.dumps({**choices.labels(), "timings": timings,
                                               "weights": choices.weights}))

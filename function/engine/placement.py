@@ -2,8 +2,9 @@
 `from_pretrained(device_map=...)`, the decoder layers per card, and the KV cache each card can hold.
 
 Pure arithmetic on the model config and the cards' memory sizes, which are passed in (no CUDA needed: the tests run
-it on CPU for the real GLM-4.1V-9B shapes). The parameter counts come from the real transformers class
-(`Glm4vForConditionalGeneration` built on the meta device: no memory, ~50 ms), so they match the checkpoint exactly.
+it on CPU for the real GLM-4.1V-9B shapes). The parameter counts come from engine/glm4v.py's model built on the meta
+device (the same modules under the same names as transformers' `Glm4vForConditionalGeneration`, whose state dict
+the tests compare it with), so they match the checkpoint exactly.
 
 The split (pipeline style, one card after the other; nothing runs on two cards at once):
 
@@ -120,13 +121,14 @@ class ModelSizes:
 
 
 def _as_config(config: Any):
-    """A Glm4vConfig from a Glm4vConfig, a config.json dict or a JSON string."""
-    from transformers import Glm4vConfig
+    """A GLM-4.1V config (engine/glm4v.py's parse, no transformers import) from a transformers Glm4vConfig, a native
+    one, a config.json dict or a JSON string."""
+    from .glm4v import Glm4vNativeConfig
 
     if isinstance(config, str):
         config = json.loads(config)
     if isinstance(config, Mapping):
-        return Glm4vConfig.from_dict(dict(config))
+        return Glm4vNativeConfig.from_dict(dict(config))
     return config
 
 
@@ -143,11 +145,11 @@ def _unit_of(name: str) -> str:
 @lru_cache(maxsize=8)
 def _sizes_cached(config_json: str) -> ModelSizes:
     import torch
-    from transformers import Glm4vForConditionalGeneration
+
+    from .glm4v import build_empty
 
     config = _as_config(config_json)
-    with torch.device("meta"):
-        model = Glm4vForConditionalGeneration(config)
+    model = build_empty(config)    # the same modules under the same names as transformers' class
     units: dict[str, list[int]] = {}
     seen: set[int] = set()
     for mname, mod in model.named_modules():
@@ -172,7 +174,7 @@ def _sizes_cached(config_json: str) -> ModelSizes:
 
 
 def model_sizes(config: Any) -> ModelSizes:
-    """Parameter counts per placement unit of a Glm4vConfig (or its config.json dict), from the transformers class
+    """Parameter counts per placement unit of a Glm4vConfig (or its config.json dict), from the model class
     built on the meta device."""
     cfg = _as_config(config)
     return _sizes_cached(cfg.to_json_string(use_diff=False))

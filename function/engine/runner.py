@@ -83,9 +83,12 @@ class ModelRunner:
         self.image_token_id = int(model.config.image_token_id)
         self.vocab = int(tcfg.vocab_size)
         self.pad_token_id = pad_token_id
-        register_attention()
+        if type(model).__module__.startswith("transformers."):   # the native model calls slot_attention itself
+            register_attention()
         tcfg._attn_implementation = ATTN_NAME   # the text decoder only; the vision tower keeps its own
         fuse_rms_norms(self.lm)
+        if hasattr(model, "fuse_projections"):   # the native model: one q/k/v GEMM per layer
+            model.fuse_projections()
         self._cache_kw = "cache" if "cache" in inspect.signature(self.lm.forward).parameters else "past_key_values"
         head_dim = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // tcfg.num_attention_heads
         self.max_len = max_len
