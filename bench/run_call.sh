@@ -111,6 +111,20 @@ case "${1:-perf}" in
     done
     OUT=$O/d timeout 200 python3 bench/agent_bench.py soak --quant none --minutes 2.6 --deadline 195
     ;;
+  native)    # call 19: native GLM-4.1V vs transformers (numerics, vision, prefill), weight read speed, exec -> first
+             # token native / transformers / naive, agent turns and short chats on the native default
+    OUT=$O/a timeout 80 python3 bench/agent_bench.py build
+    sync
+    OUT=$O timeout 100 python3 bench/native_check.py
+    OUT=$O timeout 70 python3 bench/read_probe.py /tmp/glm9b 2,4,8,12 32,64
+    OUT=$O/b timeout 110 python3 bench/cold_bench.py --quant none --repeat 2 --timeout 60 > "$O/b/cold.out" 2>&1
+    tail -c 1500 "$O/b/cold.out"
+    MODEL_IMPL=transformers OUT=$O/c timeout 60 python3 bench/cold_bench.py --quant none --skip-naive --timeout 55 \
+      > "$O/c/cold.out" 2>&1
+    tail -c 800 "$O/c/cold.out"
+    OUT=$O/d timeout 175 python3 bench/agent_bench.py all --sections agent,short --clients 1,8,32 --turns-s 25 \
+      --short-rounds 2 --deadline 170
+    ;;
   starts)    # call 11: exec -> first token vs naive (cold_bench), then fresh starts in a row
     [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
     sync
