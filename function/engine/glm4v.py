@@ -468,7 +468,7 @@ def _vision_attention(q, k, v, cu_seqlens, lengths: list[int], scale: float) -> 
             if not _VARLEN_FLASH:
                 _VARLEN_FLASH.append(True)
             return out
-        except RuntimeError:
+        except (RuntimeError, TypeError):    # a torch build without it, or with another signature
             if _VARLEN_FLASH:
                 raise
             _VARLEN_FLASH.append(False)
