@@ -125,6 +125,19 @@ case "${1:-perf}" in
     OUT=$O/d timeout 175 python3 bench/agent_bench.py all --sections agent,short --clients 1,8,32 --turns-s 25 \
       --short-rounds 2 --deadline 170
     ;;
+  native2)   # call 20: agent turns on MODEL_IMPL=transformers (same-call baseline for call 19's native rows); fp8 on
+             # the native model with fused q/k/v; a soak of the native default
+    [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
+    OUT=$O/a timeout 130 python3 bench/agent_bench.py agent --quant none --clients 1,8,32 --turns-s 25 --deadline 125 \
+      --env MODEL_IMPL=transformers
+    OUT=$O/b timeout 200 python3 bench/agent_bench.py all --quant fp8 --sections agent,short --clients 1,8,32 \
+      --turns-s 25 --short-rounds 2 --deadline 195
+    OUT=$O/c timeout 170 python3 bench/agent_bench.py soak --quant none --minutes 2.3 --deadline 165
+    ;;
+  starts20)  # call 21: fresh starts of the native default in a row
+    [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
+    OUT=$O/c timeout 330 python3 bench/agent_bench.py starts --n 20 --deadline 325
+    ;;
   starts)    # call 11: exec -> first token vs naive (cold_bench), then fresh starts in a row
     [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
     sync
