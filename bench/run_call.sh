@@ -125,14 +125,14 @@ case "${1:-perf}" in
     OUT=$O/d timeout 175 python3 bench/agent_bench.py all --sections agent,short --clients 1,8,32 --turns-s 25 \
       --short-rounds 2 --deadline 170
     ;;
-  native2)   # call 20: agent turns on MODEL_IMPL=transformers (same-call baseline for call 19's native rows); fp8 on
-             # the native model with fused q/k/v; a soak of the native default
+  native2)   # call 20: native default (vision on SDPA, 8 reader threads, 5 graphs before ready) vs MODEL_IMPL=transformers
+             # in the same call; a soak of the native default; fresh starts
     [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
-    OUT=$O/a timeout 130 python3 bench/agent_bench.py agent --quant none --clients 1,8,32 --turns-s 25 --deadline 125 \
+    OUT=$O/a timeout 135 python3 bench/agent_bench.py agent --quant none --clients 1,8,32 --turns-s 25 --deadline 130
+    OUT=$O/b timeout 135 python3 bench/agent_bench.py agent --quant none --clients 1,8,32 --turns-s 25 --deadline 130 \
       --env MODEL_IMPL=transformers
-    OUT=$O/b timeout 200 python3 bench/agent_bench.py all --quant fp8 --sections agent,short --clients 1,8,32 \
-      --turns-s 25 --short-rounds 2 --deadline 195
-    OUT=$O/c timeout 170 python3 bench/agent_bench.py soak --quant none --minutes 2.3 --deadline 165
+    OUT=$O/c timeout 150 python3 bench/agent_bench.py soak --quant none --minutes 2 --deadline 145
+    OUT=$O/d timeout 110 python3 bench/agent_bench.py starts --n 7 --deadline 105
     ;;
   starts20)  # call 21: fresh starts of the native default in a row
     [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
@@ -161,4 +161,7 @@ case "${1:-perf}" in
     ;;
 esac
 rm -f "$O"/*/build.log "$O"/*/naive.log
+for f in "$O"/*/*.log; do      # at most 8 files come back: server logs go into run.log's tail
+  [ -f "$f" ] && { echo "== $f"; grep -E "graphs captured|engine ready|Traceback|Error|error" "$f" | tail -40; rm -f "$f"; }
+done
 ls -R "$O"

@@ -206,21 +206,25 @@ class LocalEngine(EngineClient):
         t = time.perf_counter()
         n = 0
         if runner.use_graphs:
-            # before ready: the graphs a first request after scale-from-zero uses (small batches at short context,
-            # one stream at every context length: an agent turn of 5-6k tokens decodes in the top bucket, a graph
-            # first captured mid-traffic stalls every running stream); the engine captures the rest of the plan,
-            # every batch bucket at every length, when idle (or on first use)
+            # before ready: the graphs the first request after scale-from-zero uses (one stream at every context
+            # length: an agent turn of 5-6k tokens decodes in the top bucket; its short prefill shapes). Each costs
+            # ~0.3 s of a cold start on an H200 (8 graphs: 2.7 s of a 10 s start, bench/RESULTS.md); the engine
+            # captures the rest of the plan when idle, most needed first (small batches at short context next)
             import torch
             plan = runner.graph_plan(runner.len_buckets[-1])
-            first = [k for k in plan if (k[0] != "prefill" and k[0] <= 8 and k[1] == runner.len_buckets[0])
-                     or (k[0] != "prefill" and k[0] == 1) or k in (("prefill", 1, 256), ("prefill", 1, 512))]
+            first = [k for k in plan if (k[0] != "prefill" and k[0] == 1)
+                     or k in (("prefill", 1, 256), ("prefill", 1, 512))]
 
             def capture_first():
                 # on the engine thread: the one that runs the model, with its cuBLAS handles and capture stream
+                each = []
                 for k in first:
+                    t0 = time.perf_counter()
                     runner.capture(k)
+                    each.append(f"{k}: {time.perf_counter() - t0:.3f}s")
                 torch.cuda.synchronize()
                 runner.pending = [k for k in plan if k not in runner.graphs]
+                log.info("graphs captured before ready: %s", ", ".join(each))
 
             self._core.call(capture_first).result()
             n = len(first)
