@@ -134,6 +134,10 @@ case "${1:-perf}" in
     OUT=$O/c timeout 150 python3 bench/agent_bench.py soak --quant none --minutes 2 --deadline 145
     OUT=$O/d timeout 110 python3 bench/agent_bench.py starts --n 7 --deadline 105
     ;;
+  fp8starts) # call 22: fp8 starts in a row: the first converts and writes the pre-quantized copy, the rest load it
+    [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
+    OUT=$O/a timeout 170 python3 bench/agent_bench.py starts --quant fp8 --n 5 --deadline 165
+    ;;
   starts20)  # call 21: fresh starts of the native default in a row
     [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
     OUT=$O/c timeout 330 python3 bench/agent_bench.py starts --n 20 --deadline 325
@@ -162,6 +166,6 @@ case "${1:-perf}" in
 esac
 rm -f "$O"/*/build.log "$O"/*/naive.log
 for f in "$O"/*/*.log; do      # at most 8 files come back: server logs go into run.log's tail
-  [ -f "$f" ] && { echo "== $f"; grep -E "graphs captured|engine ready|Traceback|Error|error" "$f" | tail -40; rm -f "$f"; }
+  [ -f "$f" ] && { echo "== $f"; grep -E "graphs captured|engine ready|fp8 conversion|fp8: device probes|pre-quantized|Traceback|Error|error" "$f" | tail -40; rm -f "$f"; }
 done
 ls -R "$O"

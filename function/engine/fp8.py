@@ -32,6 +32,7 @@ is loaded onto an empty (meta) model, straight to the card, without transformers
 from __future__ import annotations
 
 import json
+import time
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -470,7 +471,9 @@ def convert(model: nn.Module, *, quantize_vision: bool = False, support: Support
     if not names:
         raise RuntimeError("fp8: no nn.Linear under model.language_model: the transformers layout changed; update "
                            "function/engine/fp8.py")
+    t0 = time.perf_counter()
     support = support or device_support(model.get_submodule(names[0]).weight.device)
+    t_support = time.perf_counter() - t0
     before = after = 0
     emulated = []
     staged: list[tuple[Fp8Linear, torch.device]] = []
@@ -502,6 +505,7 @@ def convert(model: nn.Module, *, quantize_vision: bool = False, support: Support
                     ", ".join(emulated[:5]))
     _mark(model, names, quantize_vision)
     return {"modules": len(names), "bytes_before": before, "bytes_after": after, "support": support.reason,
+            "probe_s": round(t_support, 3), "convert_s": round(time.perf_counter() - t0 - t_support, 3),
             "triton_quant": support.triton, "weight_only_max_rows": support.small_m,
             "emulated": len(emulated) if support.scaled_mm else len(names)}
 
@@ -610,7 +614,9 @@ def load_model(load_dir: Path, *, dtype: torch.dtype, device_map, attn_implement
     for name in info["modules"]:
         lin = model.get_submodule(name)
         if support is None:
+            t0 = time.perf_counter()
             support = device_support(_device_for(name + ".weight", device_map))
+            log.info("fp8: device probes %.2fs (%s)", time.perf_counter() - t0, support.reason)
         use = support.scaled_mm and dtype == torch.bfloat16 and _gemm_ok(lin.in_features, lin.out_features)
         new = Fp8Linear(lin.in_features, lin.out_features, lin.bias is not None, dtype=dtype, device="meta",
                         scaled_mm=use)
