@@ -136,7 +136,10 @@ case "${1:-perf}" in
     ;;
   fp8starts) # call 22: fp8 starts in a row: the first converts and writes the pre-quantized copy, the rest load it
     [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
-    OUT=$O/a timeout 170 python3 bench/agent_bench.py starts --quant fp8 --n 5 --deadline 165
+    OUT=$O/a timeout 70 python3 bench/agent_bench.py starts --quant fp8 --n 1 --deadline 65
+    MODEL_CACHE_DIR=/tmp/modelcache timeout 90 python3 scripts/prequantize.py --model-path /tmp/glm9b \
+      --quantization fp8 2>&1 | tail -5
+    OUT=$O/b timeout 100 python3 bench/agent_bench.py starts --quant fp8 --n 4 --deadline 95
     ;;
   starts20)  # call 21: fresh starts of the native default in a row
     [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
