@@ -249,6 +249,7 @@ def test_loader_writes_the_fp8_copy_then_starts_from_it(tiny_dir, tmp_path):
     assert (cache / "tokenizer.json").is_file()
     second = loader.load(cfg)
     assert second.choices.source == "prequantized-cache" and "load_prequantized" in second.choices.timings
+    assert second.choices.model_impl == "native" and "read_weights" in second.choices.timings   # read ahead too
     _same_state(first.model, second.model)
     # a bf16/fp32 start of the same checkpoint is not affected by the fp8 copy
     plain = loader.load(Config.from_env({"MODEL_PATH": str(tiny_dir), "MODEL_CACHE_DIR": str(tmp_path),

@@ -589,10 +589,13 @@ def _assign(model: nn.Module, key: str, value: torch.Tensor) -> None:
         raise KeyError(key)
 
 
-def load_model(load_dir: Path, *, dtype: torch.dtype, device_map, attn_implementation: str, native: bool = False):
+def load_model(load_dir: Path, *, dtype: torch.dtype, device_map, attn_implementation: str, native: bool = False,
+               state_dict: dict[str, torch.Tensor] | None = None):
     """The pre-quantized checkpoint written by `save_model`, built on the meta device and filled straight from the
     safetensors files onto the target device(s). Every parameter must come from the files. `native`: the model is
-    engine/glm4v.py's (no transformers import), else transformers' class for the checkpoint."""
+    engine/glm4v.py's (no transformers import), else transformers' class for the checkpoint. `state_dict`: the
+    files' tensors already read (weights.WeightReader: parallel reads into device memory, ~8x one safe_open
+    reader's speed on an H200 host); its entries are consumed."""
     from safetensors import safe_open
 
     load_dir = Path(load_dir)
@@ -632,7 +635,12 @@ def load_model(load_dir: Path, *, dtype: torch.dtype, device_map, attn_implement
         d = torch.device(device_map)
         read_dev = f"cuda:{d.index if d.index is not None else torch.cuda.current_device()}" \
             if d.type == "cuda" else str(d)
-    for fname in files:
+    if state_dict is not None:
+        for key in list(state_dict):
+            if key not in expected:
+                raise RuntimeError(f"{load_dir}: unexpected tensor {key}")
+            _assign(model, key, state_dict.pop(key).to(_device_for(key, device_map)))
+    for fname in files if state_dict is None else ():
         with safe_open(str(load_dir / fname), framework="pt", device=read_dev) as f:
             for key in f.keys():
                 if key not in expected:

@@ -444,7 +444,7 @@ def _preload_eligible(config: Config, choices: Choices, quantize_now: bool, load
 
     if quantize_now and choices.quantization != "fp8":
         return "quantized while loading"
-    if choices.quantization == "fp8" and not quantize_now:
+    if choices.quantization == "fp8" and not quantize_now and choices.model_impl != "native":
         return "the fp8 copy is read by fp8.load_model"
     if config.gpus_per_pod > 1:
         return "split over several GPUs"
@@ -572,8 +572,11 @@ def load(config: Config, on_phase: Callable[[str], None] = lambda p: None, defer
         nonlocal state
         from . import fp8
         if choices.quantization == "fp8" and load_dir != model_path:   # the pre-quantized fp8 copy
-            return fp8.load_model(load_dir, dtype=dtype, device_map=device_map,
-                                  attn_implementation=choices.attn_implementation, native=True)
+            try:
+                return fp8.load_model(load_dir, dtype=dtype, device_map=device_map,
+                                      attn_implementation=choices.attn_implementation, native=True, state_dict=state)
+            finally:
+                state = None
         try:
             model = glm4v.load_native(load_dir, dtype, choices.device, state_dict=state)
         except Exception as e:  # noqa: BLE001 - a read-ahead that went wrong: read the files once more
