@@ -307,3 +307,35 @@ def test_a_fresh_process_builds_and_runs_it_without_transformers(tiny_dir):
                           "shape": list(h.shape), "feats": list(feats[0].shape)}}))
     """)
     assert out == {"at_import": False, "after_use": False, "shape": [1, 5, 128], "feats": [4, 128]}
+
+
+@pytest.mark.parametrize("kind", ["bf16", "fp8"])
+def test_fused_qkv_equals_the_three_projections_and_keeps_the_state_dict(kind):
+    """fuse_linear: one projection whose output splits into exactly what q/k/v computed (nn.Linear, and Fp8Linear
+    whose per-channel scales concatenate), while the modules' parameters become views: the state dict, its values
+    and the parameter count do not change (fp8.save_model and the checkpoint layout keep transformers' names)."""
+    from torch import nn
+
+    from function.engine import fp8
+
+    g = torch.Generator().manual_seed(0)
+    mods = [nn.Linear(64, n, bias=True) for n in (64, 16, 16)]
+    for m in mods:
+        with torch.no_grad():
+            m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.1)
+            m.bias.copy_(torch.randn(m.bias.shape, generator=g))
+    if kind == "fp8":
+        mods = [fp8.Fp8Linear.from_linear(m) for m in mods]
+    holder = nn.ModuleList(mods)
+    before = {k: v.clone() for k, v in holder.state_dict().items()}
+    n_params = sum(p.numel() for p in holder.parameters())
+    x = torch.randn(3, 5, 64, generator=g)
+    want = [m(x) for m in mods]
+    fused = glm4v.fuse_linear(list(mods))
+    got = fused(x).split([64, 16, 16], dim=-1)
+    for w, o in zip(want, got):
+        torch.testing.assert_close(o, w, atol=1e-6, rtol=1e-6)
+    after = holder.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert sum(p.numel() for p in holder.parameters()) == n_params
+    assert mods[1].weight.data_ptr() == fused.weight.data_ptr() + 64 * 64 * fused.weight.element_size()
