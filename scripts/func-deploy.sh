@@ -93,7 +93,7 @@ patch="$(cat <<EOF | tr -d '\n '
 {"op":"add","path":"$ann/autoscaling.knative.dev~1class","value":"kpa.autoscaling.knative.dev"},
 {"op":"add","path":"$ann/autoscaling.knative.dev~1initial-scale","value":"1"},
 {"op":"add","path":"$ann/autoscaling.knative.dev~1window","value":"120s"},
-{"op":"add","path":"$ann/autoscaling.knative.dev~1scale-down-delay","value":"15m"},
+{"op":"add","path":"$ann/autoscaling.knative.dev~1scale-down-delay","value":"5m"},
 {"op":"add","path":"$ann/autoscaling.knative.dev~1scale-to-zero-pod-retention-period","value":"15m"},
 {"op":"add","path":"$ann/autoscaling.knative.dev~1target-burst-capacity","value":"-1"},
 {"op":"add","path":"$ann/serving.knative.dev~1progress-deadline","value":"1800s"},
