@@ -640,12 +640,13 @@ def load_model(load_dir: Path, *, dtype: torch.dtype, device_map, attn_implement
             if key not in expected:
                 raise RuntimeError(f"{load_dir}: unexpected tensor {key}")
             _assign(model, key, state_dict.pop(key).to(_device_for(key, device_map)))
-    for fname in files if state_dict is None else ():
-        with safe_open(str(load_dir / fname), framework="pt", device=read_dev) as f:
-            for key in f.keys():
-                if key not in expected:
-                    raise RuntimeError(f"{load_dir / fname}: unexpected tensor {key}")
-                _assign(model, key, f.get_tensor(key).to(_device_for(key, device_map)))
+    else:
+        for fname in files:
+            with safe_open(str(load_dir / fname), framework="pt", device=read_dev) as f:
+                for key in f.keys():
+                    if key not in expected:
+                        raise RuntimeError(f"{load_dir / fname}: unexpected tensor {key}")
+                    _assign(model, key, f.get_tensor(key).to(_device_for(key, device_map)))
     if native:
         glm4v.finish_load(model, _device_for("lm_head.weight", device_map))   # tied weights, rotary buffers
     elif getattr(cfg.get_text_config(), "tie_word_embeddings", False) or getattr(cfg, "tie_word_embeddings", False):

@@ -25,7 +25,7 @@ from .kv_cache import slot_attention
 
 __all__ = ["Glm4vNativeConfig", "Glm4vNativeTextConfig", "Glm4vNativeVisionConfig", "Glm4vNativeRMSNorm",
            "Glm4vNativeTextModel", "Glm4vNativeVisionModel", "Glm4vNativeModel", "Glm4vNativeForConditionalGeneration",
-           "remap_checkpoint_key", "load_native", "finish_load"]
+           "remap_checkpoint_key", "load_native", "finish_load", "build_empty", "fuse_linear"]
 
 
 # ------------------------------------------------------------------------------------------------------ config

@@ -85,8 +85,8 @@ def choose(config: Config, model_path: Path) -> Choices:
     reason = f"QUANTIZATION={quant}"
     if quant == "auto":
         from . import fp8
-        # its AutoConfig is the start's first import of transformers on a GPU
-        quant, reason = with_hidden_from_transformers(lambda: fp8.choose_auto(config, model_path, device))
+        # reads the checkpoint with loader.model_config: natively for GLM-4.1V, else with the optional packages hidden
+        quant, reason = fp8.choose_auto(config, model_path, device)
         reason = f"QUANTIZATION=auto chose {quant}: {reason}"
     if quant == "bf16":
         quant = "none"
@@ -572,11 +572,8 @@ def load(config: Config, on_phase: Callable[[str], None] = lambda p: None, defer
         nonlocal state
         from . import fp8
         if choices.quantization == "fp8" and load_dir != model_path:   # the pre-quantized fp8 copy
-            try:
-                return fp8.load_model(load_dir, dtype=dtype, device_map=device_map,
-                                      attn_implementation=choices.attn_implementation, native=True, state_dict=state)
-            finally:
-                state = None
+            return fp8.load_model(load_dir, dtype=dtype, device_map=device_map,
+                                  attn_implementation=choices.attn_implementation, native=True, state_dict=state)
         try:
             model = glm4v.load_native(load_dir, dtype, choices.device, state_dict=state)
         except Exception as e:  # noqa: BLE001 - a read-ahead that went wrong: read the files once more
@@ -585,7 +582,6 @@ def load(config: Config, on_phase: Callable[[str], None] = lambda p: None, defer
             log.warning("loading the weights read ahead failed (%s: %s); reading them again", type(e).__name__, e)
             state = None
             model = glm4v.load_native(load_dir, dtype, choices.device)
-        state = None
         if quantize_now and choices.quantization == "fp8":
             _convert_fp8(model)
         return model.eval()
