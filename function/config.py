@@ -126,9 +126,14 @@ class Config:
     prefill_chunk_tokens: int = env("PREFILL_CHUNK_TOKENS", "Prompt tokens prefilled per step while sequences "
                                     "decode (chunked prefill: bounds the inter-token gap of running streams).",
                                     default=2048)
-    prefill_encoder_tokens: int = env("PREFILL_ENCODER_TOKENS", "Image tokens whose vision encode one step may start "
-                                      "while sequences decode, beside the text chunk (the first encode of a step "
-                                      "always fits); 0: encodes count against PREFILL_CHUNK_TOKENS.", default=2048)
+    prefill_encoder_tokens: int = env("PREFILL_ENCODER_TOKENS", "Image tokens' worth of vision-tower work one step "
+                                      "may run while sequences decode, beside the text chunk; a larger image is "
+                                      "encoded over several steps (PREFILL_SPLIT_ENCODES) or, where the tower "
+                                      "runs whole, in a step of its own; 0: encodes count against "
+                                      "PREFILL_CHUNK_TOKENS.", default=1024)
+    prefill_split_encodes: bool = env("PREFILL_SPLIT_ENCODES", "Spread a screenshot's vision encode over steps, in "
+                                      "pieces of the tower's blocks, while sequences decode (the native GLM-4.1V "
+                                      "implementation; false: one whole encode per step).", default=True)
     gpu_memory_utilization: float = env("GPU_MEMORY_UTILIZATION", "Fraction of GPU memory the engine may use "
                                         "(weights + KV cache + activations).", default=0.90)
     cuda_graphs: bool = env("CUDA_GRAPHS", "Capture decode steps as CUDA graphs (CUDA only).", default=True)

@@ -237,3 +237,37 @@ async def test_chunked_prefill_in_the_engine_gives_the_same_tokens(model_cache_d
         assert tokens > 3 * 256 and steps >= -(-tokens // 256)   # no step took more than the chunk budget
     finally:
         e.shutdown()
+
+
+async def test_split_encodes_while_others_decode_give_the_same_tokens(model_cache_dir):
+    """A tiny encoder budget while a stream decodes: each screenshot's encode is spread over several steps in
+    pieces of the tower's blocks (the native model), and the greedy outputs equal those of one request at a time."""
+    from PIL import Image
+
+    e = LocalEngine(Config.from_env({"MODEL_CACHE_DIR": str(model_cache_dir), "MAX_NUM_SEQS": "4",
+                                     "MAX_MODEL_LEN": "2048", "WARMUP": "false", "PREFILL_ENCODER_TOKENS": "8"}))
+    e.start_loading()
+    wait_ready(e)
+    try:
+        assert e._core.scheduler.split_encodes
+        shots = [Image.new("RGB", (112, 252), (30 * i, 140, 90)) for i in range(3)]
+        chats = [ChatInput(messages=[{"role": "user", "content": [{"type": "image", "image": im},
+                                                                  {"type": "text", "text": f"tap button {i}"}]}])
+                 for i, im in enumerate(shots)]
+        p = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+        alone = [[t for ch in await _collect(e, f"alone{i}", c, p) for t in ch.token_ids] for i, c in enumerate(chats)]
+        pieces = []
+        real = e.runner.encode
+        e.runner.encode = lambda ps: (pieces.extend((a, b, img.end - img.start) for _, img, a, b in ps), real(ps))
+        gen = e.generate("decoding", chat("keep decoding"), SamplingParams(max_tokens=300, temperature=0.0,
+                                                                            ignore_eos=True))
+        await gen.__anext__()
+        e.set_prefix_caching(False)
+        together = await asyncio.gather(*(_collect(e, f"tog{i}", c, p) for i, c in enumerate(chats)))
+        await gen.aclose()
+        assert [[t for ch in r for t in ch.token_ids] for r in together] == alone
+        n = pieces[0][2]
+        assert n > 8 and all(b - a <= 8 for a, b, _ in pieces)       # no piece above the step's budget
+        assert sum(b - a for a, b, _ in pieces) == 3 * n               # every image encoded exactly once
+    finally:
+        e.shutdown()

@@ -221,6 +221,42 @@ def test_runner_prefill_chunk_and_decode_match_transformers(tiny_dir, native, pr
     torch.testing.assert_close(chunk[1][0], logits[1][1], atol=1e-4, rtol=1e-4)
 
 
+def test_a_vision_encode_in_pieces_equals_the_whole_encode(tiny_dir, processor):
+    """The runner's split encode (pieces of the tower's blocks over several steps, as the scheduler hands them
+    out while streams decode) gives the features of one whole encode, bit for bit; an encode left unfinished is
+    completed by the prefill that reaches the image; and the prefill logits are those of an unsplit prefill."""
+    from function.engine.inputs import InputPreparer
+    from function.engine.protocol import ChatInput, SamplingParams
+
+    nat = load_native(tiny_dir, F32, "cpu")
+    depth = len(nat.model.visual.blocks)
+    r = ModelRunner(nat, num_slots=3, max_len=512, use_graphs=False)
+    assert r.splits_encodes
+    prep = InputPreparer(processor, nat, max_model_len=512)
+    chat = ChatInput(messages=[{"role": "user", "content": [{"type": "image", "image": TWO_IMAGES[1]},
+                                                            {"type": "text", "text": "tap the icon"}]}])
+    p = prep.prepare(chat, SamplingParams(max_tokens=1, temperature=0.0))
+    (img,) = p.images
+    n = img.end - img.start
+    whole: dict = {}
+    r.encode([(whole, img, 0, n)])
+    cuts = sorted({0, n, *(n * k // (2 * depth + 1) for k in range(1, 2 * depth + 1))})   # more pieces than blocks
+    split: dict = {}
+    for a, b in zip(cuts, cuts[1:]):
+        r.encode([(split, img, a, b)])
+        assert torch.is_tensor(split[img.start]) == (b == n)
+        if b < n:
+            assert split[img.start].blocks_done == depth * b // n
+    assert torch.equal(split[img.start], whole[img.start])
+    item = lambda slot, store: PrefillItem(slot=slot, token_ids=p.token_ids, start=0, position_ids=p.position_ids,
+                                           images=p.images, features=store)
+    unfinished: dict = {}
+    r.encode([(unfinished, img, 0, n // 2)])
+    got = r.prefill([item(0, unfinished)])
+    assert torch.equal(unfinished[img.start], whole[img.start])
+    torch.testing.assert_close(got, r.prefill([item(1, None)]), atol=0, rtol=0)
+
+
 def test_fp8_conversion_finds_the_same_linears(tiny_dir, ref, native):
     from function.engine import fp8
     names = [fp8._targets(m, quantize_vision=q) for m in (ref, native) for q in (False, True)]

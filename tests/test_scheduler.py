@@ -249,3 +249,87 @@ def test_a_second_screenshot_waits_for_a_step_with_room_for_its_encode():
     assert steps[0] == [("a1", 0, MIN_CHUNK)]
     firsts = [i for i, st in enumerate(steps) if any(n == "a2" for n, *_ in st)]
     assert firsts and firsts[0] >= 1
+
+
+# --- split encodes (the native tower runs in pieces of blocks)
+
+def _steps(s, decoding=True):
+    """[(name, start, end, encodes)] per step until nothing is left."""
+    steps = []
+    for _ in range(100):
+        chunks = s.schedule(decoding=decoding)
+        if not chunks:
+            return steps
+        steps.append([(c.seq.name, c.start, c.end, list(c.encodes)) for c in chunks])
+        for c in chunks:
+            s.chunk_done(c)
+    raise AssertionError("prefill never finished")
+
+
+def test_split_encode_spreads_a_screenshot_over_steps_and_its_text_waits_for_it():
+    """A prefix hit leaves [image][text] to prefill while streams decode: the 3,354-token screenshot's encode is
+    spread over ceil(3354 / 1024) = 4 steps, no step runs more than 1024 image tokens' worth of tower work, the
+    text stops before the image until its encode is done, and the step that finishes it continues into it."""
+    s = Scheduler(num_slots=4, max_prefill_tokens=16384, chunk_tokens=2048, encoder_tokens=1024, split_encodes=True)
+    keys, images = shot_prompt(1, 0, 3354, 200)
+    s.waiting.append(Seq("agent", keys, images))
+    steps = _steps(s)
+    assert [e for (step,) in steps for e in step[3]] == [(0, 0, 1024), (0, 1024, 2048), (0, 2048, 3072),
+                                                         (0, 3072, 3354)]
+    assert [(st, en) for (step,) in steps for _, st, en, _ in [step]] == \
+        [(0, 0), (0, 0), (0, 0), (0, 2048), (2048, 3554)]
+    assert all(sum(b - a for _, a, b in step[0][3]) <= 1024 for step in steps)
+
+
+def test_split_encode_looks_ahead_while_the_text_before_the_image_runs():
+    """A fresh agent turn, [1,500 text][screenshot][200 text]: the text chunks run while the budget left encodes
+    the screenshot ahead, so the text reaches the image with its encode (nearly) done."""
+    s = Scheduler(num_slots=4, max_prefill_tokens=16384, chunk_tokens=1024, encoder_tokens=1024, split_encodes=True)
+    keys, images = shot_prompt(1, 1500, 3354, 200)
+    s.waiting.append(Seq("agent", keys, images))
+    steps = _steps(s)
+    first, second = steps[0][0], steps[1][0]
+    assert (first[1], first[2], first[3]) == (0, 1024, [(1500, 0, 1024)])
+    assert (second[1], second[2], second[3]) == (1024, 1500, [(1500, 1024, 2048)])   # stops before the image
+    assert all(e - st <= 1024 for (_, st, e, _), in steps)
+    assert steps[-1][0][2] == len(keys)
+    assert sum(b - a for (step,) in steps for _, a, b in step[3]) == 3354
+
+
+def test_split_encode_uses_the_encoder_budget_beside_a_full_text_chunk():
+    """One sequence fills the text budget; a second one's screenshot is encoded beside it (an encode-only chunk),
+    admitted into its slot, instead of waiting for a step with text room."""
+    s = Scheduler(num_slots=4, max_prefill_tokens=16384, chunk_tokens=1024, encoder_tokens=1024, split_encodes=True)
+    s.waiting.append(Seq("text", prompt(1, 4000)))
+    keys, images = shot_prompt(2, 0, 3354, 100)
+    s.waiting.append(Seq("shot", keys, images))
+    chunks = s.schedule(decoding=True)
+    assert [(c.seq.name, c.tokens, c.encodes) for c in chunks] == [("text", 1024, []), ("shot", 0, [(0, 0, 1024)])]
+    assert all(c.first for c in chunks) and chunks[0].slot != chunks[1].slot
+
+
+def test_split_encode_finishes_whole_when_the_engine_goes_idle_and_release_forgets_it():
+    s = Scheduler(num_slots=2, max_prefill_tokens=16384, chunk_tokens=1024, encoder_tokens=1024, split_encodes=True)
+    keys, images = shot_prompt(1, 0, 3354, 100)
+    s.waiting.append(Seq("agent", keys, images))
+    (c,) = s.schedule(decoding=True)
+    s.chunk_done(c)
+    assert s.encoded[c.slot] == {0: 1024}
+    (c2,) = s.schedule(decoding=False)        # nothing decodes any more: one step, the rest of the encode
+    assert (c2.start, c2.end, c2.encodes) == (0, len(keys), [(0, 1024, 3354)])
+    s.chunk_done(c2)
+    assert c2.slot not in s.encoded
+    # a sequence aborted mid-encode: its slot's progress goes with it
+    s.waiting.append(Seq("again", *shot_prompt(3, 0, 3354, 100)))
+    (c3,) = s.schedule(decoding=True)
+    s.chunk_done(c3)
+    assert s.encoded[c3.slot] == {0: 1024}
+    s.release(c3.slot, None)
+    assert c3.slot not in s.encoded
+
+
+def test_without_split_encodes_a_chunk_names_the_whole_images_it_encodes():
+    s = Scheduler(num_slots=4, max_prefill_tokens=16384, chunk_tokens=2048, encoder_tokens=2048)
+    keys, images = shot_prompt(1, 300, 3354, 200)
+    s.waiting.append(Seq("agent", keys, images))
+    assert [step[0][3] for step in _steps(s)] == [[(300, 0, 3354)], []]

@@ -134,7 +134,8 @@ class LocalEngine(EngineClient):
         sampler = Sampler(slots, runner.vocab, runner.device)
         sched = Scheduler(slots, self.config.max_prefill_tokens, self.config.prefix_caching,
                           chunk_tokens=self.config.prefill_chunk_tokens,
-                          encoder_tokens=self.config.prefill_encoder_tokens)
+                          encoder_tokens=self.config.prefill_encoder_tokens,
+                          split_encodes=self.config.prefill_split_encodes and runner.splits_encodes)
         self._core = EngineCore(runner, sched, sampler, max_len)
         self.timings["kv_cache"] = round(time.perf_counter() - t, 3)
         self._preparer = InputPreparer(loaded.processor, model, max_len)

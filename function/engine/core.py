@@ -283,8 +283,12 @@ class EngineCore:
                     continue
                 metrics.observe_prefix_cache(c.reuse, seq.prompt.length)
             ready.append(c)
+        ready = self._encode(ready)
+        for c in ready:
+            if c.tokens == 0:   # tower work only (a piece of a split encode): no forward this step
+                self.scheduler.chunk_done(c)
         seqs, fetches = [], []
-        for group in _prefill_groups(ready):
+        for group in _prefill_groups([c for c in ready if c.tokens > 0]):
             sampled = self._prefill_group(group)
             if sampled:
                 seqs += sampled[0]
@@ -294,6 +298,19 @@ class EngineCore:
         st["prefill_seqs"] += sum(c.final for c in chunks)
         st["prefill_tokens"] += sum(c.tokens for c in chunks)
         self._launched(_Launched(seqs, fetches, "prefill", time.perf_counter() - t))
+
+    def _encode(self, chunks) -> list:
+        """This step's vision-tower work (whole encodes batched, pieces of split ones); the chunks still to run."""
+        pieces = [(c.seq.image_features, img, a, b) for c in chunks for s0, a, b in c.encodes
+                  for img in c.seq.prompt.images if img.start == s0]
+        if not pieces:
+            return chunks
+        try:
+            self.runner.encode(pieces)
+        except Exception as e:  # noqa: BLE001
+            self._step_failed([c.seq for c in chunks if c.encodes], e)
+            return [c for c in chunks if not c.encodes]
+        return chunks
 
     def _prefill_group(self, chunks) -> tuple[list[Sequence], HostFetch] | None:
         """Launch one prefill forward; (the sequences whose prompt it completes, their first tokens' fetch)."""

@@ -572,6 +572,14 @@ class Glm4vNativeVisionModel(nn.Module):
     def forward(self, hidden_states: torch.Tensor, grid_thw, **kwargs) -> VisionOutput:
         """hidden_states [patches, C*T*P*P]; grid_thw [images, 3] (a tensor or lists). Reads the grid on the host
         once (one sync when it lives on the GPU)."""
+        work = self.begin(hidden_states, grid_thw)
+        self.advance(work, len(self.blocks))
+        return self.finish(work)
+
+    # The tower in pieces (the engine spreads a screenshot's encode over several steps while streams decode, so no
+    # step carries a whole 24-block encode): begin (patch embedding, positions), advance (some blocks), finish
+    # (norm, 2x2 downsample, merger). The blocks are independent of where the split falls: forward is the three.
+    def begin(self, hidden_states: torch.Tensor, grid_thw) -> "VisionWork":
         grid = grid_thw.tolist() if torch.is_tensor(grid_thw) else [list(map(int, g)) for g in grid_thw]
         hw, target, lengths = self._layout(grid)
         dev = self.device
@@ -579,14 +587,32 @@ class Glm4vNativeVisionModel(nn.Module):
         x = self.post_conv_layernorm(self.patch_embed(hidden_states.to(dev)))
         cos, sin = self.rotary_pos_emb(hw)
         x = self.embeddings(x, hw, target)
-        for blk in self.blocks:
-            x = blk(x, cos, sin, lengths)
-        x = self.post_layernorm(x)
+        return VisionWork(x, cos, sin, lengths, grid)
+
+    def advance(self, work: "VisionWork", upto: int) -> None:
+        """Run blocks [work.blocks_done, upto)."""
+        for blk in self.blocks[work.blocks_done:upto]:
+            work.x = blk(work.x, work.cos, work.sin, work.lengths)
+        work.blocks_done = max(work.blocks_done, min(upto, len(self.blocks)))
+
+    def finish(self, work: "VisionWork") -> VisionOutput:
+        self.advance(work, len(self.blocks))
+        x = self.post_layernorm(work.x)
         m, w = self.spatial_merge_size, self.downsample.weight
         # the m x m Conv2d with stride m over each merge block, as the matmul it is
         x = x.view(-1, m, m, x.shape[-1]).permute(0, 3, 1, 2).reshape(-1, w[0].numel())
         x = F.linear(x, w.reshape(w.shape[0], -1), self.downsample.bias)
         return VisionOutput(x, self.merger(x))
+
+
+class VisionWork:
+    """A vision-tower encode under way: the hidden states after `blocks_done` blocks (~41 MB for a 1080x2400
+    screenshot's 13.4k patches in bf16) and what the remaining blocks need."""
+    __slots__ = ("x", "cos", "sin", "lengths", "grid", "blocks_done")
+
+    def __init__(self, x, cos, sin, lengths, grid):
+        self.x, self.cos, self.sin, self.lengths, self.grid = x, cos, sin, lengths, grid
+        self.blocks_done = 0
 
 
 # ---------------------------------------------------------------------------------------------------- the model

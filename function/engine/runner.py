@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -174,27 +175,66 @@ class ModelRunner:
         h = hs[torch.arange(n, device=hs.device), last]
         return self.lm_head(h).to(dev)
 
+    @property
+    def splits_encodes(self) -> bool:
+        """Whether the vision tower runs in pieces of blocks (the native model), so the scheduler may spread a
+        screenshot's encode over several steps."""
+        return all(hasattr(self.visual, a) for a in ("begin", "advance", "finish"))
+
+    @torch.inference_mode()
+    def encode(self, pieces: list[tuple[dict, Any, int, int]]) -> None:
+        """Vision-tower work of one step: (the prompt's feature store, its PromptImage, from, to) in units of the
+        image's tokens. Whole encodes (0 -> all) share one tower call; a piece runs the blocks its share of the
+        tower's depth covers and keeps the hidden states (glm4v.VisionWork) in the store until the last piece,
+        which stores the image's features as a whole encode does."""
+        whole = [(store, img) for store, img, a, b in pieces if a == 0 and b >= img.end - img.start
+                 and img.start not in store]
+        if whole:
+            self._encode_whole(whole)
+        vis = self.visual
+        for store, img, a, b in pieces:
+            n = img.end - img.start
+            if a == 0 and b >= n:
+                continue
+            work = store.get(img.start)
+            if torch.is_tensor(work):
+                continue
+            if work is None:
+                pixels = to_device(img.pixels, img.pixels.dtype, self.device)
+                work = vis.begin(pixels.type(vis.dtype), [img.grid.tolist()])
+                store[img.start] = work
+            vis.advance(work, len(vis.blocks) * min(b, n) // n)
+            if b >= n:
+                store[img.start] = vis.finish(work).pooler_output.to(self.dtype)
+
+    def _encode_whole(self, todo: list[tuple[dict, Any]]) -> None:
+        dev = self.device
+        grids = to_device(torch.stack([img.grid for _, img in todo]), torch.long, dev)
+        # one image (the usual screenshot) is staged as it is: a cat would copy its ~30 MB once more
+        pixels = todo[0][1].pixels if len(todo) == 1 else torch.cat([img.pixels for _, img in todo])
+        pixels = to_device(pixels, pixels.dtype, dev)
+        feats = self.model.model.get_image_features(pixels, grids, return_dict=True).pooler_output
+        for (store, img), f in zip(todo, feats):
+            store[img.start] = f.to(self.dtype)
+
     def _place_images(self, items: list[PrefillItem], ends: list[int], embeds: torch.Tensor) -> None:
         """Put vision features where the image tokens of [start, end) are. An image is encoded once per prompt
-        (all images new in this step in one vision-tower call) and its features kept for the prompt's later
-        chunks, so a chunk boundary may fall inside an image."""
+        (`encode`, or here all images of this step not encoded yet in one vision-tower call) and its features
+        kept for the prompt's later chunks, so a chunk boundary may fall inside an image."""
         todo = []
         stores = []
         for it, e in zip(items, ends):
             store = it.features if it.features is not None else {}
             stores.append(store)
             for img in it.images:
-                if img.start < e and img.end > it.start and img.start not in store:
-                    todo.append((store, img))
+                if img.start < e and img.end > it.start:
+                    got = store.get(img.start)
+                    if got is not None and not torch.is_tensor(got):   # an encode under way: finish it
+                        store[img.start] = self.visual.finish(got).pooler_output.to(self.dtype)
+                    elif got is None:
+                        todo.append((store, img))
         if todo:
-            dev = self.device
-            grids = to_device(torch.stack([img.grid for _, img in todo]), torch.long, dev)
-            # one image (the usual screenshot) is staged as it is: a cat would copy its ~30 MB once more
-            pixels = todo[0][1].pixels if len(todo) == 1 else torch.cat([img.pixels for _, img in todo])
-            pixels = to_device(pixels, pixels.dtype, dev)
-            feats = self.model.model.get_image_features(pixels, grids, return_dict=True).pooler_output
-            for (store, img), f in zip(todo, feats):
-                store[img.start] = f.to(embeds.dtype)
+            self._encode_whole(todo)
         for i, (it, e, store) in enumerate(zip(items, ends, stores)):
             for img in it.images:
                 a, b = max(img.start, it.start), min(img.end, e)

@@ -43,6 +43,9 @@ class Chunk:
     copy_from: int | None = None
     first: bool = False      # the sequence was admitted to its slot in this step
     reuse: int = 0           # prompt tokens taken from a cached prefix (first chunk only)
+    # vision-tower work of this step for this sequence: (image start, from, to) in units of the image's tokens;
+    # (s, 0, n) encodes an n-token image whole, a smaller range is a piece of its encode (split encodes)
+    encodes: list[tuple[int, int, int]] = field(default_factory=list)
 
     @property
     def final(self) -> bool:
@@ -70,11 +73,19 @@ class Scheduler:
     beside the text budget; the first encode of a step always fits, so one screenshot larger than the budget is
     encoded in a step of its own, and a chunk stops before an image that does not fit. `encoder_tokens=0`
     charges encodes to the text budget instead (a step then holds either a text chunk or an encode with
-    MIN_CHUNK tokens: the smallest stall, the most steps per prompt)."""
+    MIN_CHUNK tokens: the smallest stall, the most steps per prompt).
+
+    `split_encodes` (the native GLM-4.1V tower, which runs in pieces of blocks): while sequences decode, an encode
+    is spread over steps instead, `encoder_tokens` image tokens' worth of tower work per step, so no step carries a
+    whole screenshot's encode (~120 ms on an H200) on top of its text chunk. A chunk stops before an image whose
+    encode is not finished, and budget left after the chunk starts the encode of the next image ahead of it
+    (lookahead), so a prompt's text reaches its screenshot with the encode done."""
 
     def __init__(self, num_slots: int, max_prefill_tokens: int, prefix_caching: bool = True,
-                 chunk_tokens: int = 2048, encoder_tokens: int = 2048):
+                 chunk_tokens: int = 2048, encoder_tokens: int = 2048, split_encodes: bool = False):
         self.slots = [SlotState() for _ in range(num_slots)]
+        self.split_encodes = split_encodes and encoder_tokens > 0
+        self.encoded: dict[int, dict[int, int]] = {}   # slot -> image start -> its encode's units done
         self.waiting: deque = deque()
         self.max_prefill_tokens = max_prefill_tokens
         self.chunk_tokens = max(MIN_CHUNK, min(chunk_tokens, max_prefill_tokens))
@@ -127,13 +138,13 @@ class Scheduler:
                                                               self.slots[kv[0]].last_used))
         for slot, done in order:
             take = self._take(budget, out)
-            if take <= 0:
+            if take <= 0 and not self._encode_room(enc_left):
                 return out
             st = self.slots[slot]
-            end, cost, enc = self._chunk_end(st.owner, done, take, decoding, not out, enc_left)
-            if end <= done:
+            end, cost, enc, pieces = self._chunk_end(st.owner, slot, done, take, decoding, not out, enc_left)
+            if end <= done and not pieces:
                 continue
-            out.append(Chunk(seq=st.owner, slot=slot, start=done, end=end))
+            out.append(Chunk(seq=st.owner, slot=slot, start=done, end=end, encodes=pieces))
             budget -= cost
             enc_left = None if enc_left is None else enc_left - enc
         while self.waiting:
@@ -141,14 +152,14 @@ class Scheduler:
             if not free:
                 break
             take = self._take(budget, out)
-            if take <= 0:
+            if take <= 0 and not self._encode_room(enc_left):
                 break
             seq = self.waiting[0]
             keys = seq.prompt.keys
             spans = [(s, e) for s, e, *_ in seq.prompt.images]
             reuse, src = self.best_prefix(keys, spans)
-            end, cost, enc = self._chunk_end(seq, reuse, take, decoding, not out, enc_left)
-            if end <= reuse:
+            end, cost, enc, pieces = self._chunk_end(seq, None, reuse, take, decoding, not out, enc_left)
+            if end <= reuse and not pieces:
                 break               # its next image does not fit in this step: it keeps its place in the queue
             self.waiting.popleft()
             self.prefix_query_tokens += len(keys)
@@ -163,26 +174,53 @@ class Scheduler:
             st.valid = reuse
             self._clock += 1
             st.last_used = self._clock
+            self.encoded.pop(slot, None)
             out.append(Chunk(seq=seq, slot=slot, start=reuse, end=end, copy_from=copy_from, first=True,
-                             reuse=reuse))
+                             reuse=reuse, encodes=pieces))
             budget -= cost
             enc_left = None if enc_left is None else enc_left - enc
         return out
 
-    def _chunk_end(self, seq, start: int, take: int, decoding: bool, first: bool,
-                   enc_left: int | None) -> tuple[int, int, int]:
-        """(end, text-budget cost, image tokens encoded) of the chunk of `seq` from `start` within `take`. An
-        image is encoded by the chunk that contains its first token (one begun before `start` was encoded by an
-        earlier chunk). While decoding, encodes count against `enc_left` (the first of a step always fits), or
-        against `take` when `enc_left` is None (encoder_tokens=0). end == start: nothing fits."""
+    def _encode_room(self, enc_left: int | None) -> bool:
+        """With split encodes, tower work fits beside a full text budget: an encode-only chunk."""
+        return self.split_encodes and enc_left is not None and enc_left > 0
+
+    def _chunk_end(self, seq, slot: int | None, start: int, take: int, decoding: bool, first: bool,
+                   enc_left: int | None) -> tuple[int, int, int, list[tuple[int, int, int]]]:
+        """(end, text-budget cost, image tokens' worth of encode, encode pieces) of the chunk of `seq` from `start`
+        within `take`. An image is encoded by the chunk that contains its first token (one begun before `start`
+        was encoded by an earlier chunk). While decoding, encodes count against `enc_left` (the first of a step
+        always fits, unless encodes are split), or against `take` when `enc_left` is None (encoder_tokens=0).
+        end == start and no pieces: nothing fits."""
         length = len(seq.prompt.keys)
         end = min(length, start + take)
-        if not decoding:
-            return end, end - start, 0
         spans = sorted((s0, e0) for s0, e0, *_ in seq.prompt.images if s0 >= start)
+        done = self.encoded.get(slot, {}) if slot is not None else {}
+
+        def whole(upto: int) -> list[tuple[int, int, int]]:   # the rest of each image that starts before `upto`
+            return [(s0, done.get(s0, 0), e0 - s0) for s0, e0 in spans if s0 < upto and done.get(s0, 0) < e0 - s0]
 
         def encode(upto: int) -> int:
-            return sum(e0 - s0 for s0, e0 in spans if s0 < upto)
+            return sum(b - a for _, a, b in whole(upto))
+        if not decoding:
+            return end, end - start, 0, whole(end)
+        if enc_left is not None and self.split_encodes:
+            pieces, used = [], 0
+            for s0, e0 in spans:
+                n = e0 - s0
+                left = n - done.get(s0, 0)
+                if left <= 0:
+                    continue          # encoded ahead by an earlier step
+                piece = min(left, enc_left - used)
+                if piece > 0:
+                    pieces.append((s0, n - left, n - left + piece))
+                    used += piece
+                if s0 >= end:
+                    break             # the lookahead image: one per chunk
+                if piece < left:
+                    end = s0          # the text stops before an image whose encode is not finished
+                    break
+            return end, end - start, used, pieces
         if enc_left is not None:
             step_fresh = enc_left == self.encoder_tokens   # nothing encoded yet in this step
             enc = 0
@@ -193,14 +231,14 @@ class Scheduler:
                     end = s0            # stop before the image that does not fit
                     break
                 enc += e0 - s0
-            return end, end - start, enc
+            return end, end - start, enc, whole(end)
         while end > start and (end - start) + encode(end) > take:
             last = max(s0 for s0, _ in spans if s0 < end)
             fit = start + take - encode(end)      # keep that image, shorten the text after it
             end = fit if fit > last else last     # or stop just before it
         if end <= start and first:
             end = min(length, start + MIN_CHUNK)
-        return end, (end - start) + encode(end), encode(end)
+        return end, (end - start) + encode(end), encode(end), whole(end)
 
     def _take(self, budget: int, out: list) -> int:
         if not out:
@@ -213,8 +251,11 @@ class Scheduler:
         st.valid = chunk.end
         if chunk.final:
             self.partial.pop(chunk.slot, None)
+            self.encoded.pop(chunk.slot, None)
         else:
             self.partial[chunk.slot] = chunk.end
+            for s0, _, b in chunk.encodes:
+                self.encoded.setdefault(chunk.slot, {})[s0] = b
 
     def _pick_free(self, free: list[int]) -> int:
         """A slot for a prompt that matches no free slot's cache. Decode runs rows 0..B-1 of a batch bucket, so a
@@ -239,6 +280,7 @@ class Scheduler:
         st = self.slots[slot]
         st.owner = None
         self.partial.pop(slot, None)
+        self.encoded.pop(slot, None)
         self._clock += 1
         st.last_used = self._clock
         if generated is None:
