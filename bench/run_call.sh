@@ -134,6 +134,16 @@ case "${1:-perf}" in
     OUT=$O/c timeout 150 python3 bench/agent_bench.py soak --quant none --minutes 2 --deadline 145
     OUT=$O/d timeout 110 python3 bench/agent_bench.py starts --n 7 --deadline 105
     ;;
+  split)     # session 3 call 1: split vision encodes (default: PREFILL_ENCODER_TOKENS=1024, split) vs a 1024-token text
+             # chunk vs the whole-encode rule (PREFILL_SPLIT_ENCODES=false, 2048 image tokens), naive in the same call
+    [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
+    OUT=$O/a timeout 135 python3 bench/agent_bench.py agent --quant none --clients 1,8,32 --turns-s 25 --deadline 130
+    OUT=$O/b timeout 90 python3 bench/agent_bench.py agent --quant none --clients 8,32 --turns-s 25 --deadline 85 \
+      --env PREFILL_CHUNK_TOKENS=1024
+    OUT=$O/c timeout 90 python3 bench/agent_bench.py agent --quant none --clients 8,32 --turns-s 25 --deadline 85 \
+      --env PREFILL_SPLIT_ENCODES=false --env PREFILL_ENCODER_TOKENS=2048
+    OUT=$O/d timeout 80 python3 bench/agent_bench.py naive --naive-turns 3 --deadline 75
+    ;;
   fp8starts) # call 22: fp8 starts in a row: the first converts and writes the pre-quantized copy, the rest load it
     [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
     OUT=$O/a timeout 70 python3 bench/agent_bench.py starts --quant fp8 --n 1 --deadline 65
