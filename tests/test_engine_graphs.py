@@ -245,7 +245,8 @@ async def test_split_encodes_while_others_decode_give_the_same_tokens(model_cach
     from PIL import Image
 
     e = LocalEngine(Config.from_env({"MODEL_CACHE_DIR": str(model_cache_dir), "MAX_NUM_SEQS": "4",
-                                     "MAX_MODEL_LEN": "2048", "WARMUP": "false", "PREFILL_ENCODER_TOKENS": "8"}))
+                                     "MAX_MODEL_LEN": "2048", "WARMUP": "false", "PREFILL_ENCODER_TOKENS": "8",
+                                     "PREFILL_SPLIT_ENCODES": "true"}))
     e.start_loading()
     wait_ready(e)
     try:
