@@ -133,9 +133,9 @@ class Config:
                                       "PREFILL_CHUNK_TOKENS.", default=2048)
     prefill_split_encodes: bool = env("PREFILL_SPLIT_ENCODES", "Spread a screenshot's vision encode over steps, in "
                                       "pieces of the tower's blocks, while sequences decode (the native GLM-4.1V "
-                                      "implementation). Off by default: on an H200 it cut the 32-agent inter-token gap p99 "
-                                      "by 29% but cost 10% of turns per minute and tripled the gap p50 "
-                                      "(bench/RESULTS.md).", default=False)
+                                      "implementation). Off by default: on an H200 it cut the 32-agent "
+                                      "inter-token gap p99 by 29% but cost 10% of turns per minute and tripled "
+                                      "the gap p50 (bench/RESULTS.md).", default=False)
     gpu_memory_utilization: float = env("GPU_MEMORY_UTILIZATION", "Fraction of GPU memory the engine may use "
                                         "(weights + KV cache + activations).", default=0.90)
     cuda_graphs: bool = env("CUDA_GRAPHS", "Capture decode steps as CUDA graphs (CUDA only).", default=True)

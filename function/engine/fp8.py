@@ -61,11 +61,25 @@ VISUAL = "model.visual"
 
 # --------------------------------------------------------------------------------------------- quantization math
 
-def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output-channel FP8: (codes [N, K] float8_e4m3fn, scales [N] fp32) with w ~= codes * scales[:, None]."""
-    wf = w.detach().to(torch.float32)
-    scale = (wf.abs().amax(dim=1) / FP8_MAX).clamp_(min=WEIGHT_MIN_SCALE)
-    q = (wf / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+def quantize_weight(w: torch.Tensor, out: torch.Tensor | None = None,
+                    scale_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel FP8: (codes [N, K] float8_e4m3fn, scales [N] fp32) with w ~= codes * scales[:, None].
+    `out` / `scale_out`: tensors to write the codes and scales into (then returned).
+
+    No fp32 copy of w: the row maximum of |w| in w's own dtype is exact (abs and max only pick one of the values,
+    and bf16/fp16 -> fp32 is exact), and the division promotes to fp32 element by element, so the codes and scales
+    are those of `w.float()`, bit for bit, with one fp32 temporary instead of three (tests/test_fp8.py)."""
+    w = w.detach()
+    if w.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        w = w.to(torch.float32)
+    scale = (w.abs().amax(dim=1).to(torch.float32) / FP8_MAX).clamp_(min=WEIGHT_MIN_SCALE)
+    q = torch.div(w, scale[:, None]).clamp_(-FP8_MAX, FP8_MAX)
+    if out is None:
+        q = q.to(FP8_DTYPE)
+    else:
+        q = out.copy_(q)
+    if scale_out is not None:
+        scale = scale_out.copy_(scale)
     return q, scale
 
 
@@ -205,6 +219,29 @@ def gemv_config(M: int, N: int, K: int) -> GemvConfig | None:
     return cfg if _FAST_DEQUANT or not cfg.fast else replace(cfg, fast=False)
 
 
+@dataclass(frozen=True)
+class GemvLaunch:
+    """How fp8_gemv.w8a16 launches one config: rows per program (BLOCK_M), K slices (split) and their length."""
+    block_m: int
+    split: int
+    k_split: int
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def gemv_launch(M: int, N: int, K: int, cfg: GemvConfig) -> GemvLaunch:
+    """BLOCK_M and split-K of the weight-only launch of `cfg` for M rows of an [N, K] weight (pure: no Triton, so
+    warm_kernels can tell its compile variants apart on the host). BLOCK_M depends on M only through `_bucket(M)`
+    (a power of two for fma; 16, 32 or 64 for the tensor-core kernels), and M itself is not specialized by the
+    kernels (`do_not_specialize`), so every row count of one bucket runs one compiled binary."""
+    bm = _pow2(M) if cfg.kind == "fma" else min(64, max(16, _pow2(M)))
+    split = max(1, min(cfg.split_k, _cdiv(K, cfg.block_k)))
+    k_split = _cdiv(_cdiv(K, split), cfg.block_k) * cfg.block_k
+    return GemvLaunch(bm, _cdiv(K, k_split), k_split)
+
+
 _w8a16 = None      # set by _probe_w8a16(): callable (x2 bf16 [M, K], codes fp8 [N, K], scale [N], bias | None) -> y
 
 
@@ -246,14 +283,19 @@ class Fp8Linear(nn.Module):
         self.small_m = 0                  # rows up to which the weight-only kernel runs (0: never); set with scaled_mm
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear, *, scaled_mm: bool = False) -> "Fp8Linear":
+    def from_linear(cls, lin: nn.Linear, *, scaled_mm: bool = False, codes: torch.Tensor | None = None,
+                    scale: torch.Tensor | None = None) -> "Fp8Linear":
+        """The FP8 copy of `lin` (its bias shared, not copied). `codes` / `scale`: preallocated [N, K] fp8 and [N]
+        fp32 tensors to quantize into (convert allocates them before any temporary). Built on the meta device, so
+        no placeholder weight is allocated on the card and then thrown away."""
         w = lin.weight
-        m = cls(lin.in_features, lin.out_features, lin.bias is not None, dtype=w.dtype, device=w.device,
+        m = cls(lin.in_features, lin.out_features, lin.bias is not None, dtype=w.dtype, device="meta",
                 scaled_mm=scaled_mm)
-        q, s = quantize_weight(w)
-        m.weight.data, m.weight_scale.data = q, s
+        q, s = quantize_weight(w, codes, scale)
+        m.weight = nn.Parameter(q, requires_grad=False)
+        m.weight_scale = nn.Parameter(s, requires_grad=False)
         if lin.bias is not None:
-            m.bias.data = lin.bias.detach()
+            m.bias = nn.Parameter(lin.bias.detach(), requires_grad=False)
         return m
 
     def extra_repr(self) -> str:

@@ -20,8 +20,15 @@ finite e4m3 value, subnormals included (checked against torch's cast of all 256 
 Triton's cast (fp8 -> f16 -> f32 -> bf16 conversions).
 Split-K (small N, e.g. k_proj/v_proj with N = 256) writes fp32 partials [SPLIT_K, M, N] that `_splitk_reduce_kernel`
 adds in a fixed order, so results are deterministic and a CUDA graph replays bit-identically. Launch shapes come from
-fp8.gemv_config (a fixed table measured on the H200, else a heuristic); nothing is autotuned and nothing reads a
-device value on the host, so the calls are capturable in CUDA graphs.
+fp8.gemv_config (a fixed table measured on the H200, else a heuristic) and fp8.gemv_launch (BLOCK_M, split); nothing
+is autotuned and nothing reads a device value on the host, so the calls are capturable in CUDA graphs.
+
+Compiled variants: Triton specializes an integer argument on == 1 and on divisibility by 16 unless told not to, so
+without `do_not_specialize` the row count M alone made 1, 16, 20, 32, 37, 64 ... separate binaries, each compiled
+(0.3-0.55 s on the H200) the first time serving met it (bench/RESULTS.md: 32 agents). M is a runtime value of both
+kernels here, so one binary serves every M of a launch class (fp8.gemv_launch: the same config and BLOCK_M for all
+rows of one fp8._bucket), and fp8.warm_kernels compiles each class before the server is ready. N, K, K_SPLIT and
+the strides stay specialized: they are fixed per layer (and K_SPLIT is a multiple of BLOCK_K).
 """
 from __future__ import annotations
 
@@ -29,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8 import GemvConfig, _pow2, gemv_config
+from .fp8 import GemvConfig, gemv_config, gemv_launch
 
 
 @triton.jit
@@ -102,7 +109,7 @@ def _tiles(w_rows, x_rows, kk, K, m_mask, n_mask, EVEN_K: tl.constexpr, EVEN_N: 
     return w, x
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _w8a16_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, M, N, K, K_SPLIT, stride_xm, stride_wn, stride_ym,
                   KIND: tl.constexpr, FAST: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
@@ -141,7 +148,7 @@ def _w8a16_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, M, N, K, K_SPLIT, s
               HAS_BIAS, SPLIT_K)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _splitk_reduce_kernel(ws_ptr, s_ptr, b_ptr, y_ptr, M, N, stride_ym, HAS_BIAS: tl.constexpr,
                           SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -177,11 +184,9 @@ def w8a16(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch
     if cfg is None:
         raise ValueError(f"no weight-only launch for M={M} N={N} K={K} (torch._scaled_mm is the faster path there)")
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    split = max(1, min(cfg.split_k, triton.cdiv(K, cfg.block_k)))
-    k_split = triton.cdiv(triton.cdiv(K, split), cfg.block_k) * cfg.block_k
-    split = triton.cdiv(K, k_split)
+    launch = gemv_launch(M, N, K, cfg)
+    bm, split, k_split = launch.block_m, launch.split, launch.k_split
     ws = torch.empty((split, M, N), dtype=torch.float32, device=x.device) if split > 1 else y
-    bm = _pow2(M) if cfg.kind == "fma" else min(64, max(16, _pow2(M)))
     grid = (triton.cdiv(N, cfg.block_n), split, triton.cdiv(M, bm))
     b = bias if bias is not None else scale
     _w8a16_kernel[grid](
