@@ -32,11 +32,12 @@ is loaded onto an empty (meta) model, straight to the card, without transformers
 from __future__ import annotations
 
 import json
-import time
 import logging
+import threading
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -393,7 +394,9 @@ def _probe_triton(device: torch.device) -> bool:
     try:
         quant = _load_triton()
         g = torch.Generator(device="cpu").manual_seed(1)
-        for K in (64, 1000, 4096, 13696):
+        # 1000: a row shorter than one block (masked); 4096 and 13696 (ragged last block): the decoder's widths,
+        # one binary for both (K is specialized only on divisibility by 16), the one prefill then launches
+        for K in (1000, 4096, 13696):
             x = (torch.randn(7, K, generator=g) * torch.logspace(-3, 2, 7).view(7, 1)).to(device, torch.bfloat16)
             x[3] = 0
             qa, sa = quant(x)
@@ -413,9 +416,26 @@ def _probe_triton(device: torch.device) -> bool:
     return True
 
 
+#: The weight-only kernels' checks at start-up: (M, N, K, config or None for gemv_config), each with a bias or
+#: without. Chosen to cover what can go wrong while compiling little that serving does not run (each entry is one
+#: Triton compile on an empty cache, ~0.3-0.5 s on the H200; the earlier list of 20 took 11 s): every kernel kind
+#: (fma, dot, dot_t), split-K and its reduce kernel (with and without bias), the bias epilogue of the main kernel,
+#: rows that fill no tile (3 of BLOCK_M 4, 5 of 16, 20 of 32, 40 of 64) and N and K that are no multiple of the
+#: blocks (masked loads: EVEN_K/EVEN_N false). The second entry is what gemv_config picks for it, the same binary
+#: the decoder's o_proj/down run at 1..16 rows (N, K and the strides are specialized only on divisibility by 16,
+#: M not at all), so its compile is not wasted. The real shapes' binaries are compiled by `warm_kernels` before
+#: the server is ready; a failure there sends that layer to _scaled_mm instead of failing a request.
+PROBE_CASES: tuple[tuple[int, int, int, GemvConfig | None, bool], ...] = (
+    (3, 70, 1000, GemvConfig("fma", 4, 256, 2), True),         # fma, split 2 (ragged last slice), ragged N
+    (5, 512, 1024, None, False),                                 # heuristic: dot 64x128, split 4, no bias
+    (20, 100, 512, GemvConfig("dot", 32, 128, 1), True),        # dot, bias in the main epilogue, ragged N
+    (40, 128, 1000, GemvConfig("dot_t", 64, 128, 2), True),     # dot_t, split 2, ragged K
+)
+
+
 def _probe_w8a16(device: torch.device) -> tuple[bool, str]:
-    """Load the weight-only kernels and check each kind against `weight_only_reference` on awkward shapes (rows
-    that fill no tile, N and K that are no multiple of the blocks, split-K, with and without bias)."""
+    """Load the weight-only kernels, check the widening of every finite e4m3 code against torch's cast, and each
+    kernel kind against `weight_only_reference` on PROBE_CASES (see there for why these)."""
     global _w8a16, _FAST_DEQUANT
     _w8a16 = None
     try:
@@ -434,40 +454,47 @@ def _probe_w8a16(device: torch.device) -> tuple[bool, str]:
             log.warning("fp8: the weight-only kernel's bit-level fp8 widening differs from torch's cast here; "
                         "using Triton's cast")
         g = torch.Generator(device="cpu").manual_seed(2)
-        cases = [(1, 96, 4096, None), (3, 80, 1000, None), (4, 256, 4096, GemvConfig("fma", 4, 256, 4)),
-                 (8, 96, 1000, None), (17, 272, 13696, None), (64, 64, 4096, GemvConfig("dot", 16, 128, 4)),
-                 (33, 48, 520, GemvConfig("dot", 32, 128, 2)), (5, 200, 1000, GemvConfig("dot_t", 64, 128, 1)),
-                 (48, 128, 4096, GemvConfig("dot_t", 64, 256, 2)),
-                 (2, 64, 1024, GemvConfig("fma", 4, 512, 1, fast=False))]
-        for M, N, K, cfg in cases:
-            for bias in (True, False):
-                lin = nn.Linear(K, N, bias=bias)
-                with torch.no_grad():
-                    lin.weight.copy_(torch.randn(N, K, generator=g) * 0.05)
-                    if bias:
-                        lin.bias.copy_(torch.randn(N, generator=g))
-                m = Fp8Linear.from_linear(lin.to(device=device, dtype=torch.bfloat16))
-                x = torch.randn(M, K, generator=g).to(device=device, dtype=torch.bfloat16)
-                if cfg is not None and not _FAST_DEQUANT:
-                    cfg = replace(cfg, fast=False)
-                out = fn(x, m.weight, m.weight_scale, m.bias, cfg).float()
-                ref = weight_only_reference(x, m.weight, m.weight_scale, m.bias)
-                rel = float((out - ref).norm() / ref.norm())
-                if not rel < 1e-2:
-                    raise AssertionError(f"M={M} N={N} K={K} {cfg}: relative error {rel:.3g}")
+        for M, N, K, cfg, bias in PROBE_CASES:
+            w = (torch.randn(N, K, generator=g) * 0.05).to(device=device, dtype=torch.bfloat16)
+            q, sc = quantize_weight(w)
+            b = torch.randn(N, generator=g).to(device=device, dtype=torch.bfloat16) if bias else None
+            x = torch.randn(M, K, generator=g).to(device=device, dtype=torch.bfloat16)
+            if cfg is not None and not _FAST_DEQUANT:
+                cfg = replace(cfg, fast=False)
+            out = fn(x, q, sc, b, cfg).float()
+            ref = weight_only_reference(x, q, sc, b)
+            rel = float((out - ref).norm() / ref.norm())
+            if not rel < 1e-2:
+                raise AssertionError(f"M={M} N={N} K={K} {cfg}: relative error {rel:.3g}")
     except Exception as e:  # noqa: BLE001 - no kernel: every call takes torch._scaled_mm, as before
         return False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
     _w8a16 = fn
     return True, ""
 
 
+_SUPPORT: dict[str, Support] = {}     # device -> the probes' answer (they set this module's kernels once)
+_SUPPORT_LOCK = threading.Lock()
+
+
 def device_support(device: str | torch.device) -> Support:
-    """Whether FP8 tensor-core matmuls are usable on `device`; CPU and older cards get the emulated module."""
+    """Whether FP8 tensor-core matmuls are usable on `device`; CPU and older cards get the emulated module. The
+    probes run once per device and process (QUANTIZATION=auto's rule, the loader's background probe and the bench
+    ask again), under a lock, so a second caller waits for the first one's answer rather than probing beside it."""
     dev = torch.device(device)
     if FP8_DTYPE is None or not hasattr(torch, "_scaled_mm"):
         return Support(False, False, False, f"torch {torch.__version__} has no float8_e4m3fn/_scaled_mm")
     if dev.type != "cuda":
         return Support(False, False, False, "no CUDA device: the FP8 arithmetic is emulated in fp32")
+    if dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    with _SUPPORT_LOCK:
+        if str(dev) not in _SUPPORT:
+            with torch.cuda.device(dev):     # Triton launches on the thread's current device
+                _SUPPORT[str(dev)] = _probe_device(dev)
+        return _SUPPORT[str(dev)]
+
+
+def _probe_device(dev: torch.device) -> Support:
     cap = torch.cuda.get_device_capability(dev)
     if cap < MIN_CAPABILITY:
         return Support(False, False, False, f"compute capability {cap[0]}.{cap[1]} < 8.9: no FP8 tensor cores")
@@ -483,6 +510,21 @@ def device_support(device: str | torch.device) -> Support:
         log.warning("fp8: weight-only Triton kernel not used (%s); every call takes torch._scaled_mm", why)
     return Support(True, fuse, tri, f"compute capability {cap[0]}.{cap[1]}: FP8 tensor cores"
                    + ("" if wo else f"; no weight-only kernel ({why})"), small_m=SMALL_M_MAX if wo else 0)
+
+
+SupportSource = Support | Callable[[], Support | None] | None
+
+
+def _resolve_support(support: SupportSource, device: torch.device) -> tuple[Support, float]:
+    """(the Support to use, seconds spent getting it): `support` itself, or what the callable returns (e.g. the
+    loader's probe running on another thread), or the probes run here where that is None."""
+    t0 = time.perf_counter()
+    if callable(support):
+        support = support()
+    if support is None:
+        support = device_support(device)
+        log.info("fp8: device probes %.2fs (%s)", time.perf_counter() - t0, support.reason)
+    return support, time.perf_counter() - t0
 
 
 # --------------------------------------------------------------------------------------------- conversion
