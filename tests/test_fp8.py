@@ -287,6 +287,104 @@ def test_prequantize_script_writes_the_fp8_copy_once(tiny_dir, tmp_path):
         {"status": "exists", "path": out["path"]}
 
 
+@pytest.mark.parametrize("impl", ["native", "transformers"])
+def test_loader_probes_fp8_beside_the_load_and_warms_the_kernels(tiny_dir, tmp_path, monkeypatch, impl):
+    """On a CUDA fp8 start the loader runs fp8.device_support on a thread of its own from right after the
+    quantization is chosen, and hands its Support to the conversion (first start) and to fp8.load_model
+    (pre-quantized copy) instead of probing again; then fp8.warm_kernels runs on the built model for the engine's
+    row classes, timed as its own phase. The CUDA check is forced here; the probe is a stand-in."""
+    import threading
+
+    from function.engine import loader
+    from function.engine.fp8 import Support
+
+    probes, warmed = [], []
+
+    def probe(dev):
+        probes.append(threading.current_thread().name)
+        return Support(True, True, False, "background", small_m=8)
+
+    real_warm = fp8.warm_kernels
+    monkeypatch.setattr(loader, "_fp8_probe_beside", lambda choices: True)
+    monkeypatch.setattr(fp8, "device_support", probe)
+    monkeypatch.setattr(fp8, "warm_kernels", lambda model, rows: warmed.append(rows) or real_warm(model, rows))
+    cfg = Config.from_env({"MODEL_PATH": str(tiny_dir), "MODEL_CACHE_DIR": str(tmp_path), "QUANTIZATION": "fp8",
+                           "DTYPE": "bfloat16", "MODEL_IMPL": impl, "MAX_NUM_SEQS": "24"})
+    for source in ("checkpoint", "prequantized-cache"):
+        probes.clear(), warmed.clear()
+        got = loader.load(cfg)
+        assert got.choices.source == source and got.choices.model_impl == impl
+        assert probes == ["load-background"]
+        mods = dict(fp8.iter_fp8(got.model))
+        assert mods and all(m.small_m == (8 if m.scaled_mm else 0) for m in mods.values())
+        assert any(m.scaled_mm for m in mods.values())
+        assert warmed == [fp8.row_classes(24)] and 24 in warmed[0]
+        for phase in ("fp8_probe", "fp8_probe_wait", "fp8_warm_kernels"):
+            assert phase in got.choices.timings, (source, phase)
+
+
+def test_loader_probes_again_where_the_background_probe_fails(tiny_dir, tmp_path, monkeypatch, caplog):
+    """A probe thread that raises costs only its time: the conversion probes on the loading thread, with the
+    background failure logged."""
+    import threading
+
+    from function.engine import loader
+    from function.engine.fp8 import Support
+
+    threads = []
+
+    def probe(dev):
+        threads.append(threading.current_thread().name)
+        if threading.current_thread().name == "load-background":
+            raise RuntimeError("CUDA error: launch failure")
+        return Support(True, True, False, "inline", small_m=4)
+
+    monkeypatch.setattr(loader, "_fp8_probe_beside", lambda choices: True)
+    monkeypatch.setattr(fp8, "device_support", probe)
+    cfg = Config.from_env({"MODEL_PATH": str(tiny_dir), "MODEL_CACHE_DIR": str(tmp_path), "QUANTIZATION": "fp8",
+                           "DTYPE": "bfloat16", "PREQUANTIZED_CACHE": "false"})
+    with caplog.at_level("WARNING", logger="function.engine.loader"):
+        got = loader.load(cfg)
+    assert threads[0] == "load-background" and len(threads) == 2 and threads[1] != "load-background"
+    assert any(m.small_m == 4 for _, m in fp8.iter_fp8(got.model))
+    assert any("launch failure" in r.getMessage() and "probing on this thread" in r.getMessage()
+               for r in caplog.records)
+    assert "fp8_probe_wait" not in got.choices.timings
+
+
+def test_no_background_probe_off_cuda(tiny_dir, tmp_path, monkeypatch):
+    """On CPU (and for other quantizations) nothing is probed beside the load; fp8 on CPU warms nothing."""
+    from function.engine import loader
+
+    c = loader.Choices(model_path="", device="cpu", dtype="float32", quantization="fp8", attn_implementation="sdpa")
+    assert not loader._fp8_probe_beside(c)
+    assert loader._fp8_probe_beside(loader.Choices(model_path="", device="cuda:0", dtype="bfloat16",
+                                                   quantization="fp8", attn_implementation="sdpa"))
+    assert not loader._fp8_probe_beside(loader.Choices(model_path="", device="cuda", dtype="bfloat16",
+                                                       quantization="none", attn_implementation="sdpa"))
+    cfg = Config.from_env({"MODEL_PATH": str(tiny_dir), "MODEL_CACHE_DIR": str(tmp_path), "QUANTIZATION": "fp8",
+                           "PREQUANTIZED_CACHE": "false"})
+    got = loader.load(cfg)
+    assert "fp8_probe" not in got.choices.timings and "fp8_warm_kernels" in got.choices.timings
+
+
+def test_compact_copies_views_and_keeps_ties():
+    big = torch.arange(40, dtype=torch.float32)
+    a, b, c = nn.Linear(5, 2, bias=False), nn.Linear(5, 2, bias=False), nn.Linear(10, 1, bias=False)
+    a.weight = nn.Parameter(big[:10].view(2, 5), requires_grad=False)
+    b.weight = a.weight                                       # tied: one Parameter in two modules
+    c.weight = nn.Parameter(big[10:20].view(1, 10), requires_grad=False)
+    c.register_buffer("table", big[20:30])
+    c.register_buffer("own", torch.ones(3))
+    root = nn.ModuleDict({"a": a, "b": b, "c": c})
+    own = c.own
+    assert fp8._compact(root) == 30 * 4
+    assert a.weight is b.weight and not a.weight.requires_grad and c.own is own
+    assert not any(fp8._is_view(t) for t in list(root.parameters()) + list(root.buffers()))
+    assert torch.equal(a.weight.flatten(), big[:10]) and torch.equal(c.table, big[20:30])
+    assert fp8._compact(root) == 0
+
+
 # ------------------------------------------------------------------------------------------- the engine on fp8
 
 def test_engine_serves_an_fp8_model(tiny_dir, tmp_path):
@@ -670,6 +768,265 @@ def test_the_table_can_send_a_shape_to_scaled_mm(monkeypatch):
     assert gate_up.path(64, True, torch.bfloat16) == gate_up.path(48, True, torch.bfloat16) == "scaled_mm"
     assert gate_up.path(32, True, torch.bfloat16) == "weight_only"
     assert down.path(64, True, torch.bfloat16) == "weight_only"
+
+
+def test_launch_classes_share_one_binary():
+    """gemv_launch is fp8_gemv.w8a16's launch arithmetic (BLOCK_M, split-K), and within one _bucket every row count
+    gets the same config and launch; with M unspecialized by the kernels (do_not_specialize) that is one compiled
+    binary per bucket, so the 1, 2, 4 ... 64 classes are all serving can meet."""
+    def old(M, N, K, cfg):   # the arithmetic w8a16 had inline
+        cdiv = lambda a, b: -(-a // b)    # noqa: E731
+        split = max(1, min(cfg.split_k, cdiv(K, cfg.block_k)))
+        k_split = cdiv(cdiv(K, split), cfg.block_k) * cfg.block_k
+        bm = fp8._pow2(M) if cfg.kind == "fma" else min(64, max(16, fp8._pow2(M)))
+        return bm, cdiv(K, k_split), k_split
+
+    for N, K in [(4096, 4096), (256, 4096), (27392, 4096), (4096, 13696), (4608, 4096), (96, 1000), (70, 1000)]:
+        by_bucket = {}
+        for M in range(1, fp8.SMALL_M_MAX + 1):
+            cfg = fp8.gemv_config(M, N, K)
+            if cfg is None:
+                continue
+            lc = fp8.gemv_launch(M, N, K, cfg)
+            assert (lc.block_m, lc.split, lc.k_split) == old(M, N, K, cfg)
+            assert lc.k_split % cfg.block_k == 0 and (lc.split - 1) * lc.k_split < K <= lc.split * lc.k_split
+            assert by_bucket.setdefault(fp8._bucket(M), (cfg, lc)) == (cfg, lc), (M, N, K)
+    for (M, N, K, cfg, _) in fp8.PROBE_CASES:
+        fp8.gemv_launch(M, N, K, cfg or fp8.gemv_config(M, N, K))
+
+
+def test_the_kernels_do_not_specialize_on_the_row_count():
+    """Triton specializes integer arguments on == 1 and divisibility by 16 unless told not to: the row count M
+    of both weight-only kernels is marked, so M = 1, 16, 20, 32, 37 ... of one class run one binary (fp8_gemv.py
+    imports Triton, absent here: its source is read instead)."""
+    import ast
+
+    tree = ast.parse((ROOT / "function" / "engine" / "fp8_gemv.py").read_text())
+    kernels = {f.name: f for f in tree.body if isinstance(f, ast.FunctionDef)}
+    for name in ("_w8a16_kernel", "_splitk_reduce_kernel"):
+        fn = kernels[name]
+        assert "M" in [a.arg for a in fn.args.args]
+        (deco,) = fn.decorator_list
+        assert isinstance(deco, ast.Call) and ast.unparse(deco.func) == "triton.jit", name
+        kw = {k.arg: ast.literal_eval(k.value) for k in deco.keywords}
+        assert kw == {"do_not_specialize": ["M"]}, name
+    assert "gemv_launch(M, N, K, cfg)" in ast.unparse(kernels["w8a16"])
+
+
+def test_row_classes_cover_decode_buckets_and_prefill_rows():
+    """The rows warm_kernels compiles for: the engine's decode buckets up to 64 rows (runner._buckets of the slots,
+    the runner's default sizes) and every _bucket class, since a prefill chunk after a reused prefix has any
+    number of rows and a short prompt's graphed prefill 64."""
+    import inspect
+
+    from function.engine.runner import ModelRunner, _buckets
+
+    assert str(fp8.DECODE_BATCH_SIZES) in inspect.getsource(ModelRunner.__init__)
+    classes = {1, 2, 4, 8, 16, 32, 64}
+    for slots in (1, 3, 8, 24, 32, 48, 64, 100, 256):
+        got = fp8.row_classes(slots)
+        want = {b for b in _buckets(slots, fp8.DECODE_BATCH_SIZES) if b <= fp8.SMALL_M_MAX} | classes
+        assert got == sorted(want), slots
+        assert {fp8._bucket(r) for r in got} == classes
+    assert fp8.row_classes(32) == [1, 2, 4, 8, 16, 32, 64]
+    assert fp8.row_classes(24) == [1, 2, 4, 8, 16, 24, 32, 64]     # 24 slots: the 24 bucket, class 32
+    assert fp8.row_classes(32, graph_batch_sizes=(1, 8)) == [1, 2, 4, 8, 16, 32, 64]
+    assert fp8.row_classes(32, small_m=16) == [1, 2, 4, 8, 16]
+    assert fp8.row_classes(32, small_m=0) == []
+
+
+def _layers(n_layers=5, shapes=((96, 64, True), (32, 64, False), (64, 160, False)), small_m=fp8.SMALL_M_MAX):
+    """A stand-in model: n_layers repeats of Fp8Linear modules of `shapes` (N, K, bias), on the weight-only path."""
+    layers = nn.ModuleList()
+    for _ in range(n_layers):
+        block = nn.ModuleList()
+        for N, K, bias in shapes:
+            lin = nn.Linear(K, N, bias=bias).to(torch.bfloat16)
+            m = Fp8Linear.from_linear(lin, scaled_mm=True)
+            m.small_m = small_m
+            block.append(m)
+        layers.append(block)
+    return layers
+
+
+def test_warm_kernels_runs_each_launch_once(monkeypatch):
+    """One launch per (shape, bias, config, BLOCK_M, split) whatever the layer count, only on the weight-only
+    path (not where the table names _scaled_mm, not above small_m), one activation-quantization run per input
+    width; the modules' own tensors and zero activations of each row class."""
+    calls, quants = [], []
+
+    def kernel(x, codes, scale, bias, cfg=None):
+        calls.append((x.shape[0], tuple(codes.shape), bias is not None, cfg))
+        assert not x.any() and codes.dtype == fp8.FP8_DTYPE
+        return x.new_zeros(x.shape[0], codes.shape[0])
+
+    monkeypatch.setattr(fp8, "_w8a16", kernel)
+    monkeypatch.setattr(fp8, "_triton_quant", lambda x: quants.append(tuple(x.shape)))
+    monkeypatch.setitem(fp8.GEMV_TABLE, (64, 64, 160), None)     # _scaled_mm faster there: not launched
+    model = _layers()
+    rows = fp8.row_classes(32)
+    res = fp8.warm_kernels(model, rows, device_types=("cpu",))
+    want = {}      # the launches, with the first row count of each
+    for N, K, bias in ((96, 64, True), (32, 64, False), (64, 160, False)):
+        for r in rows:
+            cfg = fp8.gemv_config(r, N, K)
+            if cfg is not None:
+                want.setdefault(((N, K), bias, cfg, fp8.gemv_launch(r, N, K, cfg)), r)
+    assert len(calls) == len(set(calls)) == res["launches"] == len(want) < 3 * len(rows)
+    assert set(calls) == {(r, shape, bias, cfg) for (shape, bias, cfg, _), r in want.items()}
+    assert not any(c[1] == (64, 160) and c[0] == 64 for c in calls)
+    assert 0 < res["variants"] <= res["launches"] and res["failed"] == 0
+    assert sorted(quants) == [(1, 64), (1, 160)] and res["quant_widths"] == 2
+    calls.clear()
+    fp8.warm_kernels(_layers(small_m=8), rows, device_types=("cpu",))
+    assert {c[0] for c in calls} == {1, 2, 4, 8}
+    # the same launch for rows of one class: one run
+    calls.clear()
+    fp8.warm_kernels(model, [17, 20, 32], device_types=("cpu",))
+    assert sorted({c[0] for c in calls}) == [17]
+    # on CPU (the default: CUDA only) and without the kernels nothing runs
+    calls.clear(), quants.clear()
+    assert fp8.warm_kernels(model, rows)["launches"] == 0 and calls == [] and quants == []
+    monkeypatch.setattr(fp8, "_w8a16", None)
+    monkeypatch.setattr(fp8, "_triton_quant", None)
+    assert "skipped" in fp8.warm_kernels(model, rows, device_types=("cpu",))
+
+
+def test_warm_kernels_sends_a_failing_shape_to_scaled_mm(monkeypatch, caplog):
+    """A variant that does not compile or launch at warm-up sends every module of that launch to _scaled_mm
+    (logged) instead of failing the first request that meets it; the other shapes keep the kernel."""
+    def kernel(x, codes, scale, bias, cfg=None):
+        if codes.shape == (32, 64):
+            raise RuntimeError("PTX assembly failed")
+        return x.new_zeros(x.shape[0], codes.shape[0])
+
+    monkeypatch.setattr(fp8, "_w8a16", kernel)
+    monkeypatch.setattr(fp8, "_triton_quant", None)
+    model = _layers(n_layers=3)
+    with caplog.at_level("WARNING", logger="function.engine.fp8"):
+        res = fp8.warm_kernels(model, fp8.row_classes(32), device_types=("cpu",))
+    assert res["failed"] == 3
+    for block in model:
+        assert [m.small_m for m in block] == [fp8.SMALL_M_MAX, 0, fp8.SMALL_M_MAX]
+        assert block[1].path(1, True, torch.bfloat16) == "scaled_mm"
+    assert any("PTX assembly failed" in r.getMessage() for r in caplog.records)
+
+
+def test_warm_kernels_warms_the_fused_qkv_the_engine_will_run(tiny_dir, monkeypatch):
+    """The native model's q/k/v run as one fused module (ModelRunner.fuse_projections, after the load): warm-up
+    launches that shape (and not the separate q/k/v, which the engine no longer calls), before and after fusion
+    alike."""
+    from function.engine import glm4v
+    from function.engine.fp8 import Support
+
+    calls = []
+    monkeypatch.setattr(fp8, "_w8a16", lambda x, codes, scale, bias, cfg=None: calls.append(
+        (tuple(codes.shape), bias is not None)) or x.new_zeros(x.shape[0], codes.shape[0]))
+    monkeypatch.setattr(fp8, "_triton_quant", None)
+    model = glm4v.load_native(tiny_dir, torch.bfloat16, "cpu")
+    fp8.convert(model, support=Support(True, True, False, "test", small_m=64))
+    attn = model.model.language_model.layers[0].self_attn
+    q, k, v, o = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+    fused = (q.out_features + k.out_features + v.out_features, q.in_features)
+    fp8.warm_kernels(model, [1], device_types=("cpu",))
+    before = set(calls)
+    assert (fused, True) in before and (tuple(o.weight.shape), False) in before
+    assert (tuple(k.weight.shape), True) not in before and (tuple(q.weight.shape), True) not in before
+    model.fuse_projections()
+    calls.clear()
+    fp8.warm_kernels(model, [1], device_types=("cpu",))
+    assert set(calls) == before
+
+
+def test_device_support_probes_once_per_device(monkeypatch):
+    """QUANTIZATION=auto's rule, the loader's background probe and the bench all ask: one probe per card."""
+    runs = []
+    monkeypatch.setattr(fp8, "_SUPPORT", {})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: __import__("contextlib").nullcontext())
+    monkeypatch.setattr(fp8, "_probe_device", lambda d: runs.append(d) or fp8.Support(True, True, True, "probed"))
+    assert fp8.device_support("cuda").reason == fp8.device_support("cuda:0").reason == "probed"
+    fp8.device_support("cuda:1")
+    assert runs == [torch.device("cuda", 0), torch.device("cuda", 1)]
+
+
+def test_load_model_takes_the_given_support(tiny, tmp_path, monkeypatch):
+    """load_model(support=...) uses the given Support (or the callable's answer, asked once the tensors are in
+    place) and does not probe; a callable answering None (the background probe failed) probes here."""
+    from function.engine.fp8 import Support
+
+    q = copy.deepcopy(tiny).to(torch.bfloat16)
+    fp8.convert(q, support=Support(False, False, False, "emulated"))
+    fp8.save_model(q, tmp_path / "q")
+    probes = []
+    monkeypatch.setattr(fp8, "device_support", lambda dev: probes.append(dev) or Support(True, True, False, "here",
+                                                                                            small_m=4))
+    given = Support(True, True, False, "given", small_m=16)
+    load = lambda s: fp8.load_model(tmp_path / "q", dtype=torch.bfloat16, device_map="cpu",   # noqa: E731
+                                    attn_implementation="sdpa", support=s)
+    asked = []
+    for s, want in ((given, 16), (lambda: asked.append(1) or given, 16)):
+        mods = dict(fp8.iter_fp8(load(s)))
+        assert mods and all(m.small_m == (want if m.scaled_mm else 0) for m in mods.values()) and probes == []
+    assert asked == [1]
+    mods = dict(fp8.iter_fp8(load(lambda: None)))
+    assert len(probes) == 1 and any(m.small_m == 4 for m in mods.values())
+
+
+def test_convert_resolves_the_support_after_quantizing(tiny, monkeypatch):
+    """convert(support=callable) asks for the Support after the weights are quantized (the background probe
+    overlaps them) and gives its settings to every module; the codes are those of the plain conversion."""
+    from function.engine.fp8 import Support
+
+    order = []
+    monkeypatch.setattr(fp8, "quantize_weight", (lambda f: lambda *a, **k: order.append("q") or f(*a, **k))(
+        fp8.quantize_weight))
+    q = copy.deepcopy(tiny).to(torch.bfloat16)
+    info = fp8.convert(q, support=lambda: order.append("support") or Support(True, True, False, "bg", small_m=8))
+    assert order[-1] == "support" and order.count("support") == 1 and info["support"] == "bg"
+    mods = dict(fp8.iter_fp8(q))
+    assert all(m.small_m == (8 if m.scaled_mm else 0) for m in mods.values()) and any(m.scaled_mm for m in
+                                                                                       mods.values())
+
+
+def test_convert_of_read_ahead_weights_frees_the_shard_buffers(tiny_dir):
+    """Weights read ahead are views of one buffer per shard: the codes are quantized into tensors of their own
+    and every tensor left a view of a shard is copied out, so nothing keeps the shards (the bf16 decoder weights)
+    alive; ties, values and the conversion's codes are those of a model whose tensors own their storage."""
+    from function.engine import glm4v
+    from function.engine.weights import WeightReader
+
+    state = WeightReader(tiny_dir, "cpu").start().result()
+    shards = {t.untyped_storage().data_ptr() for t in state.values()}
+    dtype = next(iter(state.values())).dtype     # as stored: no conversion copy
+    viewed = glm4v.load_native(tiny_dir, dtype, "cpu", state_dict=state)
+    assert any(fp8._is_view(p) for p in viewed.parameters())
+    plain = glm4v.load_native(tiny_dir, dtype, "cpu")
+    assert not any(fp8._is_view(p) for p in plain.parameters())
+    a, b = fp8.convert(viewed), fp8.convert(plain)
+    assert a["codes"] == "allocated first" and b["codes"] == "as made" and a["compacted_bytes"] > 0 and b["compacted_bytes"] == 0
+    assert not any(fp8._is_view(t) for t in list(viewed.parameters()) + list(viewed.buffers()))
+    assert not {t.untyped_storage().data_ptr() for t in viewed.state_dict().values()} & shards
+    _same_state(viewed, plain)
+    if viewed.config.tie_word_embeddings:
+        assert viewed.lm_head.weight is viewed.model.language_model.embed_tokens.weight
+
+
+def test_quantize_weight_equals_the_fp32_arithmetic():
+    """The codes and scales without an fp32 copy of the weight are those of the fp32 arithmetic, bit for bit,
+    also when written into given tensors."""
+    g = torch.Generator().manual_seed(3)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        w = (torch.randn(80, 300, generator=g) * torch.logspace(-6, 1, 80).view(-1, 1)).to(dtype)
+        w[3] = 0
+        wf = w.float()
+        scale = (wf.abs().amax(dim=1) / FP8_MAX).clamp_(min=fp8.WEIGHT_MIN_SCALE)
+        codes = (wf / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        q, s = fp8.quantize_weight(w)
+        assert torch.equal(_codes(q), _codes(codes)) and torch.equal(s, scale), dtype
+        out, sout = torch.empty_like(codes), torch.empty_like(scale)
+        q2, s2 = fp8.quantize_weight(w, out, sout)
+        assert q2 is out and s2 is sout and torch.equal(_codes(out), _codes(codes)) and torch.equal(sout, scale)
 
 
 # The _scaled_mm path and the weight-only Triton kernel on an FP8 card (eager against fp32 references, and inside

@@ -14,7 +14,10 @@ torchao's `Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())`):
   activations as they are times the fp8 codes widened in registers, fp32 accumulation, the per-channel scale and
   the bias in the epilogue. These calls are bound by reading the weights, which fp8 halves, whereas `_scaled_mm`
   costs a fixed ~12.5 us plus the activation-quantization kernel (bench/RESULTS.md). The kernel is probed at
-  conversion/load (`_probe_w8a16`); where Triton or the kernel fails, every call takes `_scaled_mm`, as logged.
+  conversion/load (`_probe_w8a16`, on a thread of its own beside the weight read: loader.py); where Triton or the
+  kernel fails, every call takes `_scaled_mm`, as logged. Every kernel variant the model's calls can launch is
+  compiled (or loaded from TRITON_CACHE_DIR) before the server is ready (`warm_kernels`, for `row_classes`), so
+  no request waits for a Triton compile.
 
 Everything else stays in the model dtype: the vision tower (unless QUANTIZE_VISION), embeddings, norms, lm_head.
 Shapes are static and nothing reads a device value on the host, so the module runs inside the engine's CUDA graphs
@@ -548,50 +551,117 @@ def _gemm_ok(in_features: int, out_features: int) -> bool:
     return in_features % 16 == 0 and out_features % 16 == 0
 
 
-def convert(model: nn.Module, *, quantize_vision: bool = False, support: Support | None = None) -> dict[str, Any]:
+def _is_view(t: torch.Tensor) -> bool:
+    """Whether `t` is a view of a larger storage (e.g. of weights.WeightReader's shard buffers), which a module
+    swap alone does not free."""
+    return t.untyped_storage().nbytes() > t.numel() * t.element_size()
+
+
+def convert(model: nn.Module, *, quantize_vision: bool = False, support: SupportSource = None) -> dict[str, Any]:
     """Replace the decoder's nn.Linear modules (and the vision tower's with `quantize_vision`) by Fp8Linear, in
-    place, one at a time (the bf16 weight is freed as its fp8 copy is made). Returns what was done."""
+    place. Returns what was done. `support`: the device's Support, or a callable giving it (the loader's probe on
+    another thread; resolved after the weights are quantized, so the two overlap), or None to probe here.
+
+    Where the codes go depends on what the bf16 weights are:
+    - views of larger buffers (weights.WeightReader's shards: the first start's read-ahead, the usual case):
+      swapping a module frees nothing, so every module's codes and scales are allocated first, before any
+      quantization temporary (which would otherwise leave them inside temporary blocks the allocator then cannot
+      release), and quantized straight into them with no host round trip or per-module sync (staging through
+      host memory, below, was done here too before: per module a synchronous copy to pageable host memory and one
+      back, 2 x 8.5 GB for the 9B model, the likely bulk of the 6.9 s conversion on the H200); once all modules
+      are converted the model's tensors that are still views of a shard (embeddings, norms, biases, lm_head,
+      the vision tower) are copied out (`_compact`), so the shards themselves, bf16 decoder weights included, are
+      freed (before, they stayed allocated beside the fp8 codes: less room for the KV cache on a first start);
+    - tensors of their own (from_pretrained, the plain native read): each bf16 weight is freed as its fp8 copy is
+      made; the codes are parked in host memory until every bf16 weight is freed (allocated now, they would be
+      carved out of the freed bf16 blocks, and the rest of those blocks would stay reserved: the KV cache is sized
+      from the memory the driver reports free), then moved back."""
     names = _targets(model, quantize_vision)
     if not names:
         raise RuntimeError("fp8: no nn.Linear under model.language_model: the transformers layout changed; update "
                            "function/engine/fp8.py")
     t0 = time.perf_counter()
-    support = support or device_support(model.get_submodule(names[0]).weight.device)
-    t_support = time.perf_counter() - t0
+    device = model.get_submodule(names[0]).weight.device
+    in_place = any(_is_view(model.get_submodule(n).weight) for n in names)
     before = after = 0
-    emulated = []
+    done: list[tuple[str, Fp8Linear, torch.dtype]] = []
     staged: list[tuple[Fp8Linear, torch.device]] = []
-    for name in names:
-        lin = model.get_submodule(name)
-        use = support.scaled_mm and lin.weight.dtype == torch.bfloat16 and _gemm_ok(lin.in_features,
-                                                                                       lin.out_features)
-        new = Fp8Linear.from_linear(lin, scaled_mm=use)
-        new.fuse_bias = support.fuse_bias
-        new.small_m = support.small_m if use else 0
+    outs: list[tuple[torch.Tensor | None, torch.Tensor | None]] = [(None, None)] * len(names)
+    if in_place:
+        outs = []
+        for n in names:
+            w = model.get_submodule(n).weight
+            outs.append((torch.empty(w.shape, dtype=FP8_DTYPE, device=w.device),
+                         torch.empty(w.shape[0], dtype=torch.float32, device=w.device)))
+    for i, name in enumerate(names):
+        lin = model.get_submodule(name)     # one at a time: the bf16 module goes once it is swapped
+        codes, scale = outs[i]
+        outs[i] = (None, None)
+        new = Fp8Linear.from_linear(lin, codes=codes, scale=scale)
         before += lin.weight.numel() * lin.weight.element_size()
         after += new.weight.numel() + new.weight_scale.numel() * 4
-        if support.scaled_mm and not use:
-            emulated.append(name)
-        if new.weight.is_cuda:
-            # Park the codes in host memory until every bf16 weight is freed: allocated now, they would be carved
-            # out of the freed bf16 blocks, and the rest of those blocks would stay reserved (the KV cache is
-            # sized from the free memory the driver reports).
+        done.append((name, new, lin.weight.dtype))
+        if new.weight.is_cuda and not in_place:
             staged.append((new, new.weight.device))
             new.to("cpu")
         _set_module(model, name, new)
-        del lin
+        del lin, codes, scale
+    compacted = 0
     if staged:
         torch.cuda.empty_cache()
         for mod, dev in staged:
             mod.to(dev)
+    if in_place:
+        compacted = _compact(model)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    t_convert = time.perf_counter() - t0
+    support_now, t_support = _resolve_support(support, device)
+    emulated = []
+    for name, new, wdtype in done:
+        use = support_now.scaled_mm and wdtype == torch.bfloat16 and _gemm_ok(new.in_features, new.out_features)
+        new.scaled_mm = use
+        new.fuse_bias = support_now.fuse_bias
+        new.small_m = support_now.small_m if use else 0
+        if support_now.scaled_mm and not use:
+            emulated.append(name)
     if emulated:
         log.warning("fp8: %d modules run emulated (shape not a multiple of 16 or dtype not bf16): %s", len(emulated),
                     ", ".join(emulated[:5]))
     _mark(model, names, quantize_vision)
-    return {"modules": len(names), "bytes_before": before, "bytes_after": after, "support": support.reason,
-            "probe_s": round(t_support, 3), "convert_s": round(time.perf_counter() - t0 - t_support, 3),
-            "triton_quant": support.triton, "weight_only_max_rows": support.small_m,
-            "emulated": len(emulated) if support.scaled_mm else len(names)}
+    return {"modules": len(names), "bytes_before": before, "bytes_after": after, "support": support_now.reason,
+            "probe_s": round(t_support, 3), "convert_s": round(t_convert, 3),
+            "codes": "allocated first" if in_place else "staged on the host" if staged else "as made",
+            "compacted_bytes": compacted, "triton_quant": support_now.triton,
+            "weight_only_max_rows": support_now.small_m,
+            "emulated": len(emulated) if support_now.scaled_mm else len(names)}
+
+
+def _compact(model: nn.Module) -> int:
+    """Copy every parameter and buffer that is a view of a larger storage into a tensor of its own (ties kept:
+    one copy per viewed memory), so the storages those views kept alive (the read-ahead's shard buffers, whose
+    bf16 decoder weights the conversion replaced) are freed. Returns the bytes copied."""
+    copies: dict[tuple, torch.Tensor] = {}
+    params: dict[int, nn.Parameter] = {}
+    copied = 0
+    for mod in model.modules():
+        for table in (mod._parameters, mod._buffers):
+            for key, t in list(table.items()):
+                if t is None or t.device.type == "meta" or not _is_view(t):
+                    continue
+                if isinstance(t, nn.Parameter) and id(t) in params:
+                    table[key] = params[id(t)]
+                    continue
+                where = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
+                if where not in copies:
+                    copies[where] = t.detach().clone()
+                    copied += t.numel() * t.element_size()
+                c = copies[where]
+                if isinstance(t, nn.Parameter):
+                    params[id(t)] = table[key] = nn.Parameter(c, requires_grad=t.requires_grad)
+                else:
+                    table[key] = c
+    return copied
 
 
 def _mark(model: nn.Module, names: list[str], quantize_vision: bool) -> None:
@@ -601,6 +671,175 @@ def _mark(model: nn.Module, names: list[str], quantize_vision: bool) -> None:
 
 def converted_modules(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, Fp8Linear)]
+
+
+# --------------------------------------------------------------------------------------------- kernel warm-up
+
+#: The engine's decode batch buckets when CUDA_GRAPH_BATCH_SIZES is unset (function/engine/runner.py ModelRunner;
+#: tests/test_fp8.py holds the two equal).
+DECODE_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128)
+
+
+def row_classes(max_num_seqs: int, small_m: int = SMALL_M_MAX, graph_batch_sizes: tuple[int, ...] = ()) -> list[int]:
+    """The row counts up to `small_m` whose Fp8Linear calls the engine can launch, one per compiled class: the
+    decode buckets of `max_num_seqs` slots (runner._buckets of CUDA_GRAPH_BATCH_SIZES, default
+    DECODE_BATCH_SIZES: the base sizes below the slot count, less any within 1/8 of it, and the slot count) and
+    every `_bucket` class, because prefill calls are not bucketed to the slots: a chunk after a reused prefix has
+    as many rows as new tokens (20, 37, ...) and a short prompt's graphed prefill 64. Each row count stands for
+    all of its `_bucket`: they share one launch config and one compiled binary (gemv_launch)."""
+    limit = max(1, int(max_num_seqs))
+    base = tuple(graph_batch_sizes) or DECODE_BATCH_SIZES
+    decode = {b for b in base if b <= limit - limit // 8} | {limit}
+    prefill = {_bucket(m) for m in range(1, int(small_m) + 1)}
+    return sorted({r for r in decode if 1 <= r <= small_m} | prefill)
+
+
+def _fusions(model: nn.Module) -> list[tuple[list[Fp8Linear], Fp8Linear | None]]:
+    """The q/k/v projections the engine runs as one module, as ([q, k, v], the fused module or None where the
+    fusion is still to come): engine/glm4v.py's attention `fuse_qkv`, which ModelRunner applies after the load
+    through `fuse_projections` where the model has it (the fused module is kept in the attention's __dict__)."""
+    will_fuse = callable(getattr(model, "fuse_projections", None))
+    out = []
+    for mod in model.modules():
+        if not callable(getattr(mod, "fuse_qkv", None)):
+            continue
+        parts = [getattr(mod, n, None) for n in ("q_proj", "k_proj", "v_proj")]
+        fused = mod.__dict__.get("_qkv")
+        if all(isinstance(p, Fp8Linear) for p in parts) and (fused is not None or will_fuse):
+            out.append((parts, fused))
+    return out
+
+
+def _warm_targets(model: nn.Module) -> list[tuple[str, Fp8Linear, list[Fp8Linear]]]:
+    """(name, module to launch like, modules whose kernel it stands for): every Fp8Linear the engine will call:
+    the registered modules but fused q/k/v, the fused q/k/v modules (not registered), and for a fusion still to
+    come a stand-in of the fused shape on the meta device (fuse_linear gives the fused module the first's path)."""
+    targets, skip = [], set()
+    for parts, fused in _fusions(model):
+        q = parts[0]
+        if fused is None:
+            fused = Fp8Linear(q.in_features, sum(p.out_features for p in parts), q.bias is not None,
+                              dtype=q.bias.dtype if q.bias is not None else torch.bfloat16, device="meta",
+                              scaled_mm=q.scaled_mm)
+            fused.fuse_bias, fused.small_m = q.fuse_bias, q.small_m
+            fused._warm_device = q.weight.device
+            targets.append(("fused q/k/v", fused, [q]))
+        else:
+            targets.append(("fused q/k/v", fused, [fused]))
+        skip.update(id(p) for p in parts)
+        skip.add(id(fused))
+    for name, mod in model.named_modules():
+        if isinstance(mod, Fp8Linear) and id(mod) not in skip:
+            skip.add(id(mod))
+            targets.append((name, mod, [mod]))
+    return targets
+
+
+def _disable_triton_quant(why: str) -> None:
+    global _triton_quant
+    _triton_quant = None
+    log.warning("fp8: the Triton activation-quantization kernel failed (%s); torch ops quantize instead", why)
+
+
+def _on(dev: torch.device):
+    import contextlib
+    return torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
+
+
+def _aligned(t: torch.Tensor | None) -> bool:
+    return t is None or t.data_ptr() % 16 == 0
+
+
+def warm_kernels(model: nn.Module, rows: Iterable[int], *,
+                 device_types: tuple[str, ...] = ("cuda",)) -> dict[str, Any]:
+    """Compile (or load from TRITON_CACHE_DIR) every Triton kernel variant the model's Fp8Linear calls can launch,
+    before the server is ready: a variant first met while serving stalls the engine for its compile, 0.3-0.55 s on
+    the H200 (bench/RESULTS.md, 32 agents). `rows`: the row counts calls can have (`row_classes`).
+
+    For each module (and each q/k/v fusion the engine will make, see `_warm_targets`) and each row count whose
+    `path` is "weight_only", the weight-only kernel (and its split-K reduce) runs once on zero activations, deduped
+    by its launch (shape, bias, launch config, BLOCK_M, split, alignment of the tensors): the 40 decoder layers
+    share their launches, so this is one run per variant, not per layer. The activation-quantization kernel of
+    the _scaled_mm path runs once per input width. No-op (zeros in the result) on CPU and where the kernels did
+    not pass their probe. A launch that fails sends the modules it stands for to _scaled_mm (logged) rather than
+    failing a request later. Returns counts and seconds. `device_types`: where the modules must be for their
+    kernels to run (the tests run this logic on CPU with stand-in kernels)."""
+    t0 = time.perf_counter()
+    rows = sorted({int(r) for r in rows if int(r) >= 1})
+    res: dict[str, Any] = {"launches": 0, "variants": 0, "quant_widths": 0, "failed": 0, "seconds": 0.0}
+    kernel, quant = _w8a16, _triton_quant
+    if kernel is None and quant is None:
+        res["skipped"] = "no Triton kernels on this device"
+        return res
+    # launch key -> (name, module, rows, config, every module whose calls it stands for)
+    launches: dict[tuple, tuple[str, Fp8Linear, int, GemvConfig, list[Fp8Linear]]] = {}
+    widths: dict[tuple, torch.device] = {}
+    variants = set()
+    for name, mod, members in _warm_targets(model):
+        dev = getattr(mod, "_warm_device", None) or mod.weight.device
+        if dev.type not in device_types:
+            continue
+        N, K, bias = mod.out_features, mod.in_features, mod.bias is not None
+        if mod.scaled_mm and quant is not None:
+            widths.setdefault((dev, K), dev)
+        if kernel is None:
+            continue
+        align = (True, True, True) if mod.weight.device.type == "meta" else \
+            (_aligned(mod.weight), _aligned(mod.weight_scale), _aligned(mod.bias))
+        for r in rows:
+            if mod.path(r, True, torch.bfloat16) != "weight_only":
+                continue
+            cfg = gemv_config(r, N, K)
+            launch = gemv_launch(r, N, K, cfg)
+            key = (dev, N, K, bias, cfg, launch.block_m, launch.split, launch.k_split, align)
+            launches.setdefault(key, (name, mod, r, cfg, []))[4].extend(members)
+            variants.add((dev, cfg, launch.block_m, launch.split, bias, N % 16 == 0, K % 16 == 0,
+                          K % cfg.block_k == 0, N % cfg.block_n == 0, align))
+    stand_ins: dict[tuple, tuple] = {}
+    xs: dict[tuple, torch.Tensor] = {}
+    failed: set[int] = set()
+    for key, (name, mod, r, cfg, members) in launches.items():
+        if mod.path(r, True, torch.bfloat16) != "weight_only":    # an earlier launch of it failed
+            continue
+        dev, N, K = key[0], key[1], key[2]
+        if mod.weight.device.type == "meta":    # a fusion still to come: tensors of its shape, made once
+            sk = (dev, N, K, mod.bias is not None)
+            if sk not in stand_ins:
+                stand_ins[sk] = (torch.zeros(N, K, dtype=FP8_DTYPE, device=dev),
+                                 torch.ones(N, dtype=torch.float32, device=dev),
+                                 torch.zeros(N, dtype=torch.bfloat16, device=dev) if mod.bias is not None else None)
+            codes, scale, b = stand_ins[sk]
+        else:
+            codes, scale, b = mod.weight, mod.weight_scale, mod.bias
+        if (dev, K) not in xs:
+            xs[(dev, K)] = torch.zeros(max(rows), K, dtype=torch.bfloat16, device=dev)
+        try:
+            with _on(dev):
+                kernel(xs[(dev, K)][:r], codes, scale, b, cfg)
+            res["launches"] += 1
+        except Exception as e:  # noqa: BLE001 - those layers take _scaled_mm rather than failing a request
+            for m in [mod, *members]:
+                failed.add(id(m))
+                m.small_m = 0
+            log.warning("fp8: the weight-only kernel failed for %s and %d more (M=%d N=%d K=%d %s: %s: %s); they "
+                        "take torch._scaled_mm", name, len(members) - 1, r, N, K, cfg, type(e).__name__,
+                        str(e)[:200])
+    if quant is not None:
+        for (dev, K) in widths:
+            try:
+                with _on(dev):
+                    quant(torch.zeros(1, K, dtype=torch.bfloat16, device=dev))
+                res["quant_widths"] += 1
+            except Exception as e:  # noqa: BLE001 - the torch ops then quantize the activations
+                _disable_triton_quant(f"{type(e).__name__}: {str(e)[:200]} at K={K}")
+                break
+    for dev in {k[0] for k in launches} | set(widths.values()):
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)     # errors surface here, and the seconds are the kernels' too
+    res["variants"] = len(variants)
+    res["failed"] = len(failed)     # modules sent to _scaled_mm
+    res["seconds"] = round(time.perf_counter() - t0, 3)
+    return res
 
 
 # --------------------------------------------------------------------------------------------- pre-quantized checkpoint
@@ -674,12 +913,14 @@ def _assign(model: nn.Module, key: str, value: torch.Tensor) -> None:
 
 
 def load_model(load_dir: Path, *, dtype: torch.dtype, device_map, attn_implementation: str, native: bool = False,
-               state_dict: dict[str, torch.Tensor] | None = None):
+               state_dict: dict[str, torch.Tensor] | None = None, support: SupportSource = None):
     """The pre-quantized checkpoint written by `save_model`, built on the meta device and filled straight from the
     safetensors files onto the target device(s). Every parameter must come from the files. `native`: the model is
     engine/glm4v.py's (no transformers import), else transformers' class for the checkpoint. `state_dict`: the
     files' tensors already read (weights.WeightReader: parallel reads into device memory, ~8x one safe_open
-    reader's speed on an H200 host); its entries are consumed."""
+    reader's speed on an H200 host); its entries are consumed. `support`: the device's Support, or a callable
+    giving it (the loader's probe on another thread), asked for only once the tensors are in place so the probe
+    overlaps the build; None (or a callable answering None): the probes run here."""
     from safetensors import safe_open
 
     load_dir = Path(load_dir)
@@ -697,19 +938,12 @@ def load_model(load_dir: Path, *, dtype: torch.dtype, device_map, attn_implement
         with init_empty_weights(include_buffers=False):
             model = AutoModelForImageTextToText.from_config(cfg, dtype=dtype,
                                                             attn_implementation=attn_implementation)
-    support = None
+    converted = []
     for name in info["modules"]:
         lin = model.get_submodule(name)
-        if support is None:
-            t0 = time.perf_counter()
-            support = device_support(_device_for(name + ".weight", device_map))
-            log.info("fp8: device probes %.2fs (%s)", time.perf_counter() - t0, support.reason)
-        use = support.scaled_mm and dtype == torch.bfloat16 and _gemm_ok(lin.in_features, lin.out_features)
-        new = Fp8Linear(lin.in_features, lin.out_features, lin.bias is not None, dtype=dtype, device="meta",
-                        scaled_mm=use)
-        new.fuse_bias = support.fuse_bias
-        new.small_m = support.small_m if use else 0
+        new = Fp8Linear(lin.in_features, lin.out_features, lin.bias is not None, dtype=dtype, device="meta")
         _set_module(model, name, new)
+        converted.append(new)
     files = info.get("files") or sorted(p.name for p in load_dir.glob("*.safetensors"))
     expected = {k for k, _ in model.named_parameters(remove_duplicate=False)} | \
         {k for k, _ in model.named_buffers(remove_duplicate=False)}
@@ -743,6 +977,11 @@ def load_model(load_dir: Path, *, dtype: torch.dtype, device_map, attn_implement
     missing = [k for k, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
         raise RuntimeError(f"{load_dir}: the checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    if converted:
+        support, _ = _resolve_support(support, _device_for(info["modules"][0] + ".weight", device_map))
+        for new in converted:
+            use = support.scaled_mm and dtype == torch.bfloat16 and _gemm_ok(new.in_features, new.out_features)
+            new.scaled_mm, new.fuse_bias, new.small_m = use, support.fuse_bias, support.small_m if use else 0
     _mark(model, list(info["modules"]), bool(info.get("quantize_vision")))
     if not single:
         from accelerate import dispatch_model
@@ -883,6 +1122,7 @@ def iter_fp8(model: nn.Module) -> Iterable[tuple[str, Fp8Linear]]:
 
 
 __all__ = ["Fp8Linear", "Support", "Card", "convert", "decide", "decide_for", "choose_auto", "device_support",
-           "save_model", "load_model", "is_fp8_checkpoint", "quantize_weight", "quantize_rows", "quantize_rows_torch",
+           "warm_kernels", "row_classes", "gemv_launch", "save_model", "load_model", "is_fp8_checkpoint",
+           "quantize_weight", "quantize_rows", "quantize_rows_torch",
            "weight_report", "converted_modules", "weight_only_reference", "gemv_config", "GemvConfig", "SMALL_M_MAX",
            "FP8_MAX", "MIN_SCALE", "MIN_CAPABILITY", "SKIP"]

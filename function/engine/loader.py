@@ -513,6 +513,26 @@ def load(config: Config, on_phase: Callable[[str], None] = lambda p: None, defer
     cuda_init = None
     if cuda and reader is None:
         cuda_init = _Background(lambda: torch.zeros(1, device=choices.device))
+    # fp8: the card's probes (a small _scaled_mm, the Triton kernels: ~1.2 s with a warm Triton cache) beside the
+    # weight read, the imports and the model build; the conversion or fp8.load_model asks for the answer last
+    fp8_probe = _start_fp8_probe(choices) if _fp8_probe_beside(choices) else None
+
+    def fp8_support():
+        """The background probe's Support, or None (fp8 then probes on this thread), with the reason logged."""
+        if fp8_probe is None:
+            return None
+        t = time.perf_counter()
+        try:
+            support = fp8_probe.result()
+        except Exception as e:  # noqa: BLE001 - probing again on this thread says what is wrong, or works
+            log.warning("fp8: the device probe beside the load failed (%s: %s); probing on this thread",
+                        type(e).__name__, e)
+            return None
+        timings["fp8_probe_wait"] = round(time.perf_counter() - t, 3)
+        timings["fp8_probe"] = fp8_probe.seconds
+        log.info("fp8: device probes %.2fs beside the load, waited %.2fs (%s)", fp8_probe.seconds,
+                 timings["fp8_probe_wait"], support.reason)
+        return support
 
     if native:
         glm4v = timed("import_model", lambda: importlib.import_module(".glm4v", __package__))
@@ -566,14 +586,16 @@ def load(config: Config, on_phase: Callable[[str], None] = lambda p: None, defer
 
     def _convert_fp8(model) -> None:
         from . import fp8
-        log.info("fp8 conversion: %s", fp8.convert(model, quantize_vision=config.quantize_vision))
+        log.info("fp8 conversion: %s", fp8.convert(model, quantize_vision=config.quantize_vision,
+                                                   support=fp8_support))
 
     def _load_native():
         nonlocal state
         from . import fp8
         if choices.quantization == "fp8" and load_dir != model_path:   # the pre-quantized fp8 copy
             return fp8.load_model(load_dir, dtype=dtype, device_map=device_map,
-                                  attn_implementation=choices.attn_implementation, native=True, state_dict=state)
+                                  attn_implementation=choices.attn_implementation, native=True, state_dict=state,
+                                  support=fp8_support)
         try:
             model = glm4v.load_native(load_dir, dtype, choices.device, state_dict=state)
         except Exception as e:  # noqa: BLE001 - a read-ahead that went wrong: read the files once more
@@ -620,7 +642,7 @@ def load(config: Config, on_phase: Callable[[str], None] = lambda p: None, defer
                 from . import fp8
                 if load_dir != model_path:   # the pre-quantized fp8 copy on the cache volume
                     return fp8.load_model(load_dir, dtype=dtype, device_map=device_map,
-                                          attn_implementation=choices.attn_implementation)
+                                          attn_implementation=choices.attn_implementation, support=fp8_support)
                 m = model_cls.from_pretrained(load_dir, **common).eval()
                 _convert_fp8(m)
                 return m
@@ -637,6 +659,8 @@ def load(config: Config, on_phase: Callable[[str], None] = lambda p: None, defer
                             f"({type(e).__name__}: {e}); {fix}")
 
     model = timed(phase, _from_pretrained)
+    if choices.quantization == "fp8":
+        _warm_fp8_kernels(config, model, timed)
     if cuda:
         torch.cuda.empty_cache()    # from_pretrained's allocator warm-up block, where the weights were read ahead
     pending_save = None
@@ -690,6 +714,29 @@ def load(config: Config, on_phase: Callable[[str], None] = lambda p: None, defer
                                               "weights": choices.weights}))
     return Loaded(model=model, processor=processor, tokenizer=processor.tokenizer, generation_config=gen_cfg,
                   choices=choices, placement=placement, save_prequantized=pending_save)
+
+
+def _fp8_probe_beside(choices: Choices) -> bool:
+    """Whether fp8.device_support runs on a thread of its own during the load: fp8 on a CUDA device (elsewhere
+    it answers at once)."""
+    return choices.quantization == "fp8" and choices.device.startswith("cuda")
+
+
+def _start_fp8_probe(choices: Choices) -> "_Background":
+    from . import fp8
+    return _Background(lambda: fp8.device_support(choices.device))
+
+
+def _warm_fp8_kernels(config: Config, model, timed) -> None:
+    """fp8: every Triton kernel variant the model's calls can launch, compiled (or loaded from TRITON_CACHE_DIR)
+    now, timed as `fp8_warm_kernels`, rather than on the first request that meets it (fp8.warm_kernels). The row
+    classes follow the engine's slots (MAX_NUM_SEQS; the engine may get fewer where the KV cache does not fit them
+    all, whose rows then fall in a class warmed here) and its decode buckets (CUDA_GRAPH_BATCH_SIZES)."""
+    from . import fp8
+
+    rows = fp8.row_classes(config.max_num_seqs, fp8.SMALL_M_MAX, tuple(config.cuda_graph_batch_sizes or ()))
+    res = timed("fp8_warm_kernels", lambda: fp8.warm_kernels(model, rows))
+    log.info("fp8: kernels warmed for rows %s: %s", rows, json.dumps(res))
 
 
 class _Background:
