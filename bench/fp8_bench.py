@@ -29,6 +29,11 @@ Sections:
             kernel (function/engine/fp8_gemv.py) with its launch config; max and norm relative error of each against
             an fp32 reference; weight bytes per second; the sum over the 40 layers (GEMM time of one decode step).
   gemv_tune the weight-only kernel's launch configs swept per shape and M (fills fp8.GEMV_TABLE); slow (compiles).
+  warm      start-up kernel work of the fp8 path, in two fresh processes sharing one new TRITON_CACHE_DIR (empty,
+            then warm): fp8.device_support's probes, fp8.warm_kernels on a 2-layer native GLM-4.1V-9B (random
+            weights, the decoder's shapes, q/k/v fused as the engine runs them) for MAX_NUM_SEQS=32's row classes,
+            then the first call of every projection at row counts serving meets (1, 3, 20, 32, 37, 48, 64): with
+            the kernels warmed none of them should compile (ms, not the 280-550 ms of a compile). ~1 min.
   check     Fp8Linear on torch._scaled_mm against its fp32 emulation (rows 1, 8, 64, 300) and replayed in a CUDA
             graph (bit-identical to eager), and the weight-only path at 1..64 rows against its fp32 reference, eager
             and in a graph: the GPU half of tests/test_fp8.py, which CI runs on CPU.
@@ -676,6 +681,65 @@ def check():
     eb.log("check", out)
 
 
+def warm():
+    """The `warm` section: `_warm_child` in two fresh processes on one new Triton cache directory."""
+    import subprocess
+    import tempfile
+
+    cache = tempfile.mkdtemp(prefix="triton-cache-")
+    for name in ("empty_cache", "warm_cache"):
+        env = dict(os.environ, TRITON_CACHE_DIR=cache, PYTHONPATH=ROOT)
+        r = subprocess.run([sys.executable, os.path.abspath(__file__), "_warm_child"], env=env, capture_output=True,
+                           text=True, timeout=max(30, int(eb.left()) - 10))
+        lines = r.stdout.strip().splitlines()
+        try:
+            eb.log(f"warm_{name}", json.loads(lines[-1]))
+        except (IndexError, ValueError):
+            eb.log(f"warm_{name}_error", {"rc": r.returncode, "stderr": r.stderr[-3000:]})
+
+
+def _warm_child():
+    import logging
+
+    import torch
+    from function.engine import fp8, glm4v
+
+    logging.basicConfig(level=logging.INFO)
+    out = {}
+    t = time.perf_counter()
+    support = fp8.device_support("cuda")
+    out["probe_s"] = round(time.perf_counter() - t, 3)
+    out["support"] = support.reason
+    cfg = glm4v.Glm4vNativeConfig(text_config={"num_hidden_layers": 2}, vision_config={"depth": 1})
+    model = glm4v.build_empty(cfg).to_empty(device="cuda").to(torch.bfloat16)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    glm4v.finish_load(model, "cuda")
+    info = fp8.convert(model, support=support)
+    out["convert_s_2_layers"] = info["convert_s"]
+    rows = fp8.row_classes(32)
+    out["rows"] = rows
+    out["warm_kernels"] = fp8.warm_kernels(model, rows)
+    model.fuse_projections()
+    layer = model.model.language_model.layers[0]
+    mods = {"qkv": layer.self_attn.__dict__["_qkv"], "o": layer.self_attn.o_proj, "gate_up": layer.mlp.gate_up_proj,
+            "down": layer.mlp.down_proj}
+    first = {}
+    for M in (1, 3, 20, 32, 37, 48, 64):
+        for name, m in mods.items():
+            x = torch.randn(M, m.in_features, device="cuda", dtype=torch.bfloat16)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            m(x)
+            torch.cuda.synchronize()
+            first[f"{name}_M{M}"] = [round((time.perf_counter() - t) * 1000, 2), m.path(M, True, torch.bfloat16)]
+    out["first_call_ms"] = first
+    out["max_first_call_ms"] = max(v[0] for v in first.values())
+    print(json.dumps(out))
+
+
 def smoke():
     """CPU: the accuracy section on the tiny model (FP8 emulated in fp32), as JSON on stdout."""
     from function.config import Config
@@ -689,7 +753,7 @@ def smoke():
     print(json.dumps({"convert": info, "accuracy_tiny_cpu": acc}, indent=1))
 
 
-SECTIONS = ("build", "gemm", "prefill", "accuracy", "decode", "engine", "cold", "gemv", "check", "gemv_tune")
+SECTIONS = ("build", "gemm", "prefill", "accuracy", "decode", "engine", "cold", "gemv", "check", "warm", "gemv_tune")
 ALL = frozenset(SECTIONS) - {"gemv_tune"}
 
 
@@ -697,7 +761,7 @@ def parse_args(argv):
     """`fp8_bench.py [SECTION[,SECTION...]] [DEADLINE_S]` -> (sections, deadline seconds): "all" (the default) adds
     every section but gemv_tune; "smoke" is the CPU run; an unknown name is an error."""
     what = {w for w in (argv[1] if len(argv) > 1 else "all").split(",") if w}
-    unknown = what - set(SECTIONS) - {"all", "smoke"}
+    unknown = what - set(SECTIONS) - {"all", "smoke", "_warm_child"}
     if unknown:
         raise SystemExit(f"fp8_bench: unknown section(s) {', '.join(sorted(unknown))}; known: "
                          f"{', '.join(SECTIONS)}, all, smoke")
@@ -710,6 +774,8 @@ def main():
     what, eb.DEADLINE = parse_args(sys.argv)
     if "smoke" in what:
         return smoke()
+    if "_warm_child" in what:
+        return _warm_child()
     os.makedirs(eb.OUT, exist_ok=True)
     if "build" in what and not os.path.exists(os.path.join(eb.MODEL_DIR, "config.json")):
         eb.bounded("build", 200, eb.build)
@@ -730,6 +796,8 @@ def main():
         eb.bounded("gemv", 300, gemv)
     if "check" in what:
         eb.bounded("check", 90, check)
+    if "warm" in what:
+        eb.bounded("warm", 240, warm)
     if "gemv_tune" in what:
         eb.bounded("gemv_tune", 540, gemv_tune)
     eb.log("done", round(time.time() - eb.T0, 1))
