@@ -144,6 +144,16 @@ case "${1:-perf}" in
       --env PREFILL_SPLIT_ENCODES=false --env PREFILL_ENCODER_TOKENS=2048
     OUT=$O/d timeout 80 python3 bench/agent_bench.py naive --naive-turns 3 --deadline 75
     ;;
+  fp8s3)     # session 3 call 2: fp8 with warmed kernels and probes beside the load: first (converting) start on an
+             # empty Triton cache, pre-quantized starts, then bf16 and fp8 agent turns in the same call
+    [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
+    OUT=$O/a timeout 80 python3 bench/agent_bench.py starts --quant fp8 --n 1 --deadline 75
+    MODEL_CACHE_DIR=/tmp/modelcache timeout 90 python3 scripts/prequantize.py --model-path /tmp/glm9b \
+      --quantization fp8 2>&1 | tail -3
+    OUT=$O/b timeout 75 python3 bench/agent_bench.py starts --quant fp8 --n 3 --deadline 70
+    OUT=$O/c timeout 115 python3 bench/agent_bench.py agent --quant none --clients 1,8,32 --turns-s 20 --deadline 110
+    OUT=$O/d timeout 120 python3 bench/agent_bench.py agent --quant fp8 --clients 1,8,32 --turns-s 20 --deadline 115
+    ;;
   fp8starts) # call 22: fp8 starts in a row: the first converts and writes the pre-quantized copy, the rest load it
     [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
     OUT=$O/a timeout 70 python3 bench/agent_bench.py starts --quant fp8 --n 1 --deadline 65
@@ -179,6 +189,6 @@ case "${1:-perf}" in
 esac
 rm -f "$O"/*/build.log "$O"/*/naive.log
 for f in "$O"/*/*.log; do      # at most 8 files come back: server logs go into run.log's tail
-  [ -f "$f" ] && { echo "== $f"; grep -E "graphs captured|engine ready|fp8 conversion|fp8: device probes|pre-quantized|Traceback|Error|error" "$f" | tail -40; rm -f "$f"; }
+  [ -f "$f" ] && { echo "== $f"; grep -E "graphs captured|engine ready|fp8 conversion|fp8: device probes|fp8: kernels warmed|pre-quantized|Traceback|Error|error" "$f" | tail -40; rm -f "$f"; }
 done
 ls -R "$O"
