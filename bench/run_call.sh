@@ -154,6 +154,14 @@ case "${1:-perf}" in
     OUT=$O/c timeout 115 python3 bench/agent_bench.py agent --quant none --clients 1,8,32 --turns-s 20 --deadline 110
     OUT=$O/d timeout 120 python3 bench/agent_bench.py agent --quant fp8 --clients 1,8,32 --turns-s 20 --deadline 115
     ;;
+  s4c2)      # session 4 call 2: 64 short chats bf16 vs fp8, exec -> first token vs naive, a soak of the default
+    [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
+    OUT=$O/a timeout 80 python3 bench/agent_bench.py short --quant none --clients 64 --short-rounds 2 --deadline 75
+    OUT=$O/b timeout 90 python3 bench/agent_bench.py short --quant fp8 --clients 64 --short-rounds 2 --deadline 85
+    OUT=$O/c timeout 100 python3 bench/cold_bench.py --quant none --timeout 80 > "$O/c/cold.out" 2>&1
+    tail -c 1500 "$O/c/cold.out"
+    OUT=$O/d timeout 230 python3 bench/agent_bench.py soak --quant none --minutes 3.2 --deadline 225
+    ;;
   fp8starts) # call 22: fp8 starts in a row: the first converts and writes the pre-quantized copy, the rest load it
     [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
     OUT=$O/a timeout 70 python3 bench/agent_bench.py starts --quant fp8 --n 1 --deadline 65
