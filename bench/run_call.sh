@@ -162,6 +162,15 @@ case "${1:-perf}" in
     tail -c 1500 "$O/c/cold.out"
     OUT=$O/d timeout 230 python3 bench/agent_bench.py soak --quant none --minutes 3.2 --deadline 225
     ;;
+  s4c3)      # session 4 call 3: a long prompt alone in an idle step; after-ready work waits for quiet (first requests
+             # after ready); bf16 agent turns, fp8 first start, bf16 starts, exec -> first token vs naive
+    [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
+    OUT=$O/a timeout 135 python3 bench/agent_bench.py agent --quant none --clients 1,8,32 --turns-s 25 --deadline 130
+    OUT=$O/b timeout 75 python3 bench/agent_bench.py starts --quant fp8 --n 1 --deadline 70
+    OUT=$O/d timeout 60 python3 bench/agent_bench.py starts --n 4 --deadline 55
+    OUT=$O/c timeout 150 python3 bench/cold_bench.py --quant none --timeout 80 > "$O/c/cold.out" 2>&1
+    tail -c 1500 "$O/c/cold.out"
+    ;;
   fp8starts) # call 22: fp8 starts in a row: the first converts and writes the pre-quantized copy, the rest load it
     [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
     OUT=$O/a timeout 70 python3 bench/agent_bench.py starts --quant fp8 --n 1 --deadline 65

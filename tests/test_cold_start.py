@@ -183,3 +183,50 @@ def test_generation_defaults_read_without_transformers_equal_transformers(model_
         assert generation_defaults(ours) == generation_defaults(theirs) != {}
         assert ours.eos_token_id == theirs.eos_token_id
     assert loader.GenerationDefaults.from_dir(tmp_path).eos_token_id is None    # no file: no defaults
+
+
+def test_after_ready_work_waits_until_the_first_requests_are_answered(model_cache_dir, monkeypatch):
+    """After a scale from zero the activator forwards the requests it held the moment readiness passes: the
+    full-size warm-up that readiness does not wait for starts only once the engine has been quiet, so those
+    requests never queue behind it."""
+    import asyncio
+    import threading
+    import time
+
+    from function.engine import client as client_mod
+    from function.engine.client import LocalEngine
+    from function.engine.protocol import ChatInput, SamplingParams
+
+    monkeypatch.setattr(client_mod, "AFTER_READY_QUIET_S", 0.3, raising=False)
+    answered = threading.Event()
+    seen: list[tuple] = []
+    real_rest = LocalEngine._warmup_rest
+
+    def warmup_rest(self):
+        seen.append((answered.is_set(), self.idle(), self._pending))
+        real_rest(self)
+    monkeypatch.setattr(LocalEngine, "_warmup_rest", warmup_rest)
+
+    e = LocalEngine(Config.from_env({"MODEL_CACHE_DIR": str(model_cache_dir), "MAX_NUM_SEQS": "2",
+                                     "MAX_MODEL_LEN": "1024"}))
+    e.start_loading()
+    try:
+        deadline = time.monotonic() + 300
+        while not e.status()[1]:
+            assert e.error is None and time.monotonic() < deadline, e.status()
+            time.sleep(0.001)
+
+        async def first_request():
+            n = 0
+            async for chunk in e.generate("first", ChatInput(messages=[{"role": "user", "content": "open settings"}]),
+                                          SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)):
+                n += len(chunk.token_ids)
+            return n
+        assert asyncio.run(first_request()) == 24
+        answered.set()
+        while "warmup_after_ready" not in e.timings:
+            assert time.monotonic() < deadline, "the warm-up after ready never ran"
+            time.sleep(0.02)
+        assert seen == [(True, True, 0)]
+    finally:
+        e.shutdown()

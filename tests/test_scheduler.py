@@ -65,6 +65,28 @@ def test_a_burst_of_screenshots_finishes_in_arrival_order_one_at_a_time():
     assert done[0][0] <= 2 and done[-1][0] >= 20           # the first is not held back by the last
 
 
+def test_when_idle_a_burst_of_long_prompts_starts_one_at_a_time_and_short_ones_are_packed():
+    """Nothing decodes and several agent turns arrive at once: the first runs alone (its first token after one
+    step, not after all of them in one big step); the next go on in chunks once it decodes. Short prompts that
+    arrive together still share the idle step, up to max_prefill_tokens, and a long one may close it."""
+    s = Scheduler(num_slots=8, max_prefill_tokens=16384, chunk_tokens=2048)
+    for i in range(4):
+        s.waiting.append(Seq(f"a{i}", prompt(i + 1, 3500)))
+    (c,) = s.schedule(decoding=False)
+    assert (c.seq.name, c.start, c.end, c.final) == ("a0", 0, 3500, True)
+    s.chunk_done(c)
+    nxt = s.schedule(decoding=True)
+    assert [x.seq.name for x in nxt] == ["a1"] and sum(x.tokens for x in nxt) <= 2048
+
+    short = Scheduler(num_slots=8, max_prefill_tokens=16384, chunk_tokens=2048)
+    for i in range(6):
+        short.waiting.append(Seq(f"s{i}", prompt(i + 1, 340)))
+    short.waiting.append(Seq("long", prompt(9, 3000)))
+    short.waiting.append(Seq("after", prompt(10, 340)))
+    names = [x.seq.name for x in short.schedule(decoding=False)]
+    assert names == [f"s{i}" for i in range(6)] + ["long"]
+
+
 def test_the_first_chunk_of_a_step_always_progresses_and_tiny_leftovers_wait():
     s = Scheduler(num_slots=4, max_prefill_tokens=16384, chunk_tokens=256)
     s.waiting.append(Seq("a", prompt(1, 1000)))

@@ -64,7 +64,11 @@ class Scheduler:
     decoding (so running streams keep a bounded inter-token gap while screenshots arrive), or
     `max_prefill_tokens` when nothing decodes (one big step is the fastest first token). Started prefills go
     first, shortest remaining first, then new admissions in arrival order: the earliest request reaches its
-    first token first instead of every arrival waiting for all of them.
+    first token first instead of every arrival waiting for all of them. For the same reason a step that
+    nothing decodes beside ends after its first long chunk (`chunk_tokens` or more, encodes included): short
+    prompts that arrive together are packed up to `max_prefill_tokens`, but a burst of screenshot turns is not
+    prefilled in one 1-2 s step that gives every agent its first token at its end (the ≤ 2.5 s prefill step of
+    8 agents on an H200); the next arrivals go on in chunks beside the first one's decode.
 
     While sequences decode, an image's vision-tower encode costs about what the same number of decoder tokens
     cost (on an H200 a 1080x2400 screenshot's encode, 3,354 image tokens, costs about a 3.4k-token text chunk:
@@ -147,6 +151,8 @@ class Scheduler:
             out.append(Chunk(seq=st.owner, slot=slot, start=done, end=end, encodes=pieces))
             budget -= cost
             enc_left = None if enc_left is None else enc_left - enc
+            if not decoding and cost >= self.chunk_tokens:
+                return out          # a long prompt runs alone when nothing decodes (see the class docstring)
         while self.waiting:
             free = self.free_slots()
             if not free:
@@ -179,6 +185,8 @@ class Scheduler:
                              reuse=reuse, encodes=pieces))
             budget -= cost
             enc_left = None if enc_left is None else enc_left - enc
+            if not decoding and cost >= self.chunk_tokens:
+                break
         return out
 
     def _encode_room(self, enc_left: int | None) -> bool:
