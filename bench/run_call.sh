@@ -171,6 +171,15 @@ case "${1:-perf}" in
     OUT=$O/c timeout 150 python3 bench/cold_bench.py --quant none --timeout 80 > "$O/c/cold.out" 2>&1
     tail -c 1500 "$O/c/cold.out"
     ;;
+  s4c4)      # session 4 call 4: fp8 pre-quantized starts (first requests after ready), a soak of fp8 with this tree's
+             # scheduler, fp8 accuracy against bf16 and one-stream decode steps
+    [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
+    MODEL_CACHE_DIR=/tmp/modelcache timeout 90 python3 scripts/prequantize.py --model-path /tmp/glm9b \
+      --quantization fp8 2>&1 | tail -3
+    OUT=$O/a timeout 55 python3 bench/agent_bench.py starts --quant fp8 --n 3 --deadline 50
+    OUT=$O/b timeout 175 python3 bench/agent_bench.py soak --quant fp8 --minutes 2.4 --deadline 170
+    OUT=$O/c timeout 130 python3 bench/fp8_bench.py accuracy,decode 125
+    ;;
   fp8starts) # call 22: fp8 starts in a row: the first converts and writes the pre-quantized copy, the rest load it
     [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
     OUT=$O/a timeout 70 python3 bench/agent_bench.py starts --quant fp8 --n 1 --deadline 65
