@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from support.stages import wait_ready
 from support.subproc import fake_package, run_json
 from function.config import Config
 from function.engine import loader
@@ -211,10 +212,8 @@ def test_after_ready_work_waits_until_the_first_requests_are_answered(model_cach
                                      "MAX_MODEL_LEN": "1024"}))
     e.start_loading()
     try:
+        wait_ready(e)
         deadline = time.monotonic() + 300
-        while not e.status()[1]:
-            assert e.error is None and time.monotonic() < deadline, e.status()
-            time.sleep(0.001)
 
         async def first_request():
             n = 0
