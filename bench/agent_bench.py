@@ -944,16 +944,17 @@ def _runner_checks(args, e, tag, res) -> None:
             else:
                 B, Ln = key
                 top = min(Ln - 2, runner.max_len - 1)
-                pos = {s: int(torch.randint(0, top + 1, (1,), generator=gen)) for s in range(B)}
+                pos = [int(torch.randint(0, top + 1, (1,), generator=gen)) for _ in range(B)]
                 pos[B - 1] = top
-                toks = {s: int(torch.randint(10, vocab, (1,), generator=gen)) for s in range(B)}
-                dl = {s: 0 for s in range(B)}
+                runner.feed(torch.arange(B, device=runner.device),
+                            torch.randint(10, vocab, (B,), generator=gen).to(runner.device))
+                slots, dl = list(range(B)), [0] * B      # rope deltas 0
                 if runner.bucket(B - 1, top) != (B, Ln):
                     out[str(key)] = {"skipped": f"inputs map to bucket {runner.bucket(B - 1, top)}"}
                     continue
-                g = with_mode(True, False, lambda: runner.decode(toks, pos, dl)[:B])
-                ea = with_mode(False, False, lambda: runner.decode(toks, pos, dl)[:B])
-                eb2 = with_mode(False, False, lambda: runner.decode(toks, pos, dl)[:B])
+                g = with_mode(True, False, lambda: runner.decode(slots, pos, dl)[:B])
+                ea = with_mode(False, False, lambda: runner.decode(slots, pos, dl)[:B])
+                eb2 = with_mode(False, False, lambda: runner.decode(slots, pos, dl)[:B])
                 out[str(key)] = _logit_cmp(g, ea, eb2)
         except Exception as ex:  # noqa: BLE001
             out[str(key)] = {"error": f"{type(ex).__name__}: {ex}"[:400]}

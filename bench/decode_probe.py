@@ -25,7 +25,8 @@ core = e.core
 
 def runner_step_ms(B, pos):
     def step():
-        return e.runner.decode({s: 11 for s in range(B)}, {s: pos for s in range(B)}, {s: 0 for s in range(B)})
+        return e.runner.decode(list(range(B)), [pos] * B, [0] * B)
+    e.runner.feed(torch.arange(B, device=e.runner.device), torch.full((B,), 11, device=e.runner.device))
     step()
     torch.cuda.synchronize()
     t = time.perf_counter()

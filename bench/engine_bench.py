@@ -341,12 +341,13 @@ def profile_decode(runner, B, sampler):
     from torch.profiler import ProfilerActivity, profile
     from function.engine.protocol import SamplingParams
     from function.engine.sampling import RowState
-    tokens, positions, deltas = ({i: 100 for i in range(B)}, {i: 300 for i in range(B)}, {i: 0 for i in range(B)})
+    slots, positions, deltas = list(range(B)), [300] * B, [0] * B    # each slot feeds token 100
+    runner.feed(torch.arange(B, device=runner.device), torch.full((B,), 100, device=runner.device))
     rows_state = [RowState(SamplingParams(temperature=0.0))] * B
 
     def full_step():
         rows = runner.stage_rows(list(range(B)))
-        logits = runner.decode(tokens, positions, deltas)
+        logits = runner.decode(slots, positions, deltas)
         return sampler.sample(logits.index_select(0, rows), rows, rows_state).tolist()
     for _ in range(3):
         full_step()
@@ -359,19 +360,19 @@ def profile_decode(runner, B, sampler):
             full_step()
     cpu_top = sorted(prof_full.key_averages(), key=lambda k: k.cpu_time_total, reverse=True)[:10]
     for _ in range(3):
-        runner.decode(tokens, positions, deltas)
+        runner.decode(slots, positions, deltas)
     torch.cuda.synchronize()
     t = time.perf_counter()
     for _ in range(50):
-        runner.decode(tokens, positions, deltas)
+        runner.decode(slots, positions, deltas)
     torch.cuda.synchronize()
     replay_ms = (time.perf_counter() - t) / 50 * 1000
     use, runner.use_graphs = runner.use_graphs, False
-    runner.decode(tokens, positions, deltas)
+    runner.decode(slots, positions, deltas)
     torch.cuda.synchronize()
     t = time.perf_counter()
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        runner.decode(tokens, positions, deltas)
+        runner.decode(slots, positions, deltas)
         torch.cuda.synchronize()
     eager_ms = (time.perf_counter() - t) * 1000
     runner.use_graphs = use

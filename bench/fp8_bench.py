@@ -520,6 +520,22 @@ def gemv_tune():
     eb.log("gemv_tune_table", table)
 
 
+def _forward(model, seq):
+    """Final hidden states and logits of a whole text sequence [1, L] (no cache: the reference path)."""
+    h = model.model.language_model(input_ids=seq).last_hidden_state
+    return h, model.lm_head(h)
+
+
+def _greedy(model, ids, steps):
+    """`steps` greedy tokens after `ids` [1, L], recomputing the whole sequence each step (no cache, no engine)."""
+    import torch
+    seq = ids
+    for _ in range(steps):
+        nxt = _forward(model, seq)[1][:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], 1)
+    return seq
+
+
 def _accuracy(model, q, tok, device, prompts=2, steps=128, length=256):
     """bf16 (model) vs fp8 (q) on the same prompts."""
     import torch
@@ -527,18 +543,15 @@ def _accuracy(model, q, tok, device, prompts=2, steps=128, length=256):
     out = []
     for i in range(prompts):
         msg = eb.text_prompt(tok, rng, target=length)
-        text = tok.apply_chat_template([{"role": "user", "content": msg}], add_generation_prompt=True, tokenize=False)
-        ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
+        ids = tok.apply_chat_template([{"role": "user", "content": msg}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=False).to(device)
         L = ids.shape[1]
         with torch.no_grad():
-            kw = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
-            seq = model.generate(input_ids=ids, **kw)
-            seq_q = q.generate(input_ids=ids, **kw)
-            a = model(input_ids=seq, output_hidden_states=True)
-            b = q(input_ids=seq, output_hidden_states=True)
-        ha, hb = a.hidden_states[-1].float(), b.hidden_states[-1].float()
-        la, lb = a.logits.float(), b.logits.float()
-        gen = slice(L - 1, seq.shape[1] - 1)        # the positions that predicted the 128 greedy tokens
+            seq = _greedy(model, ids, steps)
+            seq_q = _greedy(q, ids, steps)
+            ha, la = (t.float() for t in _forward(model, seq))
+            hb, lb = (t.float() for t in _forward(q, seq))
+        gen = slice(L - 1, seq.shape[1] - 1)        # the positions that predicted the greedy tokens
         agree = (lb[0, gen].argmax(-1) == seq[0, L:]).float().mean()
         diff = (seq_q[0, L:] != seq[0, L:]).nonzero()
         out.append({"prompt_tokens": L,
@@ -548,7 +561,7 @@ def _accuracy(model, q, tok, device, prompts=2, steps=128, length=256):
                     "top1_agreement_teacher_forced": round(float(agree), 4),
                     "free_running_identical_steps": int(diff[0]) if len(diff) else steps,
                     "steps": steps})
-        del a, b
+        del ha, hb, la, lb
     return out
 
 
@@ -590,14 +603,15 @@ def decode():
                             for s in range(s0, s0 + 8)])
         r = {}
         for B in (1, 8, 32, 64):
-            toks = {s: 11 for s in range(B)}
+            slots = list(range(B))
+            runner.feed(torch.arange(B, device=runner.device), torch.full((B,), 11, device=runner.device))
             for step in range(3):       # capture + warm
-                runner.decode(toks, {s: len(ids) + step for s in range(B)}, {s: 0 for s in range(B)})
+                runner.decode(slots, [len(ids) + step] * B, [0] * B)
             torch.cuda.synchronize()
             t = time.perf_counter()
             n = 20
             for step in range(n):
-                runner.decode(toks, {s: len(ids) + 3 + step for s in range(B)}, {s: 0 for s in range(B)})
+                runner.decode(slots, [len(ids) + 3 + step] * B, [0] * B)
             torch.cuda.synchronize()
             r[f"B{B}_ms_per_step"] = round((time.perf_counter() - t) * 1000 / n, 2)
         r["weights"] = fp8.weight_report(loaded.model)

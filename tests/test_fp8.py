@@ -1031,3 +1031,22 @@ def test_quantize_weight_equals_the_fp32_arithmetic():
 
 # The _scaled_mm path and the weight-only Triton kernel on an FP8 card (eager against fp32 references, and inside
 # CUDA graphs) are checked by `bench/fp8_bench.py check`; their speed by `bench/fp8_bench.py gemv`.
+
+
+def test_fp8_bench_accuracy_section_runs_on_the_native_model(model_cache_dir, tiny_dir):
+    """`bench/fp8_bench.py smoke`: the accuracy section (bf16 vs fp8 greedy tokens, hidden-state and logits error)
+    on the tiny native model, in a fresh process. It broke once unseen when the engine moved off transformers
+    (no `generate`, no tokenizer `apply_chat_template`); the GPU run of the same code gives RESULTS its numbers."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "MODEL_CACHE_DIR": str(model_cache_dir), "PYTHONPATH": str(root)}
+    out = subprocess.run([sys.executable, str(root / "bench" / "fp8_bench.py"), "smoke"], capture_output=True,
+                         text=True, timeout=300, env=env, cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout[out.stdout.index("{"):])
+    assert res["convert"]["modules"] > 0 and res["convert"]["bytes_after"] < res["convert"]["bytes_before"]
+    for row in res["accuracy_tiny_cpu"]:
+        assert row["steps"] == 32 and row["prompt_tokens"] > 32
+        # FP8 moves the logits by a few percent, not by their size; top-1 mostly agrees even on random weights
+        assert 0 < row["logits_rel_err"] < 0.25 and 0 < row["hidden_rel_err"] < 0.25
+        assert row["top1_agreement_teacher_forced"] >= 0.5
+        assert 0 <= row["free_running_identical_steps"] <= 32

@@ -141,6 +141,36 @@ def test_chat_template_text(ref, nat, name, kwargs):
                                                     return_tensors="pt"))
 
 
+@pytest.mark.parametrize("name", sorted(CHATS))
+def test_tokenizer_chat_template_is_transformers(ref, nat, name):
+    """The tokenizer's own apply_chat_template (what text-only callers and the benches use) as transformers':
+    the string, the ids (no special tokens added on top of the template's), the dict and the tensor."""
+    rt, nt = ref.tokenizer, nat.tokenizer
+    messages = [m for m in CHATS[name] if isinstance(m["content"], str)] or [{"role": "user", "content": "hi"}]
+    for gen in (True, False):
+        kw = dict(add_generation_prompt=gen, enable_thinking=False)
+        assert nt.apply_chat_template(messages, tokenize=False, **kw) == rt.apply_chat_template(
+            messages, tokenize=False, **kw)
+        assert nt.apply_chat_template(messages, return_dict=False, **kw) == rt.apply_chat_template(
+            messages, return_dict=False, **kw)
+        assert dict(nt.apply_chat_template(messages, **kw)) == dict(rt.apply_chat_template(messages, **kw))
+    pt = nt.apply_chat_template(messages, return_tensors="pt", return_dict=False)
+    assert torch.equal(pt, rt.apply_chat_template(messages, return_tensors="pt", return_dict=False))
+
+
+def test_named_chat_templates_pick_by_name_or_default():
+    from function.engine.glm4v_processing import pick_template
+    named = {"default": "D", "tool_use": "T"}
+    assert pick_template(named, None, "tokenizer") == "D"
+    assert pick_template(named, "tool_use", "tokenizer") == "T"
+    assert pick_template(named, "{{ x }}", "tokenizer") == "{{ x }}"     # not a name: the template itself
+    assert pick_template("S", None, "tokenizer") == "S"
+    with pytest.raises(ValueError, match="none of them are named"):
+        pick_template({"tool_use": "T"}, None, "processor")
+    with pytest.raises(ValueError, match="does not have a chat template"):
+        pick_template(None, None, "tokenizer")
+
+
 def test_chat_template_environment(ref, nat):
     """transformers' jinja environment: tools/documents, its tojson (no HTML escaping), namespace, loop controls,
     raise_exception, the {% generation %} tag and the special tokens as variables."""

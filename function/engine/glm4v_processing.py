@@ -293,6 +293,25 @@ class NativeTokenizer:
     def batch_decode(self, sequences, skip_special_tokens: bool = False, **kwargs) -> list[str]:
         return [self.decode(s, skip_special_tokens, **kwargs) for s in _py(sequences)]
 
+    # --- chat template
+    def apply_chat_template(self, conversation, tools=None, documents=None, chat_template: str | None = None,
+                            add_generation_prompt: bool = False, tokenize: bool = True,
+                            return_tensors: str | None = None, return_dict: bool = True, **kwargs):
+        """As the tokenizer's apply_chat_template (transformers 5) for one text conversation: the prompt string, or
+        its ids without added special tokens (the template holds them); images are the processor's. Every other
+        keyword argument is a template variable."""
+        if kwargs.pop("continue_final_message", False) or kwargs.pop("return_assistant_tokens_mask", False):
+            raise ValueError("continue_final_message and return_assistant_tokens_mask are not supported")
+        if conversation and isinstance(conversation[0], (list, tuple)):
+            raise ValueError("batched conversations are not supported")
+        prompt = render_chat(pick_template(self.chat_template, chat_template, "tokenizer"),
+                             _normalize_messages(conversation), tools=tools, documents=documents,
+                             add_generation_prompt=add_generation_prompt, **{**self.special_tokens_map, **kwargs})
+        if not tokenize:
+            return prompt
+        out = self(prompt, add_special_tokens=False, return_tensors=return_tensors)
+        return out if return_dict else out["input_ids"]
+
 
 # ------------------------------------------------------------------------------------------------------ chat template
 class _GenerationTag(jinja2.ext.Extension):
@@ -393,6 +412,20 @@ def _normalize_messages(messages) -> list[dict]:
             raise TypeError(f"Chat messages should be dicts, dataclasses or pydantic models, but got {m!r}.")
         out.append({k: v for k, v in m.items() if v is not None})
     return out
+
+
+def pick_template(templates, chat_template: str | None, owner: str) -> str:
+    """The template to render: `chat_template` itself, or by name from a dict of named templates ("default" when
+    none is asked for), with transformers' errors."""
+    if isinstance(templates, dict):
+        if chat_template is None and "default" not in templates:
+            raise ValueError(f'The {owner} has multiple chat templates but none of them are named "default".')
+        template = templates.get("default" if chat_template is None else chat_template, chat_template)
+    else:
+        template = templates if chat_template is None else chat_template
+    if template is None:
+        raise ValueError(f"Cannot use apply_chat_template because this {owner} does not have a chat template.")
+    return template
 
 
 def render_chat(template: str, messages: list[dict], tools=None, documents=None, add_generation_prompt: bool = False,
@@ -580,16 +613,6 @@ class NativeGlm4vProcessor:
     def batch_decode(self, *args, **kwargs):
         return self.tokenizer.batch_decode(*args, **kwargs)
 
-    def _resolve_template(self, chat_template: str | None) -> str:
-        template = self.chat_template if chat_template is None else chat_template
-        if isinstance(template, dict):
-            name = "default" if chat_template is None else chat_template
-            if name not in template:
-                raise ValueError('The processor has multiple chat templates but none of them are named "default".')
-            template = template[name]
-        if template is None:
-            raise ValueError("Cannot use apply_chat_template because this processor does not have a chat template.")
-        return template
 
     def apply_chat_template(self, conversation, chat_template: str | None = None, tools=None, documents=None,
                             add_generation_prompt: bool = False, continue_final_message: bool = False,
@@ -615,7 +638,8 @@ class NativeGlm4vProcessor:
                         raise ValueError("video input is not served")
                     if kind == "image":
                         images.extend(part[k] for k in ("image", "url", "path", "base64") if k in part)
-        prompt = render_chat(self._resolve_template(chat_template), messages, tools=tools, documents=documents,
+        prompt = render_chat(pick_template(self.chat_template, chat_template, "processor"), messages, tools=tools,
+                             documents=documents,
                              add_generation_prompt=add_generation_prompt,
                              **{**self.tokenizer.special_tokens_map, **kwargs})
         if not tokenize:
