@@ -180,6 +180,21 @@ case "${1:-perf}" in
     OUT=$O/b timeout 175 python3 bench/agent_bench.py soak --quant fp8 --minutes 2.4 --deadline 170
     OUT=$O/c timeout 130 python3 bench/fp8_bench.py accuracy,decode 125
     ;;
+  s5c1)      # session 5 call 1: kernel warm-up after ready (first fp8 start with an empty Triton cache vs bf16
+             # starts, same call), fp8 pre-quantized starts, fp8 under load right after a start on an empty cache,
+             # fp8 accuracy against bf16 and one-stream decode steps
+    [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
+    OUT=$O/a timeout 50 python3 bench/agent_bench.py starts --n 2 --deadline 45
+    OUT=$O/a timeout 50 python3 bench/agent_bench.py starts --quant fp8 --n 1 --env TRITON_CACHE_DIR=/tmp/tc1 \
+      --deadline 45
+    MODEL_CACHE_DIR=/tmp/modelcache TRITON_CACHE_DIR=/tmp/tc1 timeout 90 python3 scripts/prequantize.py \
+      --model-path /tmp/glm9b --quantization fp8 2>&1 | tail -3
+    OUT=$O/b timeout 50 python3 bench/agent_bench.py starts --quant fp8 --n 2 --env TRITON_CACHE_DIR=/tmp/tc1 \
+      --deadline 45
+    OUT=$O/c timeout 130 python3 bench/fp8_bench.py accuracy,decode 125
+    OUT=$O/d timeout 100 python3 bench/agent_bench.py agent --quant fp8 --clients 1,8 --turns-s 20 \
+      --env TRITON_CACHE_DIR=/tmp/tc2 --deadline 95
+    ;;
   fp8starts) # call 22: fp8 starts in a row: the first converts and writes the pre-quantized copy, the rest load it
     [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
     OUT=$O/a timeout 70 python3 bench/agent_bench.py starts --quant fp8 --n 1 --deadline 65
@@ -215,6 +230,6 @@ case "${1:-perf}" in
 esac
 rm -f "$O"/*/build.log "$O"/*/naive.log
 for f in "$O"/*/*.log; do      # at most 8 files come back: server logs go into run.log's tail
-  [ -f "$f" ] && { echo "== $f"; grep -E "graphs captured|engine ready|fp8 conversion|fp8: device probes|fp8: kernels warmed|pre-quantized|Traceback|Error|error" "$f" | tail -40; rm -f "$f"; }
+  [ -f "$f" ] && { echo "== $f"; grep -E "graphs captured|engine ready|done after ready|fp8 conversion|fp8: device probes|fp8: kernels warmed|pre-quantized|Traceback|Error|error" "$f" | tail -40; rm -f "$f"; }
 done
 ls -R "$O"

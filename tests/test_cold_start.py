@@ -229,3 +229,58 @@ def test_after_ready_work_waits_until_the_first_requests_are_answered(model_cach
         assert seen == [(True, True, 0)]
     finally:
         e.shutdown()
+
+
+def test_loader_idle_work_runs_a_step_at_a_time_on_the_engine_thread_when_quiet(model_cache_dir, monkeypatch):
+    """The loader's idle work (fp8's kernel compiles) runs after ready, on the engine thread (no launch beside a
+    graph capture), never while a request is in the engine, and its steps' seconds become its phase."""
+    import asyncio
+    import threading
+    import time
+
+    from function.engine import client as client_mod
+    from function.engine import loader
+    from function.engine.client import LocalEngine
+    from function.engine.protocol import ChatInput, SamplingParams
+
+    monkeypatch.setattr(client_mod, "AFTER_READY_QUIET_S", 0.3)
+    steps_seen: list[tuple] = []
+    holder: dict = {}
+
+    def steps():
+        for i in range(3):
+            e = holder["engine"]
+            steps_seen.append((threading.current_thread().name, e.idle(), e._pending))
+            time.sleep(0.05)
+            yield
+    real_load = loader.load
+
+    def load(*a, **kw):
+        got = real_load(*a, **kw)
+        got.idle_work = [("test_idle_work", steps())]
+        return got
+    monkeypatch.setattr(loader, "load", load)
+    e = LocalEngine(Config.from_env({"MODEL_CACHE_DIR": str(model_cache_dir), "MAX_NUM_SEQS": "2",
+                                     "MAX_MODEL_LEN": "1024", "WARMUP": "false"}))
+    holder["engine"] = e
+    e.start_loading()
+    try:
+        wait_ready(e)
+        assert steps_seen == []     # ready did not wait for it
+
+        async def request():
+            n = 0
+            async for chunk in e.generate("r", ChatInput(messages=[{"role": "user", "content": "open settings"}]),
+                                          SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)):
+                n += len(chunk.token_ids)
+            return n
+        assert asyncio.run(request()) == 16
+        deadline = time.monotonic() + 60
+        while "test_idle_work" not in e.timings:
+            assert time.monotonic() < deadline, "the idle work never finished"
+            time.sleep(0.02)
+        engine_thread = e._core.call(lambda: threading.current_thread().name).result()
+        assert steps_seen == [(engine_thread, True, 0)] * 3 and engine_thread != threading.current_thread().name
+        assert 0.1 <= e.timings["test_idle_work"] < 30
+    finally:
+        e.shutdown()

@@ -291,8 +291,9 @@ def test_prequantize_script_writes_the_fp8_copy_once(tiny_dir, tmp_path):
 def test_loader_probes_fp8_beside_the_load_and_warms_the_kernels(tiny_dir, tmp_path, monkeypatch, impl):
     """On a CUDA fp8 start the loader runs fp8.device_support on a thread of its own from right after the
     quantization is chosen, and hands its Support to the conversion (first start) and to fp8.load_model
-    (pre-quantized copy) instead of probing again; then fp8.warm_kernels runs on the built model for the engine's
-    row classes, timed as its own phase. The CUDA check is forced here; the probe is a stand-in."""
+    (pre-quantized copy) instead of probing again; the kernel warm-up (fp8.warm_steps for the engine's row
+    classes) is handed back as idle work, not run before the load returns. The CUDA check is forced here; the
+    probe is a stand-in."""
     import threading
 
     from function.engine import loader
@@ -304,10 +305,14 @@ def test_loader_probes_fp8_beside_the_load_and_warms_the_kernels(tiny_dir, tmp_p
         probes.append(threading.current_thread().name)
         return Support(True, True, False, "background", small_m=8)
 
-    real_warm = fp8.warm_kernels
+    real_steps = fp8.warm_steps
+
+    def steps(model, rows, res):
+        warmed.append(rows)
+        yield from real_steps(model, rows, res)
     monkeypatch.setattr(loader, "_fp8_probe_beside", lambda choices: True)
     monkeypatch.setattr(fp8, "device_support", probe)
-    monkeypatch.setattr(fp8, "warm_kernels", lambda model, rows: warmed.append(rows) or real_warm(model, rows))
+    monkeypatch.setattr(fp8, "warm_steps", steps)
     cfg = Config.from_env({"MODEL_PATH": str(tiny_dir), "MODEL_CACHE_DIR": str(tmp_path), "QUANTIZATION": "fp8",
                            "DTYPE": "bfloat16", "MODEL_IMPL": impl, "MAX_NUM_SEQS": "24"})
     for source in ("checkpoint", "prequantized-cache"):
@@ -318,9 +323,13 @@ def test_loader_probes_fp8_beside_the_load_and_warms_the_kernels(tiny_dir, tmp_p
         mods = dict(fp8.iter_fp8(got.model))
         assert mods and all(m.small_m == (8 if m.scaled_mm else 0) for m in mods.values())
         assert any(m.scaled_mm for m in mods.values())
+        assert warmed == [] and [phase for phase, _ in got.idle_work] == ["fp8_warm_kernels"]
+        for _ in got.idle_work[0][1]:
+            pass
         assert warmed == [fp8.row_classes(24)] and 24 in warmed[0]
-        for phase in ("fp8_probe", "fp8_probe_wait", "fp8_warm_kernels"):
+        for phase in ("fp8_probe", "fp8_probe_wait"):
             assert phase in got.choices.timings, (source, phase)
+        assert "fp8_warm_kernels" not in got.choices.timings
 
 
 def test_loader_probes_again_where_the_background_probe_fails(tiny_dir, tmp_path, monkeypatch, caplog):
@@ -365,7 +374,10 @@ def test_no_background_probe_off_cuda(tiny_dir, tmp_path, monkeypatch):
     cfg = Config.from_env({"MODEL_PATH": str(tiny_dir), "MODEL_CACHE_DIR": str(tmp_path), "QUANTIZATION": "fp8",
                            "PREQUANTIZED_CACHE": "false"})
     got = loader.load(cfg)
-    assert "fp8_probe" not in got.choices.timings and "fp8_warm_kernels" in got.choices.timings
+    assert "fp8_probe" not in got.choices.timings and [p for p, _ in got.idle_work] == ["fp8_warm_kernels"]
+    assert list(got.idle_work[0][1]) == []     # no Triton kernel on CPU: nothing to launch
+    assert loader.load(Config.from_env({"MODEL_PATH": str(tiny_dir), "MODEL_CACHE_DIR": str(tmp_path),
+                                        "PREQUANTIZED_CACHE": "false"})).idle_work == []
 
 
 def test_compact_copies_views_and_keeps_ties():
@@ -890,6 +902,25 @@ def test_warm_kernels_runs_each_launch_once(monkeypatch):
     monkeypatch.setattr(fp8, "_w8a16", None)
     monkeypatch.setattr(fp8, "_triton_quant", None)
     assert "skipped" in fp8.warm_kernels(model, rows, device_types=("cpu",))
+
+
+def test_warm_steps_launch_one_kernel_per_step_and_plan_when_first_asked(monkeypatch):
+    """The engine runs the warm-up a step at a time while idle after ready: each step is one launch (a request
+    waits for one compile at most), nothing runs before the first step, and the counts match warm_kernels'."""
+    calls = []
+    monkeypatch.setattr(fp8, "_w8a16", lambda x, codes, scale, bias, cfg=None: calls.append(x.shape[0]))
+    monkeypatch.setattr(fp8, "_triton_quant", lambda x: calls.append(("quant", x.shape[1])))
+    model, rows, res = _layers(), fp8.row_classes(16), {}
+    steps = fp8.warm_steps(model, rows, res, device_types=("cpu",))
+    assert calls == [] and res == {}
+    seen = []
+    for _ in steps:
+        seen.append(len(calls))
+    assert seen == list(range(1, len(seen) + 1)) and res["launches"] == len(seen) > 3
+    assert calls[len(seen):] == [("quant", 64), ("quant", 160)]        # the quantization widths after the last step
+    calls.clear()
+    again = fp8.warm_kernels(model, rows, device_types=("cpu",))
+    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in res.items() if k != "seconds"}
 
 
 def test_warm_kernels_sends_a_failing_shape_to_scaled_mm(monkeypatch, caplog):

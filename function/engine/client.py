@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 AFTER_READY_QUIET_S = 1.0             # no request for this long before the after-ready work starts
 AFTER_READY_SAVE_MAX_WAIT_S = 120.0   # a never-quiet replica still writes its pre-quantized copy
+IDLE_STEP_QUIET_S = 0.1               # between two steps of the loader's idle work
+_DONE = object()
 
 
 def _host_memory_bytes() -> int:
@@ -51,6 +53,7 @@ class LocalEngine(EngineClient):
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="prepare")
         self._pending = 0            # accepted, not yet admitted to a slot (being prepared or waiting)
         self._save_prequantized = None   # the pre-quantized copy's write, run after ready (loader.load defer_save)
+        self._idle_work: list = []       # loader.Loaded.idle_work: (phase, steps) run on the engine thread when idle
         # event loop -> its _LoopMailbox (the server's loop; the warm-up's short-lived ones go with their loops)
         self._mailboxes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
@@ -83,7 +86,7 @@ class LocalEngine(EngineClient):
             self._ready = True
             self._set_phase("ready")
             log.info("engine ready in %.1fs: %s", self.timings["total"], self.timings)
-            if self.config.warmup or self._save_prequantized is not None:
+            if self.config.warmup or self._save_prequantized is not None or self._idle_work:
                 threading.Thread(target=self._after_ready, name="engine-after-ready", daemon=True).start()
         except Exception as e:  # noqa: BLE001 - reported through readiness, then liveness
             log.exception("model load failed")
@@ -96,6 +99,7 @@ class LocalEngine(EngineClient):
         self._set_phase("loading: resolving model")
         loaded = loader.load(self.config, on_phase=lambda p: self._set_phase(f"loading: {p}"), defer_save=True)
         self._save_prequantized = loaded.save_prequantized
+        self._idle_work = loaded.idle_work
         self.timings.update(loaded.choices.timings)
         self.choices = loaded.choices
         c = loaded.choices
@@ -240,16 +244,42 @@ class LocalEngine(EngineClient):
         self.timings["warmup_request"] = round(time.perf_counter() - t, 3)
 
     def _after_ready(self) -> None:
-        """Work that readiness does not wait for (the full-size warm-up, then the pre-quantized copy), started only
-        once no request has been in the engine for AFTER_READY_QUIET_S: after a scale from zero the activator
-        forwards the requests it held the moment readiness passes, and they must not queue behind this work
-        (measured on an H200: the first request's TTFT 0.45-0.97 s behind the warm-up, 3.5 s behind the fp8 copy's
-        write). The copy is written after AFTER_READY_SAVE_MAX_WAIT_S even on a replica that is never quiet."""
+        """Work that readiness does not wait for (the loader's idle work, e.g. fp8's kernel compiles, then the
+        full-size warm-up, then the pre-quantized copy), started only once no request has been in the engine for
+        AFTER_READY_QUIET_S: after a scale from zero the activator forwards the requests it held the moment
+        readiness passes, and they must not queue behind this work (measured on an H200: the first request's TTFT
+        0.45-0.97 s behind the warm-up, 3.5 s behind the fp8 copy's write). The copy is written after
+        AFTER_READY_SAVE_MAX_WAIT_S even on a replica that is never quiet."""
+        for phase, steps in self._idle_work:
+            if not self._run_idle_steps(phase, steps):
+                return
+        self._idle_work = []
         if self.config.warmup and self._wait_quiet(AFTER_READY_QUIET_S, None):
             self._warmup_rest()
         if self._save_prequantized is not None and self._wait_quiet(AFTER_READY_QUIET_S,
                                                                     AFTER_READY_SAVE_MAX_WAIT_S):
             self._write_prequantized()
+
+    def _run_idle_steps(self, phase: str, steps) -> bool:
+        """Each step on the engine thread (where the model runs: no launch beside a graph capture), the first after
+        AFTER_READY_QUIET_S of quiet and each next after IDLE_STEP_QUIET_S, so a request that arrives meanwhile
+        waits for one step at most; the steps' own seconds become `phase`. False when the engine shuts down."""
+        busy, quiet = 0.0, AFTER_READY_QUIET_S
+        while self._wait_quiet(quiet, None):
+            t = time.perf_counter()
+            try:
+                more = self._core.call(lambda: next(steps, _DONE) is not _DONE).result()
+            except Exception as e:  # noqa: BLE001 - serving goes on; a request meets that path on its own
+                log.warning("%s after ready failed: %s: %s", phase, type(e).__name__, e)
+                return True
+            busy += time.perf_counter() - t
+            if not more:
+                self.timings[phase] = round(busy, 3)
+                metrics.set_cold_start_phase(phase, self.timings[phase])
+                log.info("%s done after ready: %.2fs", phase, busy)
+                return True
+            quiet = IDLE_STEP_QUIET_S
+        return False
 
     def _wait_quiet(self, quiet_s: float, max_wait_s: float | None) -> bool:
         """Block until no request has been queued, prepared or running for `quiet_s` (or `max_wait_s` passed);

@@ -15,9 +15,9 @@ torchao's `Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())`):
   the bias in the epilogue. These calls are bound by reading the weights, which fp8 halves, whereas `_scaled_mm`
   costs a fixed ~12.5 us plus the activation-quantization kernel (bench/RESULTS.md). The kernel is probed at
   conversion/load (`_probe_w8a16`, on a thread of its own beside the weight read: loader.py); where Triton or the
-  kernel fails, every call takes `_scaled_mm`, as logged. Every kernel variant the model's calls can launch is
-  compiled (or loaded from TRITON_CACHE_DIR) before the server is ready (`warm_kernels`, for `row_classes`), so
-  no request waits for a Triton compile.
+  kernel fails, every call takes `_scaled_mm`, as logged. What a first request runs is compiled (or loaded from
+  TRITON_CACHE_DIR) before ready by the graph captures and the warm-up request; every other variant the calls can
+  launch (`row_classes`) right after ready while the engine is idle, a launch per step (`warm_steps`).
 
 Everything else stays in the model dtype: the vision tower (unless QUANTIZE_VISION), embeddings, norms, lm_head.
 Shapes are static and nothing reads a device value on the host, so the module runs inside the engine's CUDA graphs
@@ -40,7 +40,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -426,8 +426,8 @@ def _probe_triton(device: torch.device) -> bool:
 #: rows that fill no tile (3 of BLOCK_M 4, 5 of 16, 20 of 32, 40 of 64) and N and K that are no multiple of the
 #: blocks (masked loads: EVEN_K/EVEN_N false). The second entry is what gemv_config picks for it, the same binary
 #: the decoder's o_proj/down run at 1..16 rows (N, K and the strides are specialized only on divisibility by 16,
-#: M not at all), so its compile is not wasted. The real shapes' binaries are compiled by `warm_kernels` before
-#: the server is ready; a failure there sends that layer to _scaled_mm instead of failing a request.
+#: M not at all), so its compile is not wasted. The real shapes' binaries are compiled by the graph captures and
+#: `warm_steps`; a failure in those sends that layer to _scaled_mm instead of failing a request.
 PROBE_CASES: tuple[tuple[int, int, int, GemvConfig | None, bool], ...] = (
     (3, 70, 1000, GemvConfig("fma", 4, 256, 2), True),         # fma, split 2 (ragged last slice), ragged N
     (5, 512, 1024, None, False),                                 # heuristic: dot 64x128, split 4, no bias
@@ -752,9 +752,20 @@ def _aligned(t: torch.Tensor | None) -> bool:
 
 def warm_kernels(model: nn.Module, rows: Iterable[int], *,
                  device_types: tuple[str, ...] = ("cuda",)) -> dict[str, Any]:
+    """Every step of `warm_steps` at once; returns its counts and seconds."""
+    res: dict[str, Any] = {}
+    for _ in warm_steps(model, rows, res, device_types=device_types):
+        pass
+    return res
+
+
+def warm_steps(model: nn.Module, rows: Iterable[int], res: dict[str, Any] | None = None, *,
+               device_types: tuple[str, ...] = ("cuda",)) -> Iterator[None]:
     """Compile (or load from TRITON_CACHE_DIR) every Triton kernel variant the model's Fp8Linear calls can launch,
-    before the server is ready: a variant first met while serving stalls the engine for its compile, 0.3-0.55 s on
-    the H200 (bench/RESULTS.md, 32 agents). `rows`: the row counts calls can have (`row_classes`).
+    one launch per step (a compile is 0.3-0.55 s on the H200 on an empty cache), so the engine can run them
+    while idle after ready: a variant first met by a request stalls the engine for its compile (bench/RESULTS.md,
+    32 agents). Plans on the first step, so a q/k/v fusion made since the call is seen as made. `rows`: the row
+    counts calls can have (`row_classes`); `res` gets the counts and seconds.
 
     For each module (and each q/k/v fusion the engine will make, see `_warm_targets`) and each row count whose
     `path` is "weight_only", the weight-only kernel (and its split-K reduce) runs once on zero activations, deduped
@@ -762,15 +773,17 @@ def warm_kernels(model: nn.Module, rows: Iterable[int], *,
     share their launches, so this is one run per variant, not per layer. The activation-quantization kernel of
     the _scaled_mm path runs once per input width. No-op (zeros in the result) on CPU and where the kernels did
     not pass their probe. A launch that fails sends the modules it stands for to _scaled_mm (logged) rather than
-    failing a request later. Returns counts and seconds. `device_types`: where the modules must be for their
-    kernels to run (the tests run this logic on CPU with stand-in kernels)."""
+    failing a request later. `device_types`: where the modules must be for their kernels to run (the tests run
+    this logic on CPU with stand-in kernels)."""
+    busy = 0.0      # seconds inside the steps (not the pauses between them)
     t0 = time.perf_counter()
     rows = sorted({int(r) for r in rows if int(r) >= 1})
-    res: dict[str, Any] = {"launches": 0, "variants": 0, "quant_widths": 0, "failed": 0, "seconds": 0.0}
+    res = {} if res is None else res
+    res.update({"launches": 0, "variants": 0, "quant_widths": 0, "failed": 0, "seconds": 0.0})
     kernel, quant = _w8a16, _triton_quant
     if kernel is None and quant is None:
         res["skipped"] = "no Triton kernels on this device"
-        return res
+        return
     # launch key -> (name, module, rows, config, every module whose calls it stands for)
     launches: dict[tuple, tuple[str, Fp8Linear, int, GemvConfig, list[Fp8Linear]]] = {}
     widths: dict[tuple, torch.device] = {}
@@ -795,6 +808,7 @@ def warm_kernels(model: nn.Module, rows: Iterable[int], *,
             launches.setdefault(key, (name, mod, r, cfg, []))[4].extend(members)
             variants.add((dev, cfg, launch.block_m, launch.split, bias, N % 16 == 0, K % 16 == 0,
                           K % cfg.block_k == 0, N % cfg.block_n == 0, align))
+    res["variants"] = len(variants)
     stand_ins: dict[tuple, tuple] = {}
     xs: dict[tuple, torch.Tensor] = {}
     failed: set[int] = set()
@@ -816,6 +830,8 @@ def warm_kernels(model: nn.Module, rows: Iterable[int], *,
         try:
             with _on(dev):
                 kernel(xs[(dev, K)][:r], codes, scale, b, cfg)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)     # errors surface here, and the seconds are the kernel's too
             res["launches"] += 1
         except Exception as e:  # noqa: BLE001 - those layers take _scaled_mm rather than failing a request
             for m in [mod, *members]:
@@ -824,22 +840,23 @@ def warm_kernels(model: nn.Module, rows: Iterable[int], *,
             log.warning("fp8: the weight-only kernel failed for %s and %d more (M=%d N=%d K=%d %s: %s: %s); they "
                         "take torch._scaled_mm", name, len(members) - 1, r, N, K, cfg, type(e).__name__,
                         str(e)[:200])
+        res["failed"] = len(failed)     # modules sent to _scaled_mm
+        busy += time.perf_counter() - t0
+        res["seconds"] = round(busy, 3)
+        yield
+        t0 = time.perf_counter()
     if quant is not None:
         for (dev, K) in widths:
             try:
                 with _on(dev):
                     quant(torch.zeros(1, K, dtype=torch.bfloat16, device=dev))
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize(dev)
                 res["quant_widths"] += 1
             except Exception as e:  # noqa: BLE001 - the torch ops then quantize the activations
                 _disable_triton_quant(f"{type(e).__name__}: {str(e)[:200]} at K={K}")
                 break
-    for dev in {k[0] for k in launches} | set(widths.values()):
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)     # errors surface here, and the seconds are the kernels' too
-    res["variants"] = len(variants)
-    res["failed"] = len(failed)     # modules sent to _scaled_mm
-    res["seconds"] = round(time.perf_counter() - t0, 3)
-    return res
+    res["seconds"] = round(busy + time.perf_counter() - t0, 3)
 
 
 # --------------------------------------------------------------------------------------------- pre-quantized checkpoint
@@ -1122,7 +1139,7 @@ def iter_fp8(model: nn.Module) -> Iterable[tuple[str, Fp8Linear]]:
 
 
 __all__ = ["Fp8Linear", "Support", "Card", "convert", "decide", "decide_for", "choose_auto", "device_support",
-           "warm_kernels", "row_classes", "gemv_launch", "save_model", "load_model", "is_fp8_checkpoint",
+           "warm_kernels", "warm_steps", "row_classes", "gemv_launch", "save_model", "load_model", "is_fp8_checkpoint",
            "quantize_weight", "quantize_rows", "quantize_rows_torch",
            "weight_report", "converted_modules", "weight_only_reference", "gemv_config", "GemvConfig", "SMALL_M_MAX",
            "FP8_MAX", "MIN_SCALE", "MIN_CAPABILITY", "SKIP"]

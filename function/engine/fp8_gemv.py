@@ -27,7 +27,7 @@ Compiled variants: Triton specializes an integer argument on == 1 and on divisib
 without `do_not_specialize` the row count M alone made 1, 16, 20, 32, 37, 64 ... separate binaries, each compiled
 (0.3-0.55 s on the H200) the first time serving met it (bench/RESULTS.md: 32 agents). M is a runtime value of both
 kernels here, so one binary serves every M of a launch class (fp8.gemv_launch: the same config and BLOCK_M for all
-rows of one fp8._bucket), and fp8.warm_kernels compiles each class before the server is ready. N, K, K_SPLIT and
+rows of one fp8._bucket), and fp8.warm_steps compiles each class while the engine is idle after ready. N, K, K_SPLIT and
 the strides stay specialized: they are fixed per layer (and K_SPLIT is a multiple of BLOCK_K).
 """
 from __future__ import annotations

@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ..config import Config
 
@@ -413,6 +413,9 @@ class Loaded:
     # load(defer_save=True) on a start that quantized: writes the pre-quantized copy (the caller runs it once the
     # server is ready, so the first start does not wait for the write); None when there is nothing to write
     save_prequantized: Callable[[], float | None] | None = None
+    # (phase, steps): start-up work readiness does not wait for, run a step at a time on the engine thread while no
+    # request is in the engine (each step a fraction of a second); the phase's seconds are the steps' own
+    idle_work: list[tuple[str, Iterator[None]]] = field(default_factory=list)
 
 
 def quantization_kwargs(config: Config, choices: Choices, dtype) -> dict:
@@ -659,8 +662,7 @@ def load(config: Config, on_phase: Callable[[str], None] = lambda p: None, defer
                             f"({type(e).__name__}: {e}); {fix}")
 
     model = timed(phase, _from_pretrained)
-    if choices.quantization == "fp8":
-        _warm_fp8_kernels(config, model, timed)
+    idle_work = [("fp8_warm_kernels", _fp8_kernel_warmup(config, model))] if choices.quantization == "fp8" else []
     if cuda:
         torch.cuda.empty_cache()    # from_pretrained's allocator warm-up block, where the weights were read ahead
     pending_save = None
@@ -713,7 +715,7 @@ def load(config: Config, on_phase: Callable[[str], None] = lambda p: None, defer
     log.info("model loaded: %s", json.dumps({**choices.labels(), "timings": timings,
                                               "weights": choices.weights}))
     return Loaded(model=model, processor=processor, tokenizer=processor.tokenizer, generation_config=gen_cfg,
-                  choices=choices, placement=placement, save_prequantized=pending_save)
+                  choices=choices, placement=placement, save_prequantized=pending_save, idle_work=idle_work)
 
 
 def _fp8_probe_beside(choices: Choices) -> bool:
@@ -727,15 +729,18 @@ def _start_fp8_probe(choices: Choices) -> "_Background":
     return _Background(lambda: fp8.device_support(choices.device))
 
 
-def _warm_fp8_kernels(config: Config, model, timed) -> None:
-    """fp8: every Triton kernel variant the model's calls can launch, compiled (or loaded from TRITON_CACHE_DIR)
-    now, timed as `fp8_warm_kernels`, rather than on the first request that meets it (fp8.warm_kernels). The row
-    classes follow the engine's slots (MAX_NUM_SEQS; the engine may get fewer where the KV cache does not fit them
-    all, whose rows then fall in a class warmed here) and its decode buckets (CUDA_GRAPH_BATCH_SIZES)."""
+def _fp8_kernel_warmup(config: Config, model) -> Iterator[None]:
+    """fp8: every Triton kernel variant the model's calls can launch, compiled (or loaded from TRITON_CACHE_DIR) in
+    steps the engine runs while idle after ready (fp8.warm_steps). Readiness does not wait for them: the graphs and
+    the warm-up request captured before ready compile what a first request runs, and the rest on an empty cache
+    took 3.4 s of a first start on an H200 (bench/RESULTS.md). The row classes follow the engine's slots
+    (MAX_NUM_SEQS; the engine may get fewer where the KV cache does not fit them all, whose rows then fall in a
+    class warmed here) and its decode buckets (CUDA_GRAPH_BATCH_SIZES)."""
     from . import fp8
 
     rows = fp8.row_classes(config.max_num_seqs, fp8.SMALL_M_MAX, tuple(config.cuda_graph_batch_sizes or ()))
-    res = timed("fp8_warm_kernels", lambda: fp8.warm_kernels(model, rows))
+    res: dict = {}
+    yield from fp8.warm_steps(model, rows, res)
     log.info("fp8: kernels warmed for rows %s: %s", rows, json.dumps(res))
 
 
