@@ -282,6 +282,7 @@ def test_prequantize_script_writes_the_fp8_copy_once(tiny_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["status"] == "written" and "-fp8-" in out["path"] and fp8.is_fp8_checkpoint(Path(out["path"]))
+    assert "fp8_warm_kernels" in out["timings"]     # the kernel warm-up a server runs after ready, run by the Job
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and json.loads(again.stdout.strip().splitlines()[-1]) == \
         {"status": "exists", "path": out["path"]}
