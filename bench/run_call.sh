@@ -199,13 +199,13 @@ case "${1:-perf}" in
              # nf4's first and pre-quantized starts; then a soak of fp8 on an empty Triton cache (the kernel
              # warm-up runs in the idle gaps, traffic resumes in the middle of it)
     [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
-    OUT=$O/a timeout 70 python3 bench/agent_bench.py starts --n 3 --deadline 65
+    OUT=$O/a timeout 95 python3 bench/agent_bench.py starts --n 3 --deadline 90
     OUT=$O/a timeout 50 python3 bench/agent_bench.py starts --quant fp8 --n 1 --env TRITON_CACHE_DIR=/tmp/tc3 \
       --deadline 45
     OUT=$O/b timeout 60 python3 bench/agent_bench.py starts --quant nf4 --n 1 --deadline 55
     MODEL_CACHE_DIR=/tmp/modelcache timeout 90 python3 scripts/prequantize.py --model-path /tmp/glm9b \
       --quantization nf4 2>&1 | tail -2
-    OUT=$O/b timeout 60 python3 bench/agent_bench.py starts --quant nf4 --n 2 --deadline 55
+    OUT=$O/b timeout 80 python3 bench/agent_bench.py starts --quant nf4 --n 2 --deadline 75
     OUT=$O/c timeout 200 python3 bench/agent_bench.py soak --quant fp8 --minutes 2.5 --env TRITON_CACHE_DIR=/tmp/tc4 \
       --deadline 195
     ;;
