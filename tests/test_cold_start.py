@@ -103,6 +103,21 @@ def test_weight_reader_reads_what_safetensors_reads(tmp_path, chunk):
     assert reader.stats["bytes"] == sum(read_header(p).data_bytes for p in tmp_path.glob("*.safetensors"))
 
 
+def test_weight_reader_gives_16_byte_aligned_tensors(tmp_path):
+    """After an odd-sized tensor (a 4-bit checkpoint's quant_state blob) the writer packs the next ones at any
+    offset; kernels with vector loads fault on those (bitsandbytes' 4-bit: "misaligned address"), so every tensor
+    handed out starts on 16 bytes, views where they can be, copies where not."""
+    tensors = {"a.blob": torch.arange(13, dtype=torch.uint8), "b.packed": torch.arange(64, dtype=torch.uint8),
+               "c.absmax": torch.rand(8), "d.bf16": torch.randn(16, 16).to(torch.bfloat16)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    offsets = {k: v[2] for k, v in read_header(tmp_path / "model.safetensors").tensors.items()}
+    assert any(o % 16 for o in offsets.values())        # the file has misaligned tensors to begin with
+    got = WeightReader(tmp_path, "cpu", chunk_bytes=32).start().result()
+    for name, t in tensors.items():
+        assert torch.equal(got[name], t), name
+        assert got[name].data_ptr() % 16 == 0, (name, offsets[name])
+
+
 def test_weight_reader_reports_a_truncated_shard(tmp_path):
     _odd_checkpoint(tmp_path / "model.safetensors")
     data = (tmp_path / "model.safetensors").read_bytes()

@@ -3,8 +3,8 @@ transformers (the slowest part of a cold start) and the processor loads.
 
 Each shard's data section goes into one device buffer: reader threads `preadv` 32 MiB chunks of the file into pinned
 host buffers (two per thread, so the next read overlaps the previous copy) and copy them to the device on their own
-CUDA stream. Every tensor is then a view of its shard's buffer (safetensors aligns tensors to their dtype), so
-nothing is copied twice; the views are handed to `from_pretrained(state_dict=...)`, which keeps transformers' own
+CUDA stream. Every tensor is then a view of its shard's buffer where it starts 16-byte aligned (most do; the rest
+are copied, see TENSOR_ALIGN), so nothing else is copied twice; the views are handed to `from_pretrained(state_dict=...)`, which keeps transformers' own
 key renaming, tied weights, buffers and (pre-quantized) quantizer handling. On CPU the chunks are read straight into
 the buffer.
 
@@ -33,6 +33,12 @@ READER_THREADS = 8
 _DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I8": "int8", "U8": "uint8",
            "I16": "int16", "I32": "int32", "I64": "int64", "U16": "uint16", "U32": "uint32", "U64": "uint64",
            "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+# Writers align each tensor to its dtype only, so after an odd-sized one (a bitsandbytes quant_state blob, a uint8
+# vector) the next ones start anywhere; CUDA kernels with vector loads want 16 bytes (bitsandbytes' 4-bit ones
+# fault on less: "misaligned address" on the H200, bench/RESULTS.md session 5), so such tensors are copied.
+TENSOR_ALIGN = 16
 
 
 @dataclass
@@ -134,8 +140,8 @@ class WeightReader:
                 dtype = getattr(torch, _DTYPES[dt])
                 item = torch.empty((), dtype=dtype).element_size()
                 raw = buf[begin:end]
-                if begin % item:                # not aligned to its dtype: a copy (writers align, so rare)
-                    raw = raw.clone()
+                if begin % max(item, TENSOR_ALIGN):
+                    raw = raw.clone()           # a fresh allocation: aligned
                 state[name] = raw.view(dtype).view(shape)
         secs = time.perf_counter() - t0
         self.stats.update(bytes=total, read_s=round(secs, 3), gbps=round(total / max(secs, 1e-9) / 1e9, 2),
