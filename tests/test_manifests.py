@@ -54,7 +54,7 @@ K8S_VERSIONS = ["1.32.0", kubernetes_validate.latest_version()]
 # Environment variables that are not the app's settings but are read by libraries and tools in the image.
 STANDARD_ENV = {
     "HF_HOME", "HF_HUB_OFFLINE", "HF_TOKEN", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "PYTORCH_CUDA_ALLOC_CONF",
-    "LISTEN_ADDRESS", "PYTHONUNBUFFERED", "HOME",
+    "LISTEN_ADDRESS", "PYTHONUNBUFFERED", "HOME", "MALLOC_MMAP_THRESHOLD_",
 }
 # Set only while building the image (or by the base image's toolchain), never read by the app.
 BUILD_ENV = {"VIRTUAL_ENV", "PATH", "PIP_NO_CACHE_DIR", "PIP_DISABLE_PIP_VERSION_CHECK", "PYTHONDONTWRITEBYTECODE"}
@@ -1269,11 +1269,24 @@ def test_dockerfile_env_and_user():
     env = dockerfile_env()
     assert set(env) <= set(ENV_VARS) | STANDARD_ENV | BUILD_ENV, set(env) - set(ENV_VARS) - STANDARD_ENV - BUILD_ENV
     assert env["HF_HUB_OFFLINE"] == "1" and env["PYTHONUNBUFFERED"] == "1"
+    # a fixed mmap threshold, so freed image-sized buffers leave the process instead of piling up in glibc's arenas
+    assert 128 * 1024 <= int(env["MALLOC_MMAP_THRESHOLD_"]) <= 4 * 1024 * 1024
     assert env["MODEL_CACHE_DIR"] == app_config(container(MODEL)).model_cache_dir
     for key in ("HF_HOME", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
         assert under(env[key], [env["MODEL_CACHE_DIR"]]) and env[key] == env_of(container(MODEL))[key], key
     uid, gid = _dockerfile_user()
     assert uid > 0 and gid > 0
+
+
+def test_agent_bench_runs_the_server_with_the_images_env():
+    """The bench's server process gets what the image's ENV sets for the allocator, or its RSS numbers would
+    measure a process the image never runs."""
+    tree = ast.parse((ROOT / "bench" / "agent_bench.py").read_text())
+    (image_env,) = [ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
+                    and any(isinstance(t, ast.Name) and t.id == "IMAGE_ENV" for t in n.targets)]
+    env = dockerfile_env()
+    assert image_env and all(env.get(k) == v for k, v in image_env.items()), (image_env, env)
+    assert {k for k in env if k.startswith("MALLOC_")} <= set(image_env)
 
 
 def test_dockerfile_installs_in_cache_friendly_order():

@@ -265,14 +265,18 @@ class LocalEngine(EngineClient):
         AFTER_READY_QUIET_S of quiet and each next after IDLE_STEP_QUIET_S, so a request that arrives meanwhile
         waits for one step at most; the steps' own seconds become `phase`. False when the engine shuts down."""
         busy, quiet = 0.0, AFTER_READY_QUIET_S
-        while self._wait_quiet(quiet, None):
+        def step() -> tuple[bool, float]:               # timed on the engine thread: not the wait for a turn
             t = time.perf_counter()
+            more = next(steps, _DONE) is not _DONE
+            return more, time.perf_counter() - t
+
+        while self._wait_quiet(quiet, None):
             try:
-                more = self._core.call(lambda: next(steps, _DONE) is not _DONE).result()
+                more, secs = self._core.call(step).result()
             except Exception as e:  # noqa: BLE001 - serving goes on; a request meets that path on its own
                 log.warning("%s after ready failed: %s: %s", phase, type(e).__name__, e)
                 return True
-            busy += time.perf_counter() - t
+            busy += secs
             if not more:
                 self.timings[phase] = round(busy, 3)
                 metrics.set_cold_start_phase(phase, self.timings[phase])
