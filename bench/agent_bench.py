@@ -100,14 +100,9 @@ def model_dir(args) -> str:
     return args.model_dir
 
 
-# What the image's ENV sets for the server process beside the settings below (tests/test_manifests.py checks it
-# against the Dockerfile), so the bench measures the process the image runs.
-IMAGE_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576"}
-
-
 def server_env(args, port: int, quant: str | None = None) -> dict:
     env = dict(os.environ)
-    env.update(IMAGE_ENV)
+    env.update(eb.IMAGE_ENV)
     env.update(LISTEN_ADDRESS=f"127.0.0.1:{port}", MODEL_CACHE_DIR=args.cache_dir, MAX_NUM_SEQS=str(args.max_num_seqs),
                MAX_MODEL_LEN=str(args.max_model_len), QUANTIZATION=quant or args.quant, PYTHONUNBUFFERED="1",
                HF_HUB_OFFLINE="1")

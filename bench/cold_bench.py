@@ -35,6 +35,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from engine_bench import IMAGE_ENV  # noqa: E402  (stdlib-only at import)
 OUT = Path(os.environ.get("OUT", "/tmp/out"))
 RES: dict = {}
 
@@ -138,7 +140,8 @@ def naive(model: Path, quant: str, timeout: float) -> dict:
 
 def function(model: Path | None, quant: str, cache_dir: Path, timeout: float, env_extra: dict) -> dict:
     port = free_port()
-    env = dict(os.environ, MODEL_CACHE_DIR=str(cache_dir), QUANTIZATION=quant, LISTEN_ADDRESS=f"127.0.0.1:{port}",
+    env = dict(os.environ, **IMAGE_ENV)
+    env.update(MODEL_CACHE_DIR=str(cache_dir), QUANTIZATION=quant, LISTEN_ADDRESS=f"127.0.0.1:{port}",
                LOG_LEVEL="INFO", PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
                **env_extra)
     if model is not None:

@@ -209,6 +209,17 @@ case "${1:-perf}" in
     OUT=$O/c timeout 200 python3 bench/agent_bench.py soak --quant fp8 --minutes 2.5 --env TRITON_CACHE_DIR=/tmp/tc4 \
       --deadline 195
     ;;
+  s6c1)      # session 6 call 1: nf4 pre-quantized starts (16-byte aligned tensors), exec -> first token vs naive in
+             # the same call, a soak of fp8 on an empty Triton cache with the image's allocator setting (RSS)
+    [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
+    MODEL_CACHE_DIR=/tmp/modelcache timeout 60 python3 scripts/prequantize.py --model-path /tmp/glm9b \
+      --quantization nf4 2>&1 | tail -2
+    OUT=$O/a timeout 80 python3 bench/agent_bench.py starts --quant nf4 --n 2 --deadline 75
+    OUT=$O/b timeout 130 python3 bench/cold_bench.py --quant none --timeout 80 > "$O/b/cold.out" 2>&1
+    tail -c 1500 "$O/b/cold.out"
+    OUT=$O/c timeout 200 python3 bench/agent_bench.py soak --quant fp8 --minutes 2.5 --env TRITON_CACHE_DIR=/tmp/tc5 \
+      --deadline 195
+    ;;
   fp8starts) # call 22: fp8 starts in a row: the first converts and writes the pre-quantized copy, the rest load it
     [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
     OUT=$O/a timeout 70 python3 bench/agent_bench.py starts --quant fp8 --n 1 --deadline 65

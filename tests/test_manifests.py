@@ -1278,10 +1278,10 @@ def test_dockerfile_env_and_user():
     assert uid > 0 and gid > 0
 
 
-def test_agent_bench_runs_the_server_with_the_images_env():
+def test_benches_run_the_server_with_the_images_env():
     """The bench's server process gets what the image's ENV sets for the allocator, or its RSS numbers would
     measure a process the image never runs."""
-    tree = ast.parse((ROOT / "bench" / "agent_bench.py").read_text())
+    tree = ast.parse((ROOT / "bench" / "engine_bench.py").read_text())
     (image_env,) = [ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
                     and any(isinstance(t, ast.Name) and t.id == "IMAGE_ENV" for t in n.targets)]
     env = dockerfile_env()
