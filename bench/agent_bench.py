@@ -31,7 +31,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -76,11 +75,6 @@ def pct(xs, p, scale=1.0, nd=3):
     return round(xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] * scale, nd)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def tail(path: str, max_bytes: int = 48_000) -> str:
     try:
@@ -123,7 +117,7 @@ class Server:
 
     def __init__(self, name: str, args, quant: str | None = None, out_log: str | None = None):
         self.name, self.args = name, args
-        self.port = free_port()
+        self.port = eb.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = server_env(args, self.port, quant)
         os.makedirs(LOGS, exist_ok=True)

@@ -35,14 +35,10 @@ import httpx
 from PIL import Image, PngImagePlugin
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from engine_bench import free_port  # noqa: E402  (stdlib-only at import)
 MODEL = "autoglm-phone-9b"
 TARGETS_MS = {"in-process hit p50": 2.0, "front + Redis hit p50": 5.0}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Proc:

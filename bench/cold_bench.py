@@ -24,7 +24,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from engine_bench import IMAGE_ENV  # noqa: E402  (stdlib-only at import)
+from engine_bench import IMAGE_ENV, free_port  # noqa: E402  (stdlib-only at import)
 OUT = Path(os.environ.get("OUT", "/tmp/out"))
 RES: dict = {}
 
@@ -73,13 +72,6 @@ def log(key, value):
 def has_gpu() -> bool:
     return os.path.exists("/dev/nvidiactl") or shutil.which("nvidia-smi") is not None
 
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 # ------------------------------------------------------------------------------------------------ page cache
