@@ -130,7 +130,16 @@ def naive(model: Path, quant: str, timeout: float) -> dict:
     return {"exec_to_first_token_s": round(time.time() - t, 2), **json.loads(lines[-1])}
 
 
-def function(model: Path | None, quant: str, cache_dir: Path, timeout: float, env_extra: dict) -> dict:
+def copies(cache_dir: Path, quant: str) -> list[Path]:
+    """The complete pre-quantized copies of `quant` in the cache dir (loader.prequantized_dir names them
+    <model>-<quant>-<fingerprint>)."""
+    return sorted((cache_dir / "prequantized").glob(f"*-{quant}-*/prequantized.json"))
+
+
+def function(model: Path | None, quant: str, cache_dir: Path, timeout: float, env_extra: dict,
+             wait_for_copy: bool = False) -> dict:
+    """One fresh start: exec -> ready -> first streamed token, phases from /metrics. `wait_for_copy`: a first
+    start that quantizes writes its pre-quantized copy after ready; the server is stopped once it is there."""
     port = free_port()
     env = dict(os.environ, **IMAGE_ENV)
     env.update(MODEL_CACHE_DIR=str(cache_dir), QUANTIZATION=quant, LISTEN_ADDRESS=f"127.0.0.1:{port}",
@@ -185,6 +194,11 @@ def function(model: Path | None, quant: str, cache_dir: Path, timeout: float, en
                 if m:
                     phases[m.group(1)] = round(float(m.group(2)), 3)
             res["phases"] = phases
+        if wait_for_copy:
+            t2 = time.time()
+            while not copies(cache_dir, quant) and time.time() - t2 < timeout and proc.poll() is None:
+                time.sleep(0.2)
+            res["copy_written_after_first_token_s"] = round(time.time() - t2, 2) if copies(cache_dir, quant) else None
         return res
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -256,11 +270,10 @@ def main() -> None:
                     how = make_cold(all_files()) if mode == "cold" else (warm(files) or "warm")
                     log(f"{mode}_{rep}_naive_{naive_q}", {**naive(model, naive_q, a.timeout), "cache": how})
                 starts = ["only"] if q == "none" else (
-                    ["first_start_quantize", "prequantized"]
-                    if not list((cache_dir / "prequantized").glob("*/prequantized.json")) else ["prequantized"])
+                    ["first_start_quantize", "prequantized"] if not copies(cache_dir, q) else ["prequantized"])
                 for s in starts:
                     how = make_cold(all_files()) if mode == "cold" else (warm(all_files()) or "warm")
-                    r = function(model, q, cache_dir, a.timeout, {})
+                    r = function(model, q, cache_dir, a.timeout, {}, wait_for_copy=s == "first_start_quantize")
                     log(f"{mode}_{rep}_function_{q}_{s}", {**r, "cache": how})
     print(json.dumps(RES))
 

@@ -220,6 +220,18 @@ case "${1:-perf}" in
     OUT=$O/c timeout 200 python3 bench/agent_bench.py soak --quant fp8 --minutes 2.5 --env TRITON_CACHE_DIR=/tmp/tc5 \
       --deadline 195
     ;;
+  s7c1)      # session 7 call 1: every start kind in one run beside naive (bf16 and nf4 quantizing while loading):
+             # first starts that quantize and write the copy, pre-quantized starts (nf4 now on the native model),
+             # a cold page cache bf16 start; then nf4 agent turns on the native model under load
+    [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
+    OUT=$O/b timeout 250 python3 bench/cold_bench.py --quant none,nf4,fp8 --timeout 90 \
+      --cache-dir /tmp/modelcache > "$O/b/cold.out" 2>&1
+    tail -c 2500 "$O/b/cold.out"
+    OUT=$O/c timeout 140 python3 bench/cold_bench.py --quant none,nf4,fp8 --cold --skip-naive --timeout 45 \
+      --cache-dir /tmp/modelcache > "$O/c/cold.out" 2>&1
+    tail -c 2500 "$O/c/cold.out"
+    OUT=$O/d timeout 90 python3 bench/agent_bench.py agent --quant nf4 --clients 1,8 --turns-s 20 --deadline 85
+    ;;
   fp8starts) # call 22: fp8 starts in a row: the first converts and writes the pre-quantized copy, the rest load it
     [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
     OUT=$O/a timeout 70 python3 bench/agent_bench.py starts --quant fp8 --n 1 --deadline 65

@@ -259,6 +259,9 @@ class Glm4vNativeTextAttention(nn.Module):
         with fp8 weights each layer quantizes its input once and skips the slow N=256 k/v GEMMs. q/k/v stay
         registered as views of the fused tensors, so state_dict, fp8.save_model and the checkpoint layout keep
         transformers' names; the fused module is not registered (no parameter counted twice)."""
+        parts = (self.q_proj, self.k_proj, self.v_proj)
+        if not (all(type(m) is nn.Linear for m in parts) or all(hasattr(m, "weight_scale") for m in parts)):
+            return   # bitsandbytes' packed 4-bit weights (engine/nf4.py) do not concatenate: q/k/v stay three
         if self.__dict__.get("_qkv") is None:
             self.__dict__["_qkv"] = fuse_linear([self.q_proj, self.k_proj, self.v_proj])
             self.__dict__["_qkv_split"] = [self.q_proj.out_features, self.k_proj.out_features,

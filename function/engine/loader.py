@@ -113,11 +113,13 @@ def choose(config: Config, model_path: Path) -> Choices:
                    attn_implementation=attn, reason=reason)
 
 
-def model_impl(config: Config, model_path: Path, quantization: str) -> tuple[str, str]:
+def model_impl(config: Config, model_path: Path, quantization: str,
+               prequantized: bool = False) -> tuple[str, str]:
     """("native" | "transformers", why): which implementation serves (MODEL_IMPL, vLLM's --model-impl). The native
     one (engine/glm4v.py and glm4v_processing.py, torch and tokenizers only) is what makes a cold start short:
-    importing transformers' GLM-4.1V modules costs 7-10 s on the GPU image (bench/RESULTS.md). It covers GLM-4.1V
-    in bf16 and fp8 on one device; bitsandbytes quantizes inside transformers' from_pretrained, and a split over
+    importing transformers' GLM-4.1V modules costs 4-10 s on the GPU image (bench/RESULTS.md). It covers GLM-4.1V
+    in bf16 and fp8 on one device, and nf4 read from the pre-quantized copy (`prequantized`; engine/nf4.py);
+    bitsandbytes quantizes (the first nf4 start, int8) inside transformers' from_pretrained, and a split over
     several cards uses transformers' device map, so those keep transformers."""
     if config.model_impl == "transformers":
         return "transformers", "MODEL_IMPL=transformers"
@@ -125,7 +127,7 @@ def model_impl(config: Config, model_path: Path, quantization: str) -> tuple[str
     why_not = None
     if kind != "glm4v":
         why_not = f"model_type {kind!r} has no native implementation (only glm4v)"
-    elif quantization in ("nf4", "int8"):
+    elif quantization == "int8" or (quantization == "nf4" and not prequantized):
         why_not = f"QUANTIZATION={quantization} quantizes through transformers (bitsandbytes)"
     elif config.gpus_per_pod > 1:
         why_not = f"GPUS_PER_POD={config.gpus_per_pod} places the model with transformers' device map"
@@ -487,7 +489,14 @@ def load(config: Config, on_phase: Callable[[str], None] = lambda p: None, defer
     choices = choose(config, model_path)
     choices.source = source
     on_phase(f"quantization {choices.quantization} ({choices.reason})")
-    impl, choices.model_impl_reason = model_impl(config, model_path, choices.quantization)
+    load_dir, cache_dir = model_path, None
+    if choices.quantization != "none":
+        cache_dir = prequantized_dir(config, model_path, choices)
+        if config.prequantized_cache and _complete(cache_dir):
+            load_dir, choices.source = cache_dir, "prequantized-cache"
+    quantize_now = choices.quantization != "none" and load_dir == model_path
+    impl, choices.model_impl_reason = model_impl(config, model_path, choices.quantization,
+                                                 prequantized=not quantize_now)
     choices.model_impl = impl
     native = impl == "native"
     log.info("model implementation %s (%s)", impl, choices.model_impl_reason)
@@ -498,12 +507,6 @@ def load(config: Config, on_phase: Callable[[str], None] = lambda p: None, defer
 
         check_devices(config.gpus_per_pod, torch.cuda.device_count(), device=config.device,
                       cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
-    load_dir, cache_dir = model_path, None
-    if choices.quantization != "none":
-        cache_dir = prequantized_dir(config, model_path, choices)
-        if config.prequantized_cache and _complete(cache_dir):
-            load_dir, choices.source = cache_dir, "prequantized-cache"
-    quantize_now = choices.quantization != "none" and load_dir == model_path
 
     from .weights import WeightReader
 
@@ -599,6 +602,9 @@ def load(config: Config, on_phase: Callable[[str], None] = lambda p: None, defer
             return fp8.load_model(load_dir, dtype=dtype, device_map=device_map,
                                   attn_implementation=choices.attn_implementation, native=True, state_dict=state,
                                   support=fp8_support)
+        if choices.quantization == "nf4" and load_dir != model_path:   # the pre-quantized nf4 copy
+            from . import nf4
+            return nf4.load_native(load_dir, dtype, choices.device, state_dict=state)
         try:
             model = glm4v.load_native(load_dir, dtype, choices.device, state_dict=state)
         except Exception as e:  # noqa: BLE001 - a read-ahead that went wrong: read the files once more

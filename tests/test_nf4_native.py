@@ -1,0 +1,104 @@
+"""nf4 on the native model (engine/nf4.py): the pre-quantized copy that the first nf4 start writes through
+transformers' bitsandbytes quantizer, read back without transformers. bitsandbytes' CPU backend runs the same
+quantization format and matmul_4bit on the tiny model, so these run in CI; the H200 numbers are in bench/."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import pytest
+from bitsandbytes.nn import Linear4bit
+
+from function.config import Config
+from function.engine import glm4v, nf4
+from function.engine.loader import bnb_config, model_impl, save_prequantized
+from function.engine.runner import ModelRunner, PrefillItem
+
+
+@pytest.fixture(scope="module")
+def nf4_copy(tiny_dir, tmp_path_factory):
+    """(transformers' nf4 model of the tiny checkpoint, the pre-quantized copy the loader writes from it)."""
+    from transformers.models.glm4v.modeling_glm4v import Glm4vForConditionalGeneration
+
+    ref = Glm4vForConditionalGeneration.from_pretrained(
+        tiny_dir, dtype=torch.bfloat16, device_map="cpu",
+        quantization_config=bnb_config("nf4", False, torch.bfloat16)).eval()
+    out = tmp_path_factory.mktemp("prequantized") / "tiny-nf4"
+    save_prequantized(ref, tiny_dir, out)
+    return ref, out
+
+
+def test_the_copy_loads_natively_with_transformers_nf4_logits(nf4_copy, tiny_dir):
+    ref, out = nf4_copy
+    model = nf4.load_native(out, torch.bfloat16, "cpu")
+    assert isinstance(model, glm4v.Glm4vNativeForConditionalGeneration)
+    quantized = {n for n, m in model.named_modules() if isinstance(m, Linear4bit)}
+    decoder_linears = {n for n, m in glm4v.build_empty(glm4v.Glm4vNativeConfig.from_dir(tiny_dir)).named_modules()
+                       if type(m) is nn.Linear and ".language_model." in f".{n}"}
+    assert quantized == decoder_linears      # the decoder's projections; lm_head and the vision tower stay bf16
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight.dtype == torch.bfloat16
+    assert not any(isinstance(m, Linear4bit) for m in model.model.visual.modules())
+    ids = torch.randint(0, ref.config.text_config.vocab_size, (1, 21), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = ref(input_ids=ids).logits
+        got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)    # the same kernels on the same packed weights
+    with torch.no_grad():
+        bf16 = glm4v.load_native(tiny_dir, torch.bfloat16, "cpu")(input_ids=ids).logits
+    assert not torch.allclose(got, bf16, atol=1e-3)                # and they are 4-bit, not the bf16 weights
+
+    # the runner fuses q/k/v for bf16 and fp8; packed 4-bit weights stay three projections and the output holds
+    model.fuse_projections()
+    assert all(layer.self_attn.__dict__.get("_qkv") is None for layer in model.model.language_model.layers)
+    runner = ModelRunner(model, num_slots=2, max_len=256, use_graphs=False)
+    tokens = ids[0].tolist()
+    logits = runner.prefill([PrefillItem(slot=0, token_ids=tokens, start=0,
+                                         position_ids=torch.arange(len(tokens)).expand(3, -1), images=[])])
+    torch.testing.assert_close(logits[0], want[0, -1].to(logits.dtype), atol=2e-2, rtol=2e-2)
+
+
+def test_the_copy_is_read_from_tensors_already_on_the_device(nf4_copy):
+    """The start reads the shards ahead (weights.WeightReader) and hands them over; every entry is consumed."""
+    from safetensors.torch import load_file
+
+    _, out = nf4_copy
+    state = {}
+    for f in sorted(out.glob("*.safetensors")):
+        state.update(load_file(f))
+    model = nf4.load_native(out, torch.bfloat16, "cpu", state_dict=state)
+    assert state == {}
+    assert any(isinstance(m, Linear4bit) for m in model.modules())
+
+
+def test_a_copy_that_does_not_match_is_a_clear_error(nf4_copy):
+    from safetensors.torch import load_file
+
+    _, out = nf4_copy
+    full = {}
+    for f in sorted(out.glob("*.safetensors")):
+        full.update(load_file(f))
+    name = nf4.quantized_modules(full)[0]
+    broken = dict(full)
+    del broken[name + ".weight"]
+    with pytest.raises(ValueError, match="no packed weight"):
+        nf4.load_native(out, torch.bfloat16, "cpu", state_dict=broken)
+    extra = dict(full)
+    extra["model.language_model.layers.0.mlp.nope.weight.quant_state.bitsandbytes__nf4"] = \
+        full[name + ".weight.quant_state.bitsandbytes__nf4"]
+    with pytest.raises(ValueError, match="does not have"):
+        nf4.load_native(out, torch.bfloat16, "cpu", state_dict=extra)
+    plain = {k: v for k, v in full.items() if ".weight." not in k and v.dtype != torch.uint8}
+    with pytest.raises(ValueError, match="no nf4 quantized modules"):
+        nf4.load_native(out, torch.bfloat16, "cpu", state_dict=plain)
+
+
+def test_nf4_is_native_only_from_the_pre_quantized_copy(tiny_dir):
+    auto = Config.from_env({})
+    assert model_impl(auto, tiny_dir, "nf4", prequantized=True)[0] == "native"
+    impl, why = model_impl(auto, tiny_dir, "nf4", prequantized=False)
+    assert impl == "transformers" and "quantizes through transformers" in why
+    assert model_impl(auto, tiny_dir, "int8", prequantized=True)[0] == "transformers"
+    assert model_impl(Config.from_env({"MODEL_IMPL": "transformers"}), tiny_dir, "nf4", prequantized=True)[0] == \
+        "transformers"
+    with pytest.raises(RuntimeError, match="MODEL_IMPL=native cannot serve"):
+        model_impl(Config.from_env({"MODEL_IMPL": "native"}), tiny_dir, "nf4", prequantized=False)
