@@ -232,6 +232,15 @@ case "${1:-perf}" in
     tail -c 2500 "$O/c/cold.out"
     OUT=$O/d timeout 90 python3 bench/agent_bench.py agent --quant nf4 --clients 1,8 --turns-s 20 --deadline 85
     ;;
+  s7c2)      # session 7 call 2: the native nf4 load profiled; fp8 first and pre-quantized starts beside bf16's
+    [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
+    MODEL_CACHE_DIR=/tmp/modelcache timeout 60 python3 scripts/prequantize.py --model-path /tmp/glm9b \
+      --quantization nf4 2>&1 | tail -1
+    OUT=$O/a timeout 60 python3 bench/nf4_probe.py
+    OUT=$O/b timeout 150 python3 bench/cold_bench.py --quant none,fp8 --skip-naive --timeout 60 \
+      --cache-dir /tmp/mc-fp8 > "$O/b/cold.out" 2>&1
+    tail -c 1500 "$O/b/cold.out"
+    ;;
   fp8starts) # call 22: fp8 starts in a row: the first converts and writes the pre-quantized copy, the rest load it
     [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
     OUT=$O/a timeout 70 python3 bench/agent_bench.py starts --quant fp8 --n 1 --deadline 65
