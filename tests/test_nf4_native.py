@@ -102,3 +102,19 @@ def test_nf4_is_native_only_from_the_pre_quantized_copy(tiny_dir):
         "transformers"
     with pytest.raises(RuntimeError, match="MODEL_IMPL=native cannot serve"):
         model_impl(Config.from_env({"MODEL_IMPL": "native"}), tiny_dir, "nf4", prequantized=False)
+
+
+def test_bitsandbytes_imports_without_dynamo_and_leaves_torch_compile_alone():
+    """bitsandbytes wraps its fallback ops in torch.compile at import, which drags in torch._dynamo, inductor and
+    sympy (10.8 s on the H200); nf4.import_bitsandbytes refuses torch.compile for that import only."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; compile_before = torch.compile\n"
+            "from function.engine import nf4\n"
+            "bnn = nf4.import_bitsandbytes()\n"
+            "assert nf4.import_bitsandbytes() is bnn and hasattr(bnn, 'Linear4bit')\n"
+            "print([m for m in ('torch._dynamo', 'torch._inductor', 'sympy') if m in sys.modules],"
+            " torch.compile is compile_before)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[] True", out.stdout + out.stderr

@@ -522,6 +522,11 @@ def load(config: Config, on_phase: Callable[[str], None] = lambda p: None, defer
     # fp8: the card's probes (a small _scaled_mm, the Triton kernels: ~1.2 s with a warm Triton cache) beside the
     # weight read, the imports and the model build; the conversion or fp8.load_model asks for the answer last
     fp8_probe = _start_fp8_probe(choices) if _fp8_probe_beside(choices) else None
+    # nf4 from the copy on the native model: bitsandbytes' import beside the weight read
+    bnb_import = None
+    if native and choices.quantization == "nf4":
+        from . import nf4
+        bnb_import = _Background(nf4.import_bitsandbytes)
 
     def fp8_support():
         """The background probe's Support, or None (fp8 then probes on this thread), with the reason logged."""
@@ -604,6 +609,11 @@ def load(config: Config, on_phase: Callable[[str], None] = lambda p: None, defer
                                   support=fp8_support)
         if choices.quantization == "nf4" and load_dir != model_path:   # the pre-quantized nf4 copy
             from . import nf4
+            if bnb_import is not None:
+                t = time.perf_counter()
+                bnb_import.result()
+                timings["bitsandbytes_import_wait"] = round(time.perf_counter() - t, 3)
+                timings["bitsandbytes_import"] = bnb_import.seconds
             return nf4.load_native(load_dir, dtype, choices.device, state_dict=state)
         try:
             model = glm4v.load_native(load_dir, dtype, choices.device, state_dict=state)

@@ -9,12 +9,36 @@ transformers' modeling nor its processor: 4.3 s of an nf4 start on the H200 (ben
 The matrix products are bitsandbytes' (`bnb.matmul_4bit`), the same kernels the transformers path runs."""
 from __future__ import annotations
 
+import sys
+import threading
 from pathlib import Path
 
 import torch
 from torch import nn
 
 QUANT_STATE_KEY = "weight.quant_state.bitsandbytes__nf4"
+_import_lock = threading.Lock()
+
+
+def import_bitsandbytes():
+    """bitsandbytes.nn, imported with torch.compile refused. At import, bitsandbytes wraps its pure-torch fallback
+    ops (backends/default) in `torch.compile`, which imports torch._dynamo, inductor and sympy: 10.8 s of an nf4
+    start on the H200 (bench/nf4_probe.py, session 7), against 0.4 s for the whole load. Its wrapper falls back to
+    the plain function when torch.compile raises; on CUDA the nf4 matmuls are its CUDA kernels either way."""
+    with _import_lock:
+        if "bitsandbytes.nn" in sys.modules:
+            return sys.modules["bitsandbytes.nn"]
+        real = torch.compile
+
+        def refuse(*args, **kwargs):
+            raise RuntimeError("torch.compile is off while bitsandbytes imports (engine/nf4.py)")
+
+        torch.compile = refuse
+        try:
+            import bitsandbytes.nn
+        finally:
+            torch.compile = real
+        return bitsandbytes.nn
 
 
 def quantized_modules(keys) -> list[str]:
@@ -44,8 +68,8 @@ def load_native(load_dir, dtype: torch.dtype, device, state_dict: dict[str, torc
     """The native model from the nf4 pre-quantized copy in `load_dir`, on `device`, eval mode. `state_dict`: the
     copy's tensors already read (weights.WeightReader; checkpoint names, on the device); its entries are consumed.
     Raises ValueError when the tensors do not match the architecture."""
-    from bitsandbytes.nn import Linear4bit, Params4bit
-
+    bnb_nn = import_bitsandbytes()
+    Linear4bit, Params4bit = bnb_nn.Linear4bit, bnb_nn.Params4bit
     from . import glm4v
 
     load_dir, device = Path(load_dir), torch.device(device)
