@@ -232,6 +232,18 @@ case "${1:-perf}" in
     tail -c 2500 "$O/c/cold.out"
     OUT=$O/d timeout 90 python3 bench/agent_bench.py agent --quant nf4 --clients 1,8 --turns-s 20 --deadline 85
     ;;
+  s8c1)      # session 8 call 1: nf4 first starts quantize on the native model (no transformers); bf16, nf4 first
+             # and pre-quantized starts beside naive bf16 and nf4; then agent turns on a first-start nf4 server
+    [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
+    OUT=$O/b timeout 250 python3 bench/cold_bench.py --quant none,nf4 --timeout 80 \
+      --cache-dir /tmp/mc-n1 > "$O/b/cold.out" 2>&1
+    tail -c 2500 "$O/b/cold.out"
+    OUT=$O/c timeout 80 python3 bench/cold_bench.py --quant nf4,none --skip-naive --timeout 60 \
+      --cache-dir /tmp/mc-n1 > "$O/c/cold.out" 2>&1
+    tail -c 1500 "$O/c/cold.out"
+    OUT=$O/d timeout 100 python3 bench/agent_bench.py agent --quant nf4 --clients 1,8 --turns-s 15 --deadline 95 \
+      --cache-dir /tmp/mc-n2
+    ;;
   s7c2)      # session 7 call 2: the native nf4 load profiled; fp8 first and pre-quantized starts beside bf16's
     [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
     MODEL_CACHE_DIR=/tmp/modelcache timeout 60 python3 scripts/prequantize.py --model-path /tmp/glm9b \

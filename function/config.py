@@ -108,9 +108,8 @@ class Config:
     model_impl: str = env("MODEL_IMPL", "auto | native | transformers. Which implementation of the model and its "
                           "processor serves (vLLM's --model-impl). auto: the native torch implementation of GLM-4.1V "
                           "(function/engine/glm4v.py; no transformers import, so a cold start skips 4-10 s) for "
-                          "bf16, fp8 and the pre-quantized nf4 copy on one device; transformers for the first nf4 "
-                          "start and int8 (bitsandbytes quantizes through it), GPUS_PER_POD > 1 and other "
-                          "architectures.", default="auto")
+                          "bf16, fp8 and nf4 on one device; transformers for int8 (bitsandbytes' LLM.int8 quantizes "
+                          "through it), GPUS_PER_POD > 1 and other architectures.", default="auto")
     device: str = env("DEVICE", "auto | cuda | cuda:N | cpu.", default="auto")
     dtype: str = env("DTYPE", "auto | bfloat16 | float16 | float32. auto: bfloat16 on CUDA, float32 on CPU.",
                      default="auto")

@@ -156,7 +156,8 @@ def test_loader_reads_ahead_and_matches_from_pretrained(model_cache_dir, impl):
 @pytest.mark.parametrize("settings,quant,want", [
     ({}, "none", "native"),
     ({}, "fp8", "native"),
-    ({}, "nf4", "transformers"),
+    ({}, "nf4", "native"),
+    ({}, "int8", "transformers"),
     ({"GPUS_PER_POD": "2"}, "none", "transformers"),
     ({"MODEL_IMPL": "transformers"}, "none", "transformers"),
     ({"MODEL_IMPL": "native"}, "fp8", "native"),
@@ -170,8 +171,8 @@ def test_model_impl_picks_native_where_it_serves(model_cache_dir, settings, quan
 
 def test_model_impl_native_refuses_what_it_cannot_serve(model_cache_dir, tmp_path):
     cfg = Config.from_env({"MODEL_CACHE_DIR": str(model_cache_dir), "MODEL_IMPL": "native"})
-    with pytest.raises(RuntimeError, match="QUANTIZATION=nf4"):
-        loader.model_impl(cfg, Path(cfg.tiny_model_dir), "nf4")
+    with pytest.raises(RuntimeError, match="QUANTIZATION=int8"):
+        loader.model_impl(cfg, Path(cfg.tiny_model_dir), "int8")
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(RuntimeError, match="llama"):
         loader.model_impl(cfg, tmp_path, "none")

@@ -20,7 +20,7 @@ from torch import nn
 from support.stages import wait_ready
 
 from function.config import Config, ConfigError
-from function.engine import fp8
+from function.engine import fp8, weights
 from function.engine.fp8 import FP8_MAX, MIN_SCALE, Card, Fp8Linear
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -391,11 +391,11 @@ def test_compact_copies_views_and_keeps_ties():
     c.register_buffer("own", torch.ones(3))
     root = nn.ModuleDict({"a": a, "b": b, "c": c})
     own = c.own
-    assert fp8._compact(root) == 30 * 4
+    assert weights.compact_views(root) == 30 * 4
     assert a.weight is b.weight and not a.weight.requires_grad and c.own is own
-    assert not any(fp8._is_view(t) for t in list(root.parameters()) + list(root.buffers()))
+    assert not any(weights.is_view(t) for t in list(root.parameters()) + list(root.buffers()))
     assert torch.equal(a.weight.flatten(), big[:10]) and torch.equal(c.table, big[20:30])
-    assert fp8._compact(root) == 0
+    assert weights.compact_views(root) == 0
 
 
 # ------------------------------------------------------------------------------------------- the engine on fp8
@@ -1032,12 +1032,12 @@ def test_convert_of_read_ahead_weights_frees_the_shard_buffers(tiny_dir):
     shards = {t.untyped_storage().data_ptr() for t in state.values()}
     dtype = next(iter(state.values())).dtype     # as stored: no conversion copy
     viewed = glm4v.load_native(tiny_dir, dtype, "cpu", state_dict=state)
-    assert any(fp8._is_view(p) for p in viewed.parameters())
+    assert any(weights.is_view(p) for p in viewed.parameters())
     plain = glm4v.load_native(tiny_dir, dtype, "cpu")
-    assert not any(fp8._is_view(p) for p in plain.parameters())
+    assert not any(weights.is_view(p) for p in plain.parameters())
     a, b = fp8.convert(viewed), fp8.convert(plain)
     assert a["codes"] == "allocated first" and b["codes"] == "as made" and a["compacted_bytes"] > 0 and b["compacted_bytes"] == 0
-    assert not any(fp8._is_view(t) for t in list(viewed.parameters()) + list(viewed.buffers()))
+    assert not any(weights.is_view(t) for t in list(viewed.parameters()) + list(viewed.buffers()))
     assert not {t.untyped_storage().data_ptr() for t in viewed.state_dict().values()} & shards
     _same_state(viewed, plain)
     if viewed.config.tie_word_embeddings:

@@ -92,16 +92,98 @@ def test_a_copy_that_does_not_match_is_a_clear_error(nf4_copy):
         nf4.load_native(out, torch.bfloat16, "cpu", state_dict=plain)
 
 
-def test_nf4_is_native_only_from_the_pre_quantized_copy(tiny_dir):
+def test_nf4_is_native_and_int8_keeps_transformers(tiny_dir):
     auto = Config.from_env({})
-    assert model_impl(auto, tiny_dir, "nf4", prequantized=True)[0] == "native"
-    impl, why = model_impl(auto, tiny_dir, "nf4", prequantized=False)
+    assert model_impl(auto, tiny_dir, "nf4")[0] == "native"
+    impl, why = model_impl(auto, tiny_dir, "int8")
     assert impl == "transformers" and "quantizes through transformers" in why
-    assert model_impl(auto, tiny_dir, "int8", prequantized=True)[0] == "transformers"
-    assert model_impl(Config.from_env({"MODEL_IMPL": "transformers"}), tiny_dir, "nf4", prequantized=True)[0] == \
-        "transformers"
+    assert model_impl(Config.from_env({"MODEL_IMPL": "transformers"}), tiny_dir, "nf4")[0] == "transformers"
     with pytest.raises(RuntimeError, match="MODEL_IMPL=native cannot serve"):
-        model_impl(Config.from_env({"MODEL_IMPL": "native"}), tiny_dir, "nf4", prequantized=False)
+        model_impl(Config.from_env({"MODEL_IMPL": "native"}), tiny_dir, "int8")
+
+
+@pytest.fixture(scope="module")
+def native_copy(tiny_dir, tmp_path_factory):
+    """(the tiny model quantized natively by nf4.quantize, the pre-quantized copy the loader writes from it)."""
+    model = glm4v.load_native(tiny_dir, torch.bfloat16, "cpu")
+    names = nf4.quantize(model, torch.bfloat16, "cpu")
+    assert names and not any(n == "lm_head" or n.startswith("model.visual") for n in names)
+    out = tmp_path_factory.mktemp("prequantized") / "tiny-nf4-native"
+    save_prequantized(model, tiny_dir, out)
+    return model, out
+
+
+def test_native_quantization_writes_what_transformers_writes(nf4_copy, native_copy):
+    """nf4.quantize + save packs the same bytes under the same names as transformers' bitsandbytes quantizer +
+    save_pretrained, and config.json's quantization_config says the same: either implementation reads either copy."""
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import BitsAndBytesConfig
+
+    def tensors(d):
+        out = {}
+        for f in sorted(d.glob("*.safetensors")):
+            out.update(load_file(f))
+        return out
+
+    (_, theirs), (_, ours) = nf4_copy, native_copy
+    want, got = tensors(theirs), tensors(ours)
+    assert sorted(got) == sorted(want)
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    qc_want = json.loads((theirs / "config.json").read_text())["quantization_config"]
+    qc_got = json.loads((ours / "config.json").read_text())["quantization_config"]
+    assert BitsAndBytesConfig.from_dict(qc_got).to_dict() == BitsAndBytesConfig.from_dict(qc_want).to_dict()
+    assert (ours / "model.safetensors.index.json").is_file() and (ours / "prequantized.json").is_file()
+
+
+def test_the_native_copy_serves_the_same_logits_natively_and_through_transformers(nf4_copy, native_copy):
+    from transformers.models.glm4v.modeling_glm4v import Glm4vForConditionalGeneration
+
+    (ref, _), (model, out) = nf4_copy, native_copy
+    ids = torch.randint(0, ref.config.text_config.vocab_size, (1, 17), generator=torch.Generator().manual_seed(5))
+    reread = nf4.load_native(out, torch.bfloat16, "cpu")
+    through = Glm4vForConditionalGeneration.from_pretrained(out, dtype=torch.bfloat16, device_map="cpu").eval()
+    assert any(isinstance(m, Linear4bit) for m in through.modules())
+    with torch.no_grad():
+        want = ref(input_ids=ids).logits
+        for m in (reread, through):   # the same bytes through the same kernels
+            torch.testing.assert_close(m(input_ids=ids).logits, want, atol=1e-3, rtol=1e-3)
+        # the model quantized in memory runs bitsandbytes' CPU kernel for the layout it quantized to (a loaded copy
+        # is repacked for AVX-512 on its first forward): the same 4-bit weights, bf16 rounding apart
+        torch.testing.assert_close(model(input_ids=ids).logits, want, atol=2e-2, rtol=2e-2)
+
+
+def test_a_first_nf4_start_quantizes_natively_and_the_next_reads_the_copy(tiny_dir, monkeypatch, tmp_path):
+    """The loader end to end (on the CPU, where choose() refuses nf4, so nf4 is chosen here by hand): the first
+    start loads bf16 natively, quantizes, writes the copy; the second loads the copy; neither imports transformers'
+    modeling (a fresh process checks the imports elsewhere; here the choices say which path ran)."""
+    from function.engine import loader
+
+    real_choose = loader.choose
+
+    def choose_nf4(config, model_path):
+        choices = real_choose(config, model_path)
+        choices.quantization = "nf4"
+        return choices
+
+    monkeypatch.setattr(loader, "choose", choose_nf4)
+    cfg = Config.from_env({"MODEL_PATH": str(tiny_dir), "MODEL_CACHE_DIR": str(tmp_path), "DEVICE": "cpu"})
+    first = loader.load(cfg)
+    assert first.choices.model_impl == "native" and first.choices.source != "prequantized-cache"
+    assert "nf4_quantize" in first.choices.timings and nf4.quantized(first.model)
+    from function.engine import weights
+    assert first.choices.weights, "the bf16 shards were read ahead (views of one buffer per shard)"
+    views = [n for n, t in list(first.model.named_parameters()) + list(first.model.named_buffers())
+             if weights.is_view(t)]
+    assert views == []     # nothing keeps a shard buffer (and its replaced bf16 weights) alive
+    second = loader.load(cfg)
+    assert second.choices.model_impl == "native" and second.choices.source == "prequantized-cache"
+    assert "load_prequantized" in second.choices.timings
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(second.model(input_ids=ids).logits, first.model(input_ids=ids).logits)
 
 
 def test_bitsandbytes_imports_without_dynamo_and_leaves_torch_compile_alone():

@@ -45,6 +45,8 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from .weights import SHARD_BYTES, compact_views, is_view
+
 log = logging.getLogger(__name__)
 
 FP8_DTYPE = getattr(torch, "float8_e4m3fn", None)
@@ -54,7 +56,6 @@ WEIGHT_MIN_SCALE = 1e-12                 # weights: only guards all-zero rows; s
 MIN_CAPABILITY = (8, 9)                  # FP8 tensor cores: Ada (8.9), Hopper (9.0) and later
 FORMAT = 1                               # bump when the saved layout changes
 INFO_FILE = "fp8.json"
-SHARD_BYTES = 4 * 2**30
 
 #: Modules kept in the model dtype: lm_head (its logits decide every token; 1.2 GB of bf16, read once per step),
 #: the vision tower unless QUANTIZE_VISION. Embeddings and norms are not nn.Linear and are never touched.
@@ -551,12 +552,6 @@ def _gemm_ok(in_features: int, out_features: int) -> bool:
     return in_features % 16 == 0 and out_features % 16 == 0
 
 
-def _is_view(t: torch.Tensor) -> bool:
-    """Whether `t` is a view of a larger storage (e.g. of weights.WeightReader's shard buffers), which a module
-    swap alone does not free."""
-    return t.untyped_storage().nbytes() > t.numel() * t.element_size()
-
-
 def convert(model: nn.Module, *, quantize_vision: bool = False, support: SupportSource = None) -> dict[str, Any]:
     """Replace the decoder's nn.Linear modules (and the vision tower's with `quantize_vision`) by Fp8Linear, in
     place. Returns what was done. `support`: the device's Support, or a callable giving it (the loader's probe on
@@ -570,7 +565,7 @@ def convert(model: nn.Module, *, quantize_vision: bool = False, support: Support
       host memory, below, was done here too before: per module a synchronous copy to pageable host memory and one
       back, 2 x 8.5 GB for the 9B model, the likely bulk of the 6.9 s conversion on the H200); once all modules
       are converted the model's tensors that are still views of a shard (embeddings, norms, biases, lm_head,
-      the vision tower) are copied out (`_compact`), so the shards themselves, bf16 decoder weights included, are
+      the vision tower) are copied out (`weights.compact_views`), so the shards themselves, bf16 decoder weights included, are
       freed (before, they stayed allocated beside the fp8 codes: less room for the KV cache on a first start);
     - tensors of their own (from_pretrained, the plain native read): each bf16 weight is freed as its fp8 copy is
       made; the codes are parked in host memory until every bf16 weight is freed (allocated now, they would be
@@ -582,7 +577,7 @@ def convert(model: nn.Module, *, quantize_vision: bool = False, support: Support
                            "function/engine/fp8.py")
     t0 = time.perf_counter()
     device = model.get_submodule(names[0]).weight.device
-    in_place = any(_is_view(model.get_submodule(n).weight) for n in names)
+    in_place = any(is_view(model.get_submodule(n).weight) for n in names)
     before = after = 0
     done: list[tuple[str, Fp8Linear, torch.dtype]] = []
     staged: list[tuple[Fp8Linear, torch.device]] = []
@@ -612,7 +607,7 @@ def convert(model: nn.Module, *, quantize_vision: bool = False, support: Support
         for mod, dev in staged:
             mod.to(dev)
     if in_place:
-        compacted = _compact(model)
+        compacted = compact_views(model)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     t_convert = time.perf_counter() - t0
@@ -635,33 +630,6 @@ def convert(model: nn.Module, *, quantize_vision: bool = False, support: Support
             "compacted_bytes": compacted, "triton_quant": support_now.triton,
             "weight_only_max_rows": support_now.small_m,
             "emulated": len(emulated) if support_now.scaled_mm else len(names)}
-
-
-def _compact(model: nn.Module) -> int:
-    """Copy every parameter and buffer that is a view of a larger storage into a tensor of its own (ties kept:
-    one copy per viewed memory), so the storages those views kept alive (the read-ahead's shard buffers, whose
-    bf16 decoder weights the conversion replaced) are freed. Returns the bytes copied."""
-    copies: dict[tuple, torch.Tensor] = {}
-    params: dict[int, nn.Parameter] = {}
-    copied = 0
-    for mod in model.modules():
-        for table in (mod._parameters, mod._buffers):
-            for key, t in list(table.items()):
-                if t is None or t.device.type == "meta" or not _is_view(t):
-                    continue
-                if isinstance(t, nn.Parameter) and id(t) in params:
-                    table[key] = params[id(t)]
-                    continue
-                where = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
-                if where not in copies:
-                    copies[where] = t.detach().clone()
-                    copied += t.numel() * t.element_size()
-                c = copies[where]
-                if isinstance(t, nn.Parameter):
-                    params[id(t)] = table[key] = nn.Parameter(c, requires_grad=t.requires_grad)
-                else:
-                    table[key] = c
-    return copied
 
 
 def _mark(model: nn.Module, names: list[str], quantize_vision: bool) -> None:
@@ -864,35 +832,13 @@ def warm_steps(model: nn.Module, rows: Iterable[int], res: dict[str, Any] | None
 def save_model(model: nn.Module, out: Path, *, max_shard_bytes: int = SHARD_BYTES) -> None:
     """Write the converted model as safetensors shards + config.json + fp8.json into `out` (an existing, empty
     directory; the caller makes it atomic)."""
-    from safetensors.torch import save_file
+    from .weights import save_shards
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     names = converted_modules(model)
     if not names:
         raise RuntimeError("save_model: the model has no Fp8Linear modules")
-    seen: set[tuple] = set()
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, t in model.state_dict().items():
-        if t.device.type == "meta":
-            raise RuntimeError(f"save_model: {key} is on the meta device")
-        where = (str(t.device), t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if t.numel() and where in seen:   # a tied weight is stored once (tie_weights restores it)
-            continue
-        seen.add(where)
-        nbytes = t.numel() * t.element_size()
-        if size and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = t
-        size += nbytes
-    files = []
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in shard.items()}, str(out / fname),
-                  metadata={"format": "pt"})
-        files.append(fname)
+    files = save_shards(model.state_dict(), out, max_shard_bytes)
     model.config.save_pretrained(out)
     (out / INFO_FILE).write_text(json.dumps({
         "format": FORMAT, "scheme": "float8_e4m3fn weights, per-output-channel fp32 scales; dynamic per-token "

@@ -113,22 +113,21 @@ def choose(config: Config, model_path: Path) -> Choices:
                    attn_implementation=attn, reason=reason)
 
 
-def model_impl(config: Config, model_path: Path, quantization: str,
-               prequantized: bool = False) -> tuple[str, str]:
+def model_impl(config: Config, model_path: Path, quantization: str) -> tuple[str, str]:
     """("native" | "transformers", why): which implementation serves (MODEL_IMPL, vLLM's --model-impl). The native
     one (engine/glm4v.py and glm4v_processing.py, torch and tokenizers only) is what makes a cold start short:
     importing transformers' GLM-4.1V modules costs 4-10 s on the GPU image (bench/RESULTS.md). It covers GLM-4.1V
-    in bf16 and fp8 on one device, and nf4 read from the pre-quantized copy (`prequantized`; engine/nf4.py);
-    bitsandbytes quantizes (the first nf4 start, int8) inside transformers' from_pretrained, and a split over
-    several cards uses transformers' device map, so those keep transformers."""
+    in bf16, fp8 and nf4 (engine/fp8.py, engine/nf4.py) on one device; int8 quantizes inside transformers'
+    from_pretrained (bitsandbytes' LLM.int8 modules), and a split over several cards uses transformers' device map,
+    so those keep transformers."""
     if config.model_impl == "transformers":
         return "transformers", "MODEL_IMPL=transformers"
     kind = _model_type(model_path)
     why_not = None
     if kind != "glm4v":
         why_not = f"model_type {kind!r} has no native implementation (only glm4v)"
-    elif quantization == "int8" or (quantization == "nf4" and not prequantized):
-        why_not = f"QUANTIZATION={quantization} quantizes through transformers (bitsandbytes)"
+    elif quantization == "int8":
+        why_not = "QUANTIZATION=int8 quantizes through transformers (bitsandbytes)"
     elif config.gpus_per_pod > 1:
         why_not = f"GPUS_PER_POD={config.gpus_per_pod} places the model with transformers' device map"
     if why_not is None:
@@ -170,7 +169,9 @@ def bnb_config(quant: str, quantize_vision: bool, dtype):
     the vision tower stays in bf16 unless QUANTIZE_VISION is set (it is small and accuracy-sensitive)."""
     from transformers import BitsAndBytesConfig
 
-    skip = ["lm_head"] + ([] if quantize_vision else ["visual", "model.visual"])
+    from .nf4 import skip_modules
+
+    skip = skip_modules(quantize_vision)
     if quant == "nf4":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
                                   bnb_4bit_use_double_quant=False, llm_int8_skip_modules=skip)
@@ -217,9 +218,11 @@ def save_prequantized(model, model_path: Path, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    from . import fp8
+    from . import fp8, nf4
     if fp8.converted_modules(model):
         fp8.save_model(model, tmp)
+    elif nf4.quantized(model) and not hasattr(model, "save_pretrained"):   # the native nf4 model
+        nf4.save_model(model, tmp)
     else:
         model.save_pretrained(tmp, safe_serialization=True)
     for name in PROCESSOR_FILES:
@@ -443,11 +446,13 @@ def _preload_eligible(config: Config, choices: Choices, quantize_now: bool, load
     before from_pretrained consumes it: fine on the GPU (checked against free memory by the reader), not for a
     checkpoint that bitsandbytes quantizes while it loads (its full-precision copy would not fit where the
     quantized one does), a model split over several cards, or a large checkpoint on CPU (it would sit in RAM
-    twice). A first fp8 start reads ahead: its conversion runs on the loaded bf16 model either way, so the read
-    ahead needs no more memory than the plain path."""
+    twice). A first fp8 start, and a first nf4 start on the native model, read ahead: they quantize the loaded bf16
+    model (on a card without room for it, the reader declines and nf4 loads it on the CPU, quantizing each layer onto
+    the card)."""
     from . import weights
 
-    if quantize_now and choices.quantization != "fp8":
+    if quantize_now and not (choices.quantization == "fp8" or
+                             (choices.quantization == "nf4" and choices.model_impl == "native")):
         return "quantized while loading"
     if choices.quantization == "fp8" and not quantize_now and choices.model_impl != "native":
         return "the fp8 copy is read by fp8.load_model"
@@ -495,8 +500,7 @@ def load(config: Config, on_phase: Callable[[str], None] = lambda p: None, defer
         if config.prequantized_cache and _complete(cache_dir):
             load_dir, choices.source = cache_dir, "prequantized-cache"
     quantize_now = choices.quantization != "none" and load_dir == model_path
-    impl, choices.model_impl_reason = model_impl(config, model_path, choices.quantization,
-                                                 prequantized=not quantize_now)
+    impl, choices.model_impl_reason = model_impl(config, model_path, choices.quantization)
     choices.model_impl = impl
     native = impl == "native"
     log.info("model implementation %s (%s)", impl, choices.model_impl_reason)
@@ -522,7 +526,7 @@ def load(config: Config, on_phase: Callable[[str], None] = lambda p: None, defer
     # fp8: the card's probes (a small _scaled_mm, the Triton kernels: ~1.2 s with a warm Triton cache) beside the
     # weight read, the imports and the model build; the conversion or fp8.load_model asks for the answer last
     fp8_probe = _start_fp8_probe(choices) if _fp8_probe_beside(choices) else None
-    # nf4 from the copy on the native model: bitsandbytes' import beside the weight read
+    # nf4 on the native model: bitsandbytes' import beside the weight read
     bnb_import = None
     if native and choices.quantization == "nf4":
         from . import nf4
@@ -607,24 +611,34 @@ def load(config: Config, on_phase: Callable[[str], None] = lambda p: None, defer
             return fp8.load_model(load_dir, dtype=dtype, device_map=device_map,
                                   attn_implementation=choices.attn_implementation, native=True, state_dict=state,
                                   support=fp8_support)
-        if choices.quantization == "nf4" and load_dir != model_path:   # the pre-quantized nf4 copy
+        nf4_now = quantize_now and choices.quantization == "nf4"
+        if choices.quantization == "nf4":
             from . import nf4
             if bnb_import is not None:
                 t = time.perf_counter()
                 bnb_import.result()
                 timings["bitsandbytes_import_wait"] = round(time.perf_counter() - t, 3)
                 timings["bitsandbytes_import"] = bnb_import.seconds
-            return nf4.load_native(load_dir, dtype, choices.device, state_dict=state)
+            if not nf4_now:   # the pre-quantized nf4 copy
+                return nf4.load_native(load_dir, dtype, choices.device, state_dict=state)
+        # a first nf4 start whose bf16 weights were not read onto the card (no room) quantizes from the CPU
+        target = "cpu" if nf4_now and state is None else choices.device
         try:
-            model = glm4v.load_native(load_dir, dtype, choices.device, state_dict=state)
+            model = glm4v.load_native(load_dir, dtype, target, state_dict=state)
         except Exception as e:  # noqa: BLE001 - a read-ahead that went wrong: read the files once more
             if state is None:
                 raise
             log.warning("loading the weights read ahead failed (%s: %s); reading them again", type(e).__name__, e)
             state = None
-            model = glm4v.load_native(load_dir, dtype, choices.device)
+            model = glm4v.load_native(load_dir, dtype, target)
         if quantize_now and choices.quantization == "fp8":
             _convert_fp8(model)
+        if nf4_now:
+            t = time.perf_counter()
+            names = nf4.quantize(model, dtype, choices.device, quantize_vision=config.quantize_vision)
+            timings["nf4_quantize"] = round(time.perf_counter() - t, 3)
+            log.info("nf4: quantized %d linear layers on %s in %.2fs", len(names), choices.device,
+                     timings["nf4_quantize"])
         return model.eval()
 
     def _from_pretrained():

@@ -1,14 +1,17 @@
-"""nf4 (bitsandbytes) weights on the native GLM-4.1V model (engine/glm4v.py).
+"""nf4 (bitsandbytes) weights on the native GLM-4.1V model (engine/glm4v.py), without transformers.
 
-The first nf4 start quantizes through transformers' bitsandbytes quantizer and writes the pre-quantized copy with
-`save_pretrained`: each quantized nn.Linear is its packed 4-bit `weight` plus bitsandbytes' quant state under
-`weight.absmax`, `weight.quant_map`, (`weight.nested_absmax`, `weight.nested_quant_map`) and
-`weight.quant_state.bitsandbytes__nf4` (bitsandbytes' Linear4bit._save_to_state_dict layout). Later starts read
-that copy here, into bitsandbytes' own Linear4bit modules on the native model, so they import neither
-transformers' modeling nor its processor: 4.3 s of an nf4 start on the H200 (bench/RESULTS.md, session 6).
-The matrix products are bitsandbytes' (`bnb.matmul_4bit`), the same kernels the transformers path runs."""
+The first nf4 start loads the bf16 checkpoint natively and `quantize`s the decoder's nn.Linear layers into
+bitsandbytes' Linear4bit on the card (Params4bit: the same packing transformers' bitsandbytes quantizer makes),
+then writes the pre-quantized copy with `save_model` in transformers' layout: each quantized Linear is its packed
+4-bit `weight` plus bitsandbytes' quant state under `weight.absmax`, `weight.quant_map` and
+`weight.quant_state.bitsandbytes__nf4` (Linear4bit._save_to_state_dict), and config.json carries the
+`quantization_config` that from_pretrained expects, so MODEL_IMPL=transformers reads the same copy. Later starts read
+it with `load_native`. Neither imports transformers' modeling nor its processor: 4.3 s of an nf4 start on the H200
+(bench/RESULTS.md, session 6). The matrix products are bitsandbytes' (`bnb.matmul_4bit`), the kernels the
+transformers path runs."""
 from __future__ import annotations
 
+import json
 import sys
 import threading
 from pathlib import Path
@@ -17,6 +20,14 @@ import torch
 from torch import nn
 
 QUANT_STATE_KEY = "weight.quant_state.bitsandbytes__nf4"
+#: what stays in the model dtype: lm_head (every token's logits), the vision tower unless QUANTIZE_VISION (small and
+#: accuracy-sensitive). transformers' `llm_int8_skip_modules` takes the same list (loader.bnb_config).
+SKIP = ("lm_head",)
+VISION = ("visual", "model.visual")
+
+
+def skip_modules(quantize_vision: bool) -> list[str]:
+    return list(SKIP) + ([] if quantize_vision else list(VISION))
 _import_lock = threading.Lock()
 
 
@@ -57,6 +68,83 @@ def take_module_state(state: dict[str, torch.Tensor], name: str) -> tuple[torch.
     except KeyError:
         raise ValueError(f"the nf4 checkpoint has a quant state but no packed weight for {name}") from None
     return packed, stats, state.pop(name + ".bias", None)
+
+
+def _skipped(name: str, skip: list[str]) -> bool:
+    return any(name == s or name.startswith(s + ".") for s in skip)
+
+
+def quantize(model: nn.Module, dtype: torch.dtype, device, quantize_vision: bool = False) -> list[str]:
+    """Replaces the model's nn.Linear layers (all but `skip_modules`) with nf4 Linear4bit on `device`, quantizing
+    there (bitsandbytes quantizes a Params4bit when it moves to the device); the rest of the model moves to
+    `device` too. The bf16 weights may be on the CPU (a card too small for the bf16 checkpoint) or on `device`;
+    each is freed once its module is replaced. The quantized module names."""
+    bnb_nn = import_bitsandbytes()
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    skip = skip_modules(quantize_vision)
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and not _skipped(n, skip)]
+    for name in names:
+        lin = model.get_submodule(name)
+        new = bnb_nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None, compute_dtype=dtype,
+                                compress_statistics=False, quant_type="nf4", device="meta")
+        new.weight = bnb_nn.Params4bit(lin.weight.data.to(dtype), requires_grad=False, compress_statistics=False,
+                                       quant_type="nf4", module=new).to(device)
+        if lin.bias is not None:
+            new.bias = nn.Parameter(lin.bias.data.to(device=device, dtype=dtype, copy=True), requires_grad=False)
+        _set_module(model, name, new)
+        del lin
+    # the rest moves to `device` (Module.to would hand the packed weights to Params4bit.to again), and what is still
+    # a view of a read-ahead shard buffer (weights.WeightReader) gets storage of its own, so the shards, their bf16
+    # decoder weights included, are freed
+    from .weights import is_view
+
+    for mod in model.modules():
+        if isinstance(mod, bnb_nn.Linear4bit):
+            continue
+        for table in (mod._parameters, mod._buffers):
+            for key, t in table.items():
+                if t is not None and (t.device != device or is_view(t)):
+                    moved = t.data.to(device, copy=True)
+                    table[key] = nn.Parameter(moved, requires_grad=False) if isinstance(t, nn.Parameter) else moved
+    from . import glm4v
+    glm4v.finish_load(model, device)
+    model._nf4_quantize_vision = quantize_vision
+    return names
+
+
+def quantized(model: nn.Module) -> list[str]:
+    """The names of the model's Linear4bit modules (none while bitsandbytes is not imported)."""
+    bnb_nn = sys.modules.get("bitsandbytes.nn")
+    if bnb_nn is None:
+        return []
+    return [n for n, m in model.named_modules() if isinstance(m, bnb_nn.Linear4bit)]
+
+
+def quantization_config(dtype: torch.dtype, quantize_vision: bool) -> dict:
+    """config.json's `quantization_config` for the copy: what transformers writes for loader.bnb_config("nf4")
+    (tests/test_nf4_native.py compares the two), without importing transformers."""
+    return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+            "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": str(dtype).replace("torch.", ""),
+            "bnb_4bit_use_double_quant": False, "bnb_4bit_quant_storage": "uint8",
+            "llm_int8_skip_modules": skip_modules(quantize_vision), "llm_int8_threshold": 6.0,
+            "llm_int8_has_fp16_weight": False, "llm_int8_enable_fp32_cpu_offload": False}
+
+
+def save_model(model: nn.Module, out: Path) -> None:
+    """The quantized native model as the pre-quantized copy in `out` (safetensors shards, index, config.json with
+    its quantization_config), in the layout transformers' save_pretrained writes."""
+    from .weights import save_shards
+
+    out = Path(out)
+    if not quantized(model):
+        raise RuntimeError("nf4.save_model: the model has no Linear4bit modules")
+    save_shards(model.state_dict(), out)
+    config = model.config.to_dict()
+    config["quantization_config"] = quantization_config(model.lm_head.weight.dtype,
+                                                      getattr(model, "_nf4_quantize_vision", False))
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -179,3 +179,78 @@ def _pread_into(fd: int, array, offset: int) -> None:
         if n <= 0:
             raise OSError(f"unexpected end of file at offset {offset + done}")
         done += n
+
+
+SHARD_BYTES = 4 * 2**30
+
+
+def save_shards(state: dict, out: Path, max_shard_bytes: int = SHARD_BYTES) -> list[str]:
+    """Write a state dict as safetensors shards plus `model.safetensors.index.json` (transformers' layout, so
+    from_pretrained reads the directory too) into `out`; the file names. A tensor that shares another's storage
+    (a tied weight) is written once: loading re-ties it."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    seen: set[tuple] = set()
+    shards: list[dict] = [{}]
+    size = total = 0
+    for key, t in state.items():
+        if t.device.type == "meta":
+            raise RuntimeError(f"save_shards: {key} is on the meta device")
+        where = (str(t.device), t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if t.numel() and where in seen:
+            continue
+        seen.add(where)
+        nbytes = t.numel() * t.element_size()
+        if size and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += nbytes
+        total += nbytes
+    files, weight_map = [], {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in shard.items()}, str(out / fname),
+                  metadata={"format": "pt"})
+        files.append(fname)
+        weight_map.update(dict.fromkeys(shard, fname))
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    return files
+
+
+def is_view(t) -> bool:
+    """Whether `t` is a view of a larger storage (e.g. of weights.WeightReader's shard buffers), which a module
+    swap alone does not free."""
+    return t.untyped_storage().nbytes() > t.numel() * t.element_size()
+
+
+def compact_views(model) -> int:
+    """Copy every parameter and buffer that is a view of a larger storage into a tensor of its own (ties kept:
+    one copy per viewed memory), so the storages those views kept alive (the read-ahead's shard buffers, whose
+    bf16 decoder weights the conversion replaced) are freed. Returns the bytes copied."""
+    from torch import nn
+
+    copies: dict[tuple, object] = {}
+    params: dict[int, nn.Parameter] = {}
+    copied = 0
+    for mod in model.modules():
+        for table in (mod._parameters, mod._buffers):
+            for key, t in list(table.items()):
+                if t is None or t.device.type == "meta" or not is_view(t):
+                    continue
+                if isinstance(t, nn.Parameter) and id(t) in params:
+                    table[key] = params[id(t)]
+                    continue
+                where = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
+                if where not in copies:
+                    copies[where] = t.detach().clone()
+                    copied += t.numel() * t.element_size()
+                c = copies[where]
+                if isinstance(t, nn.Parameter):
+                    params[id(t)] = table[key] = nn.Parameter(c, requires_grad=t.requires_grad)
+                else:
+                    table[key] = c
+    return copied
