@@ -232,6 +232,21 @@ case "${1:-perf}" in
     tail -c 2500 "$O/c/cold.out"
     OUT=$O/d timeout 90 python3 bench/agent_bench.py agent --quant nf4 --clients 1,8 --turns-s 20 --deadline 85
     ;;
+  s8c2)      # session 8 call 2: where a first nf4 start's 5.6 s of nf4_quantize goes; the native prequantize script;
+             # naive bf16 beside our bf16 start, then fresh nf4 pre-quantized and bf16 starts in a row
+    [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
+    OUT=$O/a timeout 70 python3 bench/nf4_probe.py --quantize /tmp/glm9b 2>&1 | head -c 6000
+    t0=$(date +%s%N)
+    MODEL_CACHE_DIR=/tmp/mc-n1 timeout 90 python3 scripts/prequantize.py --model-path /tmp/glm9b \
+      --quantization nf4 > "$O/a/prequantize.log" 2>&1; echo "prequantize rc=$? wall_ms=$(( ($(date +%s%N) - t0) / 1000000 ))"
+    tail -c 600 "$O/a/prequantize.log"
+    OUT=$O/b timeout 100 python3 bench/cold_bench.py --quant none --timeout 60 --cache-dir /tmp/mc-n1 \
+      > "$O/b/cold.out" 2>&1
+    tail -c 1200 "$O/b/cold.out"
+    OUT=$O/c timeout 100 python3 bench/agent_bench.py starts --quant nf4 --n 3 --cache-dir /tmp/mc-n1 --deadline 95
+    OUT=$O/d timeout 80 python3 bench/agent_bench.py starts --quant none --n 3 --cache-dir /tmp/mc-n1 --deadline 75
+    grep -h "engine ready in" "$O"/c/server-starts.log "$O"/d/server-starts.log | cut -c1-900
+    ;;
   s8c1)      # session 8 call 1: nf4 first starts quantize on the native model (no transformers); bf16, nf4 first
              # and pre-quantized starts beside naive bf16 and nf4; then agent turns on a first-start nf4 server
     [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
