@@ -232,6 +232,9 @@ case "${1:-perf}" in
     tail -c 2500 "$O/c/cold.out"
     OUT=$O/d timeout 90 python3 bench/agent_bench.py agent --quant nf4 --clients 1,8 --turns-s 20 --deadline 85
     ;;
+  s8c3)      # session 8 call 3: bitsandbytes' first-kernel cost in fresh processes (driver JIT cache?)
+    OUT=$O/a timeout 200 python3 bench/bnb_jit_probe.py
+    ;;
   s8c2)      # session 8 call 2: where a first nf4 start's 5.6 s of nf4_quantize goes; the native prequantize script;
              # naive bf16 beside our bf16 start, then fresh nf4 pre-quantized and bf16 starts in a row
     [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
