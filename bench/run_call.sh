@@ -232,6 +232,16 @@ case "${1:-perf}" in
     tail -c 2500 "$O/c/cold.out"
     OUT=$O/d timeout 90 python3 bench/agent_bench.py agent --quant nf4 --clients 1,8 --turns-s 20 --deadline 85
     ;;
+  s8c4)      # session 8 call 4: bitsandbytes' kernels registered without the lazy dynamo import; bf16 and nf4
+             # (first start quantizing natively, then pre-quantized) beside naive bf16 and nf4; starts in a row
+    [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
+    OUT=$O/b timeout 250 python3 bench/cold_bench.py --quant none,nf4 --timeout 70 \
+      --cache-dir /tmp/mc-n4 > "$O/b/cold.out" 2>&1
+    tail -c 1500 "$O/b/cold.out"
+    OUT=$O/c timeout 75 python3 bench/agent_bench.py starts --quant nf4 --n 3 --cache-dir /tmp/mc-n4 --deadline 70
+    OUT=$O/d timeout 45 python3 bench/agent_bench.py starts --quant none --n 2 --cache-dir /tmp/mc-n4 --deadline 40
+    grep -h "engine ready in" "$O"/c/server-starts.log "$O"/d/server-starts.log | cut -c1-700
+    ;;
   s8c3)      # session 8 call 3: bitsandbytes' first-kernel cost in fresh processes (driver JIT cache?)
     OUT=$O/a timeout 200 python3 bench/bnb_jit_probe.py
     ;;

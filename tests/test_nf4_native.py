@@ -187,16 +187,21 @@ def test_a_first_nf4_start_quantizes_natively_and_the_next_reads_the_copy(tiny_d
 
 
 def test_bitsandbytes_imports_without_dynamo_and_leaves_torch_compile_alone():
-    """bitsandbytes wraps its fallback ops in torch.compile at import, which drags in torch._dynamo, inductor and
-    sympy (10.8 s on the H200); nf4.import_bitsandbytes refuses torch.compile for that import only."""
+    """bitsandbytes wraps its fallback ops in torch.compile at import, and torch.library wraps its kernels in a
+    dynamo-disable that imports torch._dynamo at the first call (10.8 s and 3.2-5.8 s on the H200);
+    nf4.import_bitsandbytes keeps both out for that import only, and the first kernel calls import no dynamo."""
     import subprocess
     import sys
 
-    code = ("import sys, torch; compile_before = torch.compile\n"
+    code = ("import sys, torch; compile_before, disable_before = torch.compile, torch._disable_dynamo\n"
             "from function.engine import nf4\n"
             "bnn = nf4.import_bitsandbytes()\n"
             "assert nf4.import_bitsandbytes() is bnn and hasattr(bnn, 'Linear4bit')\n"
+            "import bitsandbytes as bnb\n"   # the kernels' first calls: quantize, then a matmul
+            "p = bnn.Params4bit(torch.randn(64, 64, dtype=torch.bfloat16), requires_grad=False,"
+            " quant_type='nf4').to('cpu')\n"
+            "bnb.matmul_4bit(torch.randn(2, 64, dtype=torch.bfloat16), p.t(), quant_state=p.quant_state)\n"
             "print([m for m in ('torch._dynamo', 'torch._inductor', 'sympy') if m in sys.modules],"
-            " torch.compile is compile_before)\n")
+            " torch.compile is compile_before and torch._disable_dynamo is disable_before)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[] True", out.stdout + out.stderr

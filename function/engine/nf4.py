@@ -32,23 +32,32 @@ _import_lock = threading.Lock()
 
 
 def import_bitsandbytes():
-    """bitsandbytes.nn, imported with torch.compile refused. At import, bitsandbytes wraps its pure-torch fallback
-    ops (backends/default) in `torch.compile`, which imports torch._dynamo, inductor and sympy: 10.8 s of an nf4
-    start on the H200 (bench/nf4_probe.py, session 7), against 0.4 s for the whole load. Its wrapper falls back to
-    the plain function when torch.compile raises; on CUDA the nf4 matmuls are its CUDA kernels either way."""
+    """bitsandbytes.nn, imported so that neither its import nor its first kernel call imports torch._dynamo,
+    inductor and sympy (bench/nf4_probe.py, bench/bnb_jit_probe.py, H200 sessions 7-8: 10.8 s of an nf4 start at
+    import, then 3.2-5.8 s at the first quantization or the first decode graph capture):
+    - at import it wraps its pure-torch fallback ops in `torch.compile`; that wrapper falls back to the plain
+      function when torch.compile raises, so torch.compile raises for the import (on CUDA the nf4 matmuls are its
+      CUDA kernels either way);
+    - it registers its kernels with torch.library, which wraps each in `torch._disable_dynamo`, and that imports
+      torch._dynamo on the first call; the wrapper only tells dynamo not to trace the kernel, and the engine runs no
+      dynamo (it captures CUDA graphs), so the kernels are registered unwrapped.
+    Both stand-ins are in place only while bitsandbytes imports."""
     with _import_lock:
         if "bitsandbytes.nn" in sys.modules:
             return sys.modules["bitsandbytes.nn"]
-        real = torch.compile
+        real_compile, real_disable = torch.compile, torch._disable_dynamo
 
         def refuse(*args, **kwargs):
             raise RuntimeError("torch.compile is off while bitsandbytes imports (engine/nf4.py)")
 
-        torch.compile = refuse
+        def unwrapped(fn=None, recursive=True):
+            return fn if fn is not None else (lambda f: f)
+
+        torch.compile, torch._disable_dynamo = refuse, unwrapped
         try:
             import bitsandbytes.nn
         finally:
-            torch.compile = real
+            torch.compile, torch._disable_dynamo = real_compile, real_disable
         return bitsandbytes.nn
 
 
