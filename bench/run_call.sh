@@ -232,6 +232,19 @@ case "${1:-perf}" in
     tail -c 2500 "$O/c/cold.out"
     OUT=$O/d timeout 90 python3 bench/agent_bench.py agent --quant nf4 --clients 1,8 --turns-s 20 --deadline 85
     ;;
+  s8c5)      # session 8 call 5: the final tree's starts in a row, bf16, nf4 and fp8 pre-quantized; naive bf16 last
+    [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
+    for q in nf4 fp8; do
+      MODEL_CACHE_DIR=/tmp/mc-5 timeout 60 python3 scripts/prequantize.py --model-path /tmp/glm9b \
+        --quantization $q > "$O/a/prequantize-$q.log" 2>&1; echo "prequantize $q rc=$?"
+    done
+    OUT=$O/b timeout 70 python3 bench/agent_bench.py starts --quant none --n 3 --cache-dir /tmp/mc-5 --deadline 68
+    OUT=$O/c timeout 70 python3 bench/agent_bench.py starts --quant nf4 --n 3 --cache-dir /tmp/mc-5 --deadline 68
+    OUT=$O/d timeout 70 python3 bench/agent_bench.py starts --quant fp8 --n 3 --cache-dir /tmp/mc-5 --deadline 68
+    grep -h "engine ready in" "$O"/b/server-starts.log "$O"/c/server-starts.log "$O"/d/server-starts.log | cut -c1-400
+    mkdir -p "$O/e"; OUT=$O/e timeout 75 python3 bench/cold_bench.py --quant none --timeout 45 --cache-dir /tmp/mc-5 \
+      > "$O/e/cold.out" 2>&1; tail -c 1200 "$O/e/cold.out"
+    ;;
   s8c4)      # session 8 call 4: bitsandbytes' kernels registered without the lazy dynamo import; bf16 and nf4
              # (first start quantizing natively, then pre-quantized) beside naive bf16 and nf4; starts in a row
     [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
