@@ -201,17 +201,4 @@ def load_native(load_dir, dtype: torch.dtype, device, state_dict: dict[str, torc
             new.bias = nn.Parameter(bias.to(device=device, dtype=dtype), requires_grad=False)
         _set_module(model, name, new)
     rest = {k: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) for k, t in state.items()}
-    embed = "model.language_model.embed_tokens.weight"
-    if config.tie_word_embeddings and embed in rest:
-        rest["lm_head.weight"] = rest[embed]
-    missing, unexpected = sorted(expected - set(rest)), sorted(set(rest) - expected)
-    if missing or unexpected:
-        raise ValueError(f"{load_dir}: the nf4 checkpoint does not match GLM-4.1V: {len(missing)} missing tensors "
-                         f"{missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}")
-    try:
-        model.load_state_dict(rest, strict=False, assign=True)
-    except RuntimeError as e:   # shape mismatches
-        raise ValueError(f"{load_dir}: the nf4 checkpoint does not match GLM-4.1V: {e}") from None
-    glm4v.finish_load(model, device)
-    model.requires_grad_(False)
-    return model.eval()
+    return glm4v.assign_state(model, rest, expected, device, f"{load_dir}: the nf4 checkpoint")
