@@ -41,7 +41,8 @@ def import_bitsandbytes():
     - it registers its kernels with torch.library, which wraps each in `torch._disable_dynamo`, and that imports
       torch._dynamo on the first call; the wrapper only tells dynamo not to trace the kernel, and the engine runs no
       dynamo (it captures CUDA graphs), so the kernels are registered unwrapped.
-    Both stand-ins are in place only while bitsandbytes imports."""
+    Both stand-ins are in place only while bitsandbytes imports, process-wide: the loader runs this beside the weight
+    read and its own modules' imports, none of which compiles or disables dynamo."""
     with _import_lock:
         if "bitsandbytes.nn" in sys.modules:
             return sys.modules["bitsandbytes.nn"]
