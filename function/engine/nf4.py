@@ -26,9 +26,11 @@ SKIP = ("lm_head",)
 VISION = ("visual", "model.visual")
 
 
+_import_lock = threading.Lock()
+
+
 def skip_modules(quantize_vision: bool) -> list[str]:
     return list(SKIP) + ([] if quantize_vision else list(VISION))
-_import_lock = threading.Lock()
 
 
 def import_bitsandbytes():
@@ -104,20 +106,11 @@ def quantize(model: nn.Module, dtype: torch.dtype, device, quantize_vision: bool
         if lin.bias is not None:
             new.bias = nn.Parameter(lin.bias.data.to(device=device, dtype=dtype, copy=True), requires_grad=False)
         _set_module(model, name, new)
-        del lin
-    # the rest moves to `device` (Module.to would hand the packed weights to Params4bit.to again), and what is still
-    # a view of a read-ahead shard buffer (weights.WeightReader) gets storage of its own, so the shards, their bf16
-    # decoder weights included, are freed
-    from .weights import is_view
+    # the rest moves to `device`, and what is still a view of a read-ahead shard buffer (weights.WeightReader) gets
+    # storage of its own, so the shards, their bf16 decoder weights included, are freed
+    from .weights import compact_views
 
-    for mod in model.modules():
-        if isinstance(mod, bnb_nn.Linear4bit):
-            continue
-        for table in (mod._parameters, mod._buffers):
-            for key, t in table.items():
-                if t is not None and (t.device != device or is_view(t)):
-                    moved = t.data.to(device, copy=True)
-                    table[key] = nn.Parameter(moved, requires_grad=False) if isinstance(t, nn.Parameter) else moved
+    compact_views(model, device, skip=(bnb_nn.Linear4bit,))
     from . import glm4v
     glm4v.finish_load(model, device)
     model._nf4_quantize_vision = quantize_vision

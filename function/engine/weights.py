@@ -227,26 +227,33 @@ def is_view(t) -> bool:
     return t.untyped_storage().nbytes() > t.numel() * t.element_size()
 
 
-def compact_views(model) -> int:
+def compact_views(model, device=None, skip: tuple[type, ...] = ()) -> int:
     """Copy every parameter and buffer that is a view of a larger storage into a tensor of its own (ties kept:
     one copy per viewed memory), so the storages those views kept alive (the read-ahead's shard buffers, whose
-    bf16 decoder weights the conversion replaced) are freed. Returns the bytes copied."""
+    bf16 decoder weights the conversion replaced) are freed. With `device`, tensors elsewhere are moved there the
+    same way. Modules of the `skip` types are left alone (bitsandbytes' packed weights, which Module.to or a plain
+    copy would not keep). Returns the bytes copied."""
     from torch import nn
 
     copies: dict[tuple, object] = {}
     params: dict[int, nn.Parameter] = {}
     copied = 0
     for mod in model.modules():
+        if skip and isinstance(mod, skip):
+            continue
         for table in (mod._parameters, mod._buffers):
             for key, t in list(table.items()):
-                if t is None or t.device.type == "meta" or not is_view(t):
+                if t is None or t.device.type == "meta":
+                    continue
+                moving = device is not None and t.device != device
+                if not (moving or is_view(t)):
                     continue
                 if isinstance(t, nn.Parameter) and id(t) in params:
                     table[key] = params[id(t)]
                     continue
                 where = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
                 if where not in copies:
-                    copies[where] = t.detach().clone()
+                    copies[where] = t.detach().to(device, copy=True) if moving else t.detach().clone()
                     copied += t.numel() * t.element_size()
                 c = copies[where]
                 if isinstance(t, nn.Parameter):
