@@ -478,19 +478,27 @@ def summarize(recs: list[dict], wall: float, max_tokens: int | None = None) -> d
     return s
 
 
-async def run_agents(url: str, agents: list[Agent], shots: Shots, seconds: float, max_tokens: int) -> tuple:
-    """Closed loop: every agent sends its next turn as soon as the last one ended, until `seconds` are up."""
+async def run_agents(url: str, agents: list[Agent], shots: Shots, seconds: float, max_tokens: int,
+                     think_s: float = 0.0) -> tuple:
+    """Closed loop: every agent sends its next turn as soon as the last one ended (think_s=0), or after the phone
+    has acted on the answer: `think_s` seconds x uniform(0.5, 1.5) per turn, seeded per agent. Open-AutoGLM's
+    phone agent sleeps `default_tap_delay` = 1.0 s after a tap (phone_agent/config/timing.py) before it takes the
+    next screenshot, so think_s=1.0 is the order of events one of its phones produces; 0 is the saturating
+    stress loop the targets were first set on. Until `seconds` are up."""
     recs: list[dict] = []
     t0 = time.perf_counter()
     end = t0 + seconds
     async with http_client(len(agents)) as client:
         async def loop(a: Agent):
+            rng = random.Random(7919 * a.i + 1)
             while time.perf_counter() < end:
                 msgs, user = a.messages(await shots.new())
                 rec = await chat(client, url, body(msgs, max_tokens))
                 rec["history"] = len(a.history)
                 recs.append(rec)
                 a.advance(user)
+                if think_s > 0:
+                    await asyncio.sleep(think_s * rng.uniform(0.5, 1.5))
         await asyncio.gather(*(loop(a) for a in agents))
     return recs, time.perf_counter() - t0
 
@@ -509,8 +517,9 @@ def agent_section(args, srv: Server, tag: str) -> None:
                 break
             agents = [Agent(i, wl, seed=1000 * n + i) for i in range(n)]
             before = srv.engine_steps()
-            recs, wall = asyncio.run(run_agents(srv.url, agents, shots, secs, args.max_tokens))
+            recs, wall = asyncio.run(run_agents(srv.url, agents, shots, secs, args.max_tokens, args.think_s))
             s = summarize(recs, wall, args.max_tokens)
+            s["think_s"] = args.think_s
             s["engine"] = step_delta(before, srv.engine_steps())
             by_hist = collections.defaultdict(list)
             for r in recs:
@@ -1100,6 +1109,8 @@ def main():
     ap.add_argument("--clients", default="1,8,32")
     ap.add_argument("--turns-s", type=float, default=60.0, help="seconds of closed-loop turns per concurrency")
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--think-s", type=float, default=0.0, help="agent: the phone's action time between a turn's "
+                    "end and its next request, x uniform(0.5, 1.5) (0: closed loop; Open-AutoGLM's tap delay: 1.0)")
     ap.add_argument("--shot", default=None, help="screenshot WxH (default 1080x2400; tiny: 270x600)")
     ap.add_argument("--minutes", type=float, default=5.0, help="soak length")
     ap.add_argument("--n", type=int, default=20, help="starts: how many")
