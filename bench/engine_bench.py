@@ -182,11 +182,12 @@ def naive():
 
 
 # ------------------------------------------------------------------------------------------------ engine
-def make_engine(quant, max_num_seqs=64):
+def make_engine(quant, max_num_seqs=64, env: dict | None = None):
+    """A LocalEngine on the built model, ready; `env`: further settings (e.g. QUANTIZE_VISION)."""
     from function.config import Config
     from function.engine.client import LocalEngine
     cfg = Config.from_env({"MODEL_PATH": MODEL_DIR, "MODEL_CACHE_DIR": CACHE_DIR, "QUANTIZATION": quant,
-                           "MAX_NUM_SEQS": str(max_num_seqs), "MAX_MODEL_LEN": "8192"})
+                           "MAX_NUM_SEQS": str(max_num_seqs), "MAX_MODEL_LEN": "8192", **(env or {})})
     e = LocalEngine(cfg)
     t = time.time()
     e.start_loading()

@@ -5,7 +5,14 @@ prefix reused. Around the turns: a sampling profiler of the engine and preparati
 the time is in), the torch profiler of one fresh and one prefix-hit turn (CPU ops vs GPU kernels), and SDPA's first
 call on a new shape per backend (cuDNN builds an execution plan per shape).   -> $OUT/prefill_probe.json
 
-    python3 bench/prefill_probe.py [seconds-budget]
+    python3 bench/prefill_probe.py [seconds-budget] [--quant fp8] [--env QUANTIZE_VISION=true] [--agents 8]
+
+Phases (issue 15's "GPU kernel time by phase"): the runner's vision-tower calls, text prefill (its prefill forwards
+less the vision work inside them), decode steps, sampling and prefix copies are wrapped in `record_function`
+ranges, so the torch profiler of a turn splits its kernel time by phase; and under `--agents N` in-process agents
+(closed loop, 128 new tokens, no HTTP) CUDA events around the same calls give each phase's stream time over a
+window, beside the wall time (what is left is the GPU idle or busy with work outside the phases).
+-> $OUT/prefill_probe[-TAG].json
 """
 import asyncio
 import collections
@@ -28,15 +35,121 @@ import torch  # noqa: E402
 
 from function.engine.protocol import ChatInput, SamplingParams  # noqa: E402
 
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+
 OUT = os.environ.get("OUT", "/tmp/out")
-BUDGET = float(sys.argv[1]) if len(sys.argv) > 1 else 150.0
+_ap = argparse.ArgumentParser()
+_ap.add_argument("budget", nargs="?", type=float, default=150.0)
+_ap.add_argument("--quant", default="none")
+_ap.add_argument("--env", action="append", default=[], help="engine setting K=V (repeatable)")
+_ap.add_argument("--agents", type=int, default=0, help="in-process agents for the phase window (0: none)")
+_ap.add_argument("--window", type=float, default=20.0, help="seconds of the agents' window")
+_ap.add_argument("--turns", type=int, default=12, help="one agent's turns, max_tokens=1")
+_ap.add_argument("--shot", default="1080x2400")
+_ap.add_argument("--tag", default="")
+_ap.add_argument("--skip", default="", help="comma list of: processors,sdpa")
+ARGS = _ap.parse_args()
+BUDGET = ARGS.budget
+SHOT = tuple(int(x) for x in ARGS.shot.split("x"))
 T0 = time.time()
-res: dict = {}
+res: dict = {"quant": ARGS.quant, "env": ARGS.env}
 
 
 def save():
     os.makedirs(OUT, exist_ok=True)
-    json.dump(res, open(os.path.join(OUT, "prefill_probe.json"), "w"), indent=1, default=str)
+    name = f"prefill_probe-{ARGS.tag}.json" if ARGS.tag else "prefill_probe.json"
+    json.dump(res, open(os.path.join(OUT, name), "w"), indent=1, default=str)
+
+
+class Phases:
+    """Wraps the runner's and the engine's calls by phase: each call runs inside `record_function("phase.NAME")`
+    (the torch profiler attributes the kernels it launches to that range) and, while `timing`, between two CUDA
+    events on the current stream (its stream time; events never synchronise the host). A vision call inside a
+    prefill forward (the encode `_place_images` does) is counted as vision and taken out of text prefill."""
+
+    NAMES = ("vision", "prefill", "decode", "sample", "prefix_copy")
+
+    def __init__(self, core):
+        self.core, self.runner = core, core.runner
+        self.timing = False
+        self.events: list = []       # (name, inside prefill, start event, end event)
+        self._stack = threading.local()
+        self._undo: list = []
+
+    def _wrap(self, obj, attr: str, name: str):
+        fn = getattr(obj, attr)
+        cuda = torch.cuda.is_available()
+        me = self
+
+        def wrapped(*a, **k):
+            stack = getattr(me._stack, "s", None) or []
+            me._stack.s = stack
+            outer = stack[-1] if stack else None
+            if outer == name or (name == "vision" and outer == "vision"):
+                return fn(*a, **k)          # nested call of the same phase (encode -> _encode_whole)
+            stack.append(name)
+            label = "vision_in_prefill" if name == "vision" and "prefill" in stack[:-1] else name
+            try:
+                with torch.profiler.record_function(f"phase.{label}"):
+                    if me.timing and cuda:
+                        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                        e0.record()
+                        out = fn(*a, **k)
+                        e1.record()
+                        me.events.append((name, "prefill" in stack[:-1], e0, e1))
+                        return out
+                    return fn(*a, **k)
+            finally:
+                stack.pop()
+        setattr(obj, attr, wrapped)
+        self._undo.append((obj, attr))
+
+    def __enter__(self):
+        r = self.runner
+        self._wrap(r, "encode", "vision")
+        self._wrap(r, "_encode_whole", "vision")
+        self._wrap(r, "prefill", "prefill")
+        self._wrap(r, "decode", "decode")
+        self._wrap(r, "copy_prefix", "prefix_copy")
+        self._wrap(self.core, "_sample", "sample")
+        return self
+
+    def __exit__(self, *a):
+        for obj, attr in reversed(self._undo):
+            with contextlib.suppress(AttributeError):
+                delattr(obj, attr)     # the instance attribute goes; the class's method is back
+        self._undo = []
+
+    def summary(self) -> dict:
+        """Stream ms per phase over the recorded calls (sync first); text prefill excludes the vision inside it."""
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        tot = collections.Counter()
+        calls = collections.Counter()
+        vis_in_prefill = 0.0
+        for name, in_prefill, e0, e1 in self.events:
+            ms = e0.elapsed_time(e1)
+            tot[name] += ms
+            calls[name] += 1
+            if name == "vision" and in_prefill:
+                vis_in_prefill += ms
+        out = {n: {"stream_ms": round(tot[n], 1), "calls": calls[n]} for n in self.NAMES if calls[n]}
+        if "prefill" in out:
+            out["text_prefill"] = {"stream_ms": round(tot["prefill"] - vis_in_prefill, 1),
+                                   "calls": calls["prefill"], "note": "prefill forwards less the vision inside them"}
+        return out
+
+    @staticmethod
+    def from_profile(ka) -> dict:
+        """Kernel ms per phase from a profiler's key_averages (device time of the phase.* ranges, inclusive)."""
+        got = {x.key[len("phase."):]: x for x in ka if x.key.startswith("phase.")}
+        out = {k: {"kernel_ms": round(v.device_time_total / 1000, 1), "host_ms": round(v.cpu_time_total / 1000, 1),
+                   "calls": v.count} for k, v in got.items()}
+        if "prefill" in out:
+            out["text_prefill_kernel_ms"] = round(out["prefill"]["kernel_ms"] - (
+                out.get("vision_in_prefill", {}).get("kernel_ms", 0.0)), 1)
+        return out
 
 
 class StackSampler:
@@ -152,12 +265,15 @@ def processors():
 
 
 def main():
-    try:
-        res["processors"] = processors()
-    except Exception as ex:  # noqa: BLE001
-        res["processors"] = f"failed: {type(ex).__name__}: {ex}"
-    print("processors", res["processors"], flush=True)
-    e, load_s = eb.make_engine("none")
+    skip = set(ARGS.skip.split(",")) - {""}
+    if "processors" not in skip:
+        try:
+            res["processors"] = processors()
+        except Exception as ex:  # noqa: BLE001
+            res["processors"] = f"failed: {type(ex).__name__}: {ex}"
+        print("processors", res["processors"], flush=True)
+    env = dict(kv.split("=", 1) for kv in ARGS.env)
+    e, load_s = eb.make_engine(ARGS.quant, env=env)
     res["load_s"] = load_s
     core = e.core
     runner = core.runner
@@ -166,7 +282,7 @@ def main():
         time.sleep(0.2)
     res["idle_captures_wait_s"] = round(time.time() - t, 1)
     res["graphs"] = sorted(str(k) for k in runner.graphs)
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and "sdpa" not in skip:
         res["sdpa"] = core.call(sdpa_first_calls).result()
     print("sdpa", res.get("sdpa"), flush=True)
     save()
@@ -185,7 +301,8 @@ def main():
     wl = ab.Workload(eb.MODEL_DIR)
     agent = ab.Agent(0, wl, seed=3)
     agent.history = []
-    shots = [ab.shot_url(100 + i, 1080, 2400) for i in range(14)]
+    n_turns = max(2, ARGS.turns)
+    shots = [ab.shot_url(100 + i, *SHOT) for i in range(n_turns + 2)]
 
     def as_served(msgs):
         """Image parts as the API hands them to the engine: a decoded PIL image and the digest of its bytes."""
@@ -224,7 +341,7 @@ def main():
 
     turns = []
     with StackSampler() as sampler:
-        for i in range(12):
+        for i in range(n_turns):
             msgs, user = agent.messages(shots[i])
             r = asyncio.run(turn(msgs))
             r["history"] = len(agent.history)
@@ -245,21 +362,91 @@ def main():
     # a fresh turn (a system prompt nobody has sent) and a hit, under the torch profiler
     from torch.profiler import ProfilerActivity, profile
     fresh_sys = [{"role": "system", "content": "Unseen rules. " + wl.system[::-1]}]
-    msgs, user = agent.messages(shots[12])
-    for name, m in (("fresh", fresh_sys + msgs[1:]), ("hit", agent.messages(shots[13])[0])):
-        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])) as prof:
-            r = asyncio.run(turn(m))
+    msgs, user = agent.messages(shots[n_turns])
+    phases = Phases(core)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    for name, m in (("fresh", fresh_sys + msgs[1:]), ("hit", agent.messages(shots[n_turns + 1])[0])):
+        # started and stopped on the engine thread: this build's profiler records CPU ops (the phase ranges) only
+        # on the thread that starts it; CUDA kernels are recorded from every thread
+        prof = profile(activities=acts)
+        with phases:
+            core.call(prof.start).result()
+            try:
+                r = asyncio.run(turn(m))
+            finally:
+                core.call(prof.stop).result()
         ka = prof.key_averages()
         cuda_total = sum(x.self_device_time_total for x in ka) / 1000
         res[f"profile_{name}"] = {
-            "turn": r, "gpu_kernel_ms": round(cuda_total, 1),
+            "turn": r, "gpu_kernel_ms": round(cuda_total, 1), "phases": Phases.from_profile(ka),
             "top_self_cpu": [(x.key, round(x.self_cpu_time_total / 1000, 1), x.count)
                              for x in sorted(ka, key=lambda x: -x.self_cpu_time_total)[:25]],
             "top_gpu": [(x.key[:90], round(x.self_device_time_total / 1000, 1), x.count)
                         for x in sorted(ka, key=lambda x: -x.self_device_time_total)[:15]]}
-        print(name, r, "gpu ms", round(cuda_total, 1), flush=True)
+        print(name, r, "gpu ms", round(cuda_total, 1), res[f"profile_{name}"]["phases"], flush=True)
+        save()
+    if ARGS.agents > 0:
+        res[f"agents_{ARGS.agents}"] = agents_window(e, core, wl, ARGS.agents, ARGS.window, as_served)
+        print("agents", res[f"agents_{ARGS.agents}"], flush=True)
         save()
     e.shutdown()
+
+
+def agents_window(e, core, wl, n: int, window: float, as_served) -> dict:
+    """n in-process agents in a closed loop (128 new tokens, greedy, ignore_eos) for `window` s, after one warm-up
+    turn each; CUDA events time every phase call of the window. The decode step of a step with a prefill beside
+    it is counted in decode; GPU time outside the phases (idle, or work between the calls) is wall - their sum."""
+    shots = ab.Shots(SHOT)
+    agents = [ab.Agent(i, wl, seed=500 + i) for i in range(n)]
+    recs: list = []
+
+    async def run(seconds: float, keep: bool):
+        end = time.perf_counter() + seconds
+
+        async def loop(a):
+            while time.perf_counter() < end:
+                msgs, user = a.messages(await shots.new())
+                chat = as_served(msgs)
+                t = time.perf_counter()
+                first = last = None
+                async for c in e.generate(f"w-{time.time_ns()}", chat, SamplingParams(
+                        max_tokens=128, temperature=0.0, ignore_eos=True)):
+                    first = first or time.perf_counter()
+                    last = c
+                if keep:
+                    recs.append({"ttft": first - t, "turn": time.perf_counter() - t,
+                                 "cached": last.cached_prompt_tokens, "prompt": last.prompt_tokens})
+                a.advance(user)
+                if not keep:
+                    return
+        await asyncio.gather(*(loop(a) for a in agents))
+
+    try:
+        asyncio.run(run(60.0, keep=False))          # one turn each: decode buckets of this batch captured
+        phases = Phases(core)
+        before = dict(core.stats)
+        with phases:
+            phases.timing = True
+            t = time.perf_counter()
+            asyncio.run(run(window, keep=True))
+            wall = time.perf_counter() - t
+            out = phases.summary()
+    finally:
+        shots.close()
+    stats = {k: round(core.stats[k] - before[k], 3) for k in before if isinstance(before[k], (int, float))}
+    busy = sum(v["stream_ms"] for k, v in out.items() if k in ("vision", "prefill", "decode", "sample",
+                                                               "prefix_copy"))
+    ttfts = sorted(r["ttft"] for r in recs)
+    return {"agents": n, "wall_s": round(wall, 2), "turns": len(recs),
+            "turns_per_min": round(60 * len(recs) / wall, 1),
+            "ttft_p50_s": round(statistics.median(ttfts), 3) if ttfts else None,
+            "ttft_p95_s": round(ttfts[int(0.95 * (len(ttfts) - 1))], 3) if ttfts else None,
+            "turn_p50_s": round(statistics.median(r["turn"] for r in recs), 3) if recs else None,
+            "prefix_hit_rate": round(sum(r["cached"] for r in recs) / max(1, sum(r["prompt"] for r in recs)), 3),
+            "phases": out, "phase_sum_ms": round(busy, 1),
+            "outside_phases_ms": round(wall * 1000 - busy, 1),
+            "per_turn_ms": {k: round(v["stream_ms"] / max(1, len(recs)), 1) for k, v in out.items()},
+            "engine_stats": stats}
 
 
 if __name__ == "__main__":
