@@ -232,6 +232,20 @@ case "${1:-perf}" in
     tail -c 2500 "$O/c/cold.out"
     OUT=$O/d timeout 90 python3 bench/agent_bench.py agent --quant nf4 --clients 1,8 --turns-s 20 --deadline 85
     ;;
+  s9c1)      # session 9 call 1: where an agent turn's GPU time goes, by phase (bf16, fp8, fp8 with the vision tower),
+             # one turn profiled and 8 in-process agents; then 8 agents through HTTP: closed loop vs 1 s phone action
+             # time (bf16), and fp8 with 4096-token chunks beside decode
+    [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
+    OUT=$O/a timeout 100 python3 bench/prefill_probe.py 95 --agents 8 --window 20 --tag bf16 2>&1 | grep -v USDT | tail -4
+    OUT=$O/a timeout 100 python3 bench/prefill_probe.py 95 --quant fp8 --agents 8 --window 20 --skip processors,sdpa \
+      --tag fp8 2>&1 | grep -v USDT | tail -4
+    OUT=$O/a timeout 100 python3 bench/prefill_probe.py 95 --quant fp8 --env QUANTIZE_VISION=true --agents 8 \
+      --window 20 --skip processors,sdpa --tag fp8vis 2>&1 | grep -v USDT | tail -4
+    OUT=$O/b timeout 80 python3 bench/agent_bench.py agent --clients 8 --turns-s 25 --deadline 76
+    OUT=$O/c timeout 80 python3 bench/agent_bench.py agent --clients 8 --turns-s 25 --think-s 1.0 --deadline 76
+    OUT=$O/d timeout 80 python3 bench/agent_bench.py agent --quant fp8 --clients 8 --turns-s 25 --deadline 76 \
+      --env PREFILL_CHUNK_TOKENS=4096
+    ;;
   s8c5)      # session 8 call 5: the final tree's starts in a row, bf16, nf4 and fp8 pre-quantized; naive bf16 last
     [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
     for q in nf4 fp8; do
