@@ -232,6 +232,19 @@ case "${1:-perf}" in
     tail -c 2500 "$O/c/cold.out"
     OUT=$O/d timeout 90 python3 bench/agent_bench.py agent --quant nf4 --clients 1,8 --turns-s 20 --deadline 85
     ;;
+  s9c2)      # session 9 call 2 (device call 3): the rotary kernels (engine/rope.py): check on the card, then agent
+             # turns 1/8/32 and 64 short chats with them and without (ROTARY_KERNELS=false), same call; fp8 1/8;
+             # bf16 starts on an empty Triton cache (the first compiles the kernels)
+    [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
+    OUT=$O timeout 60 python3 bench/rope_check.py 2>&1 | tail -2 | cut -c1-1500
+    OUT=$O/a timeout 155 python3 bench/agent_bench.py all --sections agent,short --clients 1,8,32 --turns-s 20 \
+      --short-rounds 1 --deadline 150
+    OUT=$O/b timeout 155 python3 bench/agent_bench.py all --sections agent,short --clients 1,8,32 --turns-s 20 \
+      --short-rounds 1 --deadline 150 --env ROTARY_KERNELS=false
+    OUT=$O/c timeout 75 python3 bench/agent_bench.py agent --quant fp8 --clients 1,8 --turns-s 20 --deadline 72
+    TRITON_CACHE_DIR=/tmp/tc-fresh OUT=$O/d timeout 72 python3 bench/agent_bench.py starts --n 3 --deadline 70
+    grep -h "engine ready in\|rotary kernels" "$O"/d/server-starts.log | cut -c1-600
+    ;;
   s9c1)      # session 9 call 1: where an agent turn's GPU time goes, by phase (bf16, fp8, fp8 with the vision tower),
              # one turn profiled and 8 in-process agents; then 8 agents through HTTP: closed loop vs 1 s phone action
              # time (bf16), and fp8 with 4096-token chunks beside decode

@@ -139,6 +139,8 @@ class Config:
     gpu_memory_utilization: float = env("GPU_MEMORY_UTILIZATION", "Fraction of GPU memory the engine may use "
                                         "(weights + KV cache + activations).", default=0.90)
     cuda_graphs: bool = env("CUDA_GRAPHS", "Capture decode steps as CUDA graphs (CUDA only).", default=True)
+    rotary_kernels: bool = env("ROTARY_KERNELS", "Rotary embeddings in one Triton kernel per tensor (native model, "
+                               "CUDA; used only after matching the torch ops bit for bit at start).", default=True)
     cuda_graph_batch_sizes: tuple[int, ...] = env("CUDA_GRAPH_BATCH_SIZES", "Decode batch buckets captured as graphs "
                                                   "(empty: 1,2,4,8,16,24,32,48,64 up to MAX_NUM_SEQS).",
                                                   default=())

@@ -134,7 +134,7 @@ class LocalEngine(EngineClient):
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         runner = ModelRunner(model, num_slots=slots, max_len=max_len,
                              use_graphs=self.config.cuda_graphs, graph_batch_sizes=self.config.cuda_graph_batch_sizes,
-                             pad_token_id=pad)
+                             pad_token_id=pad, rotary_kernels=self.config.rotary_kernels)
         sampler = Sampler(slots, runner.vocab, runner.device)
         sched = Scheduler(slots, self.config.max_prefill_tokens, self.config.prefix_caching,
                           chunk_tokens=self.config.prefill_chunk_tokens,
@@ -142,6 +142,8 @@ class LocalEngine(EngineClient):
                           split_encodes=self.config.prefill_split_encodes and runner.splits_encodes)
         self._core = EngineCore(runner, sched, sampler, max_len)
         self.timings["kv_cache"] = round(time.perf_counter() - t, 3)
+        if runner.rope_check:
+            self.timings["rope_check"] = runner.rope_check["seconds"]
         self._preparer = InputPreparer(loaded.processor, model, max_len)
         self._tokenizer = tok
         eos = loaded.generation_config.eos_token_id

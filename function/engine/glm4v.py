@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import rope
 from .kv_cache import slot_attention
 
 __all__ = ["Glm4vNativeConfig", "Glm4vNativeTextConfig", "Glm4vNativeVisionConfig", "Glm4vNativeRMSNorm",
@@ -223,21 +224,6 @@ class Glm4vNativeTextRotaryEmbedding(_Rotary):
         return freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
 
 
-def _rotate_pairs(x: torch.Tensor) -> torch.Tensor:
-    """transformers' rotate_half_llm: (x0, x1) -> (-x1, x0) for each interleaved pair."""
-    return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
-
-
-def _apply_mrope(q, k, cos, sin):
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    rd = cos.shape[-1]
-    q_rot, q_pass = q[..., :rd], q[..., rd:]
-    k_rot, k_pass = k[..., :rd], k[..., rd:]
-    q = torch.cat([q_rot * cos + _rotate_pairs(q_rot) * sin, q_pass], dim=-1)
-    k = torch.cat([k_rot * cos + _rotate_pairs(k_rot) * sin, k_pass], dim=-1)
-    return q, k
-
-
 class Glm4vNativeTextAttention(nn.Module):
     def __init__(self, config: Glm4vNativeTextConfig, layer_idx: int):
         super().__init__()
@@ -277,7 +263,7 @@ class Glm4vNativeTextAttention(nn.Module):
             q = self.q_proj(x).view(B, L, -1, self.head_dim).transpose(1, 2)
             k = self.k_proj(x).view(B, L, -1, self.head_dim).transpose(1, 2)
             v = self.v_proj(x).view(B, L, -1, self.head_dim).transpose(1, 2)
-        q, k = _apply_mrope(q, k, cos, sin)
+        q, k = rope.mrope(q, k, cos, sin)   # one kernel per tensor on CUDA, the torch ops elsewhere
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         out, _ = slot_attention(self, q, k, v, attention_mask, scaling=self.scaling)
@@ -451,12 +437,6 @@ class Glm4vNativeVisionEmbeddings(nn.Module):
         return x + pos.squeeze(0).squeeze(-1).permute(1, 0).to(w.dtype).to(x.device)
 
 
-def _rotate_half(x):
-    return torch.cat((-x[..., x.shape[-1] // 2:], x[..., : x.shape[-1] // 2]), dim=-1)
-
-
-
-
 def _vision_attention(q, k, v, lengths: list[int], scale: float) -> torch.Tensor:
     """Attention within each image/frame: q, k, v [N, heads, D] -> [N, heads, D], SDPA per block as transformers'
     sdpa path does. On an H200 SDPA takes cuDNN's attention here, which is faster than a varlen FlashAttention-2
@@ -480,10 +460,7 @@ class Glm4vNativeVisionAttention(nn.Module):
     def forward(self, x, cos, sin, lengths):
         N = x.shape[0]
         q, k, v = self.qkv(x).view(N, 3, self.num_heads, -1).unbind(1)
-        c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)   # rotation in fp32, as apply_rotary_pos_emb_vision
-        qf, kf = q.float(), k.float()
-        q = (qf * c + _rotate_half(qf) * s).to(q.dtype)
-        k = (kf * c + _rotate_half(kf) * s).to(k.dtype)
+        q, k = rope.vision(q, k, cos, sin)   # in fp32, as apply_rotary_pos_emb_vision (rope.py)
         out = _vision_attention(q, k, v, lengths, self.scaling)
         return self.proj(out.reshape(N, -1))
 

@@ -527,6 +527,9 @@ def load(config: Config, on_phase: Callable[[str], None] = lambda p: None, defer
     # weight read, the imports and the model build; the conversion or fp8.load_model asks for the answer last
     fp8_probe = _start_fp8_probe(choices) if _fp8_probe_beside(choices) else None
     # nf4 on the native model: bitsandbytes' import beside the weight read
+    if native and cuda:   # Triton for the rotary kernels (engine/rope.py), imported beside the weight read
+        from . import rope
+        rope.preload()
     bnb_import = None
     if native and choices.quantization == "nf4":
         from . import nf4

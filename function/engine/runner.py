@@ -70,7 +70,7 @@ class PrefillItem:
 
 class ModelRunner:
     def __init__(self, model, *, num_slots: int, max_len: int, use_graphs: bool,
-                 graph_batch_sizes: tuple[int, ...] = (), pad_token_id: int = 0):
+                 graph_batch_sizes: tuple[int, ...] = (), pad_token_id: int = 0, rotary_kernels: bool = True):
         self.model = model
         self.lm = model.model.language_model
         self.visual = model.model.visual
@@ -88,8 +88,11 @@ class ModelRunner:
             register_attention()
         tcfg._attn_implementation = ATTN_NAME   # the text decoder only; the vision tower keeps its own
         fuse_rms_norms(self.lm)
+        self.rope_check: dict = {}
         if hasattr(model, "fuse_projections"):   # the native model: one q/k/v GEMM per layer
             model.fuse_projections()
+            if self.device.type == "cuda" and rotary_kernels:
+                self.rope_check = self._check_rope(model)
         self._cache_kw = "cache" if "cache" in inspect.signature(self.lm.forward).parameters else "past_key_values"
         head_dim = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // tcfg.num_attention_heads
         self.max_len = max_len
@@ -123,6 +126,19 @@ class ModelRunner:
         self.static_prefill = False
         self.pending: list[tuple] = []   # graphs to capture when the engine is idle
         self.capture_seconds = 0.0
+
+    def _check_rope(self, model) -> dict:
+        """The native model's rotary kernels (engine/rope.py) are used only after matching the torch ops bit for bit
+        on this card, here, before any graph is captured."""
+        from . import rope
+        t = time.perf_counter()
+        attn = self.lm.layers[0].self_attn
+        vattn = self.visual.blocks[0].attn
+        res = rope.self_check(self.device, self.dtype, (attn.num_heads, attn.num_key_value_heads, attn.head_dim, 0),
+                              (vattn.num_heads, vattn.head_dim, 0), self.lm.rotary_emb.dim)
+        res["seconds"] = round(time.perf_counter() - t, 3)
+        log.info("rotary kernels: %s", res)
+        return res
 
     # ------------------------------------------------------------------ prefill
     @torch.inference_mode()
