@@ -232,6 +232,18 @@ case "${1:-perf}" in
     tail -c 2500 "$O/c/cold.out"
     OUT=$O/d timeout 90 python3 bench/agent_bench.py agent --quant nf4 --clients 1,8 --turns-s 20 --deadline 85
     ;;
+  s9c3)      # session 9 device call 4: the rope check moved beside the weight read; bf16 starts on an empty Triton
+             # cache with the kernels and without; agent turns 1/8/32 + 64 short chats with and without, same call
+    [ -f /tmp/glm9b/config.json ] || OUT=$O/a timeout 80 python3 bench/agent_bench.py build
+    TRITON_CACHE_DIR=/tmp/tc-a OUT=$O/c timeout 72 python3 bench/agent_bench.py starts --n 3 --deadline 70
+    TRITON_CACHE_DIR=/tmp/tc-b OUT=$O/d timeout 72 python3 bench/agent_bench.py starts --n 3 --deadline 70 \
+      --env ROTARY_KERNELS=false
+    grep -h "engine ready in\|rotary kernels" "$O"/c/server-starts.log | cut -c1-700
+    OUT=$O/a timeout 155 python3 bench/agent_bench.py all --sections agent,short --clients 1,8,32 --turns-s 20 \
+      --short-rounds 1 --deadline 150 --env ROTARY_KERNELS=false
+    OUT=$O/b timeout 155 python3 bench/agent_bench.py all --sections agent,short --clients 1,8,32 --turns-s 20 \
+      --short-rounds 1 --deadline 150
+    ;;
   s9c2)      # session 9 call 2 (device call 3): the rotary kernels (engine/rope.py): check on the card, then agent
              # turns 1/8/32 and 64 short chats with them and without (ROTARY_KERNELS=false), same call; fp8 1/8;
              # bf16 starts on an empty Triton cache (the first compiles the kernels)

@@ -207,11 +207,15 @@ class Glm4vNativeTextRotaryEmbedding(_Rotary):
         rp = config.rope_parameters
         if rp["rope_type"] != "default":
             raise ValueError(f"GLM-4.1V native: rope_type {rp['rope_type']!r} is not implemented (only default)")
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.dim = int(head_dim * rp.get("partial_rotary_factor", 1.0))
+        self.dim = self.rotary_dim(config)
         self.theta = rp["rope_theta"]
         self.mrope_section = list(rp.get("mrope_section", [8, 12, 12]))
         super().__init__()
+
+    @staticmethod
+    def rotary_dim(config: Glm4vNativeTextConfig) -> int:
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return int(head_dim * config.rope_parameters.get("partial_rotary_factor", 1.0))
 
     def _inv_freq(self):
         return _inv_freq(self.theta, self.dim)
@@ -791,6 +795,15 @@ def finish_load(model: Glm4vNativeForConditionalGeneration, device) -> None:
             mod.reset(torch.device(device))
     if model.config.tie_word_embeddings:
         model.tie_weights()
+
+
+def rotary_shapes(config: Glm4vNativeConfig) -> tuple:
+    """What rope.self_check needs of this architecture: ((q heads, kv heads, head dim, 0), (vision heads, vision
+    head dim, 0), rotated text dims), as the attention and rotary modules derive them."""
+    t, v = config.text_config, config.vision_config
+    heads = t.num_attention_heads
+    return ((heads, t.num_key_value_heads, t.hidden_size // heads, 0), (v.num_heads, v.hidden_size // v.num_heads, 0),
+            Glm4vNativeTextRotaryEmbedding.rotary_dim(t))
 
 
 def load_native(model_dir, dtype: torch.dtype, device, state_dict: dict[str, torch.Tensor] | None = None):

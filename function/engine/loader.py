@@ -527,9 +527,6 @@ def load(config: Config, on_phase: Callable[[str], None] = lambda p: None, defer
     # weight read, the imports and the model build; the conversion or fp8.load_model asks for the answer last
     fp8_probe = _start_fp8_probe(choices) if _fp8_probe_beside(choices) else None
     # nf4 on the native model: bitsandbytes' import beside the weight read
-    if native and cuda:   # Triton for the rotary kernels (engine/rope.py), imported beside the weight read
-        from . import rope
-        rope.preload()
     bnb_import = None
     if native and choices.quantization == "nf4":
         from . import nf4
@@ -555,6 +552,10 @@ def load(config: Config, on_phase: Callable[[str], None] = lambda p: None, defer
     if native:
         glm4v = timed("import_model", lambda: importlib.import_module(".glm4v", __package__))
         timings["import"] = round(timings["import_torch"] + timings["import_model"], 3)
+        if cuda and config.rotary_kernels:
+            # the rotary kernels (engine/rope.py): Triton's import and their check on the card, beside the read
+            from . import rope
+            rope.preload(choices.device, dtype, glm4v.rotary_shapes(glm4v.Glm4vNativeConfig.from_dir(load_dir)))
     else:
         config_cls, model_cls = timed("import_transformers", lambda: import_transformers(model_path))
         timings["import"] = round(timings["import_torch"] + timings["import_transformers"], 3)

@@ -130,12 +130,9 @@ class ModelRunner:
     def _check_rope(self, model) -> dict:
         """The native model's rotary kernels (engine/rope.py) are used only after matching the torch ops bit for bit
         on this card, here, before any graph is captured."""
-        from . import rope
+        from . import glm4v, rope
         t = time.perf_counter()
-        attn = self.lm.layers[0].self_attn
-        vattn = self.visual.blocks[0].attn
-        res = rope.self_check(self.device, self.dtype, (attn.num_heads, attn.num_key_value_heads, attn.head_dim, 0),
-                              (vattn.num_heads, vattn.head_dim, 0), self.lm.rotary_emb.dim)
+        res = rope.checked(self.device, self.dtype, glm4v.rotary_shapes(model.config))
         res["seconds"] = round(time.perf_counter() - t, 3)
         log.info("rotary kernels: %s", res)
         return res
