@@ -575,7 +575,7 @@ def test_make_capacity_says_what_is_missing(tmp_path, breakage, message):
 def test_make_capacity_reproduces_the_shipped_file(tmp_path):
     """bench/capacity.json is make_capacity's output on the stored H200 agent-bench input (bench/results/)."""
     out = tmp_path / "capacity.json"
-    src = ROOT / "bench" / "results" / "h200-2026-12-03-capacity-input-native.json"
+    src = ROOT / "bench" / "results" / "h200-2026-12-04-capacity-input-s9.json"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "make_capacity.py"), "--agent-bench", str(src),
                            "--out", str(out)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
