@@ -69,7 +69,7 @@ def test_cpu_tensors_take_the_torch_ops_and_leave_the_inputs_alone():
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     assert torch.equal(q, q0) and torch.equal(k, k0)     # the torch form makes new tensors
     assert rope._kernel_for("pairs", q, cos, sin) is None
-    assert rope.self_check("cpu", torch.bfloat16, (4, 2, 16, 0), (2, 16, 0), 8) == {
+    assert rope.self_check("cpu", torch.bfloat16, (4, 2, 16), (2, 16), 8) == {
         "pairs": "no Triton/CUDA", "halves": "no Triton/CUDA"}
 
 

@@ -798,11 +798,11 @@ def finish_load(model: Glm4vNativeForConditionalGeneration, device) -> None:
 
 
 def rotary_shapes(config: Glm4vNativeConfig) -> tuple:
-    """What rope.self_check needs of this architecture: ((q heads, kv heads, head dim, 0), (vision heads, vision
-    head dim, 0), rotated text dims), as the attention and rotary modules derive them."""
+    """What rope.self_check needs of this architecture: ((q heads, kv heads, head dim), (vision heads, vision head
+    dim), rotated text dims), as the attention and rotary modules derive them."""
     t, v = config.text_config, config.vision_config
     heads = t.num_attention_heads
-    return ((heads, t.num_key_value_heads, t.hidden_size // heads, 0), (v.num_heads, v.hidden_size // v.num_heads, 0),
+    return ((heads, t.num_key_value_heads, t.hidden_size // heads), (v.num_heads, v.hidden_size // v.num_heads),
             Glm4vNativeTextRotaryEmbedding.rotary_dim(t))
 
 

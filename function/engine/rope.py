@@ -1,5 +1,6 @@
 """Rotary position embeddings of q and k in one kernel launch per attention layer, where Triton runs (CUDA builds of
-torch ship it); elsewhere, and where the kernel fails its check, the torch ops in glm4v.py run as before.
+torch ship it); elsewhere, and where the kernel fails its check, the torch forms below (`mrope_torch`,
+`vision_torch`: what glm4v.py ran before) serve.
 
 Why: the torch form is ~6 elementwise kernels per tensor (multiply, negate, interleave, multiply, add, concatenate),
 12 per layer. A decode step replays 40 layers of them, ~480 launches of a few microseconds each inside its CUDA
@@ -183,7 +184,7 @@ def vision(q, k, cos, sin):
     return q, k
 
 
-def self_check(device, dtype: torch.dtype, text_shape: tuple[int, int, int, int], vision_shape: tuple[int, int, int],
+def self_check(device, dtype: torch.dtype, text_shape: tuple[int, int, int], vision_shape: tuple[int, int],
                text_rot: int) -> dict:
     """Before any graph capture: each kernel against its torch form on random inputs of the model's head shapes
     (prefill-sized and decode-sized); only a bit-identical kernel is used. Returns {kind: True/False/reason}."""
@@ -193,8 +194,9 @@ def self_check(device, dtype: torch.dtype, text_shape: tuple[int, int, int, int]
     if device.type != "cuda" or load() is None:
         return {"pairs": "no Triton/CUDA", "halves": "no Triton/CUDA"}
     g = torch.Generator(device="cpu").manual_seed(0)
-    hq, hk, d, _ = text_shape
-    hv, dv, _ = vision_shape
+    hq, hk, d = text_shape
+    hv, dv = vision_shape
+    kernel = _state["kernel"]
     for kind in ("pairs", "halves"):
         try:
             same = True
@@ -206,16 +208,19 @@ def self_check(device, dtype: torch.dtype, text_shape: tuple[int, int, int, int]
                     cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
                     views = lambda t: (t[:, :, :hq].transpose(1, 2), t[:, :, hq:hq + hk].transpose(1, 2))  # noqa: E731
                     want = mrope_torch(*views(qkv), cos, sin)
-                    ok[(kind, dtype)] = True
-                    got = mrope(*views(qkv.clone()), cos, sin)
+                    got = views(qkv.clone())
+                    for x in got:
+                        _launch(kernel, x, cos, sin, pairs=True)
                 else:
                     qkv = (4 * torch.randn(n, 3, hv, dv, generator=g)).to(device, dtype)
                     ang = (50 * torch.randn(n, dv, generator=g)).to(device)
                     cos, sin = ang.cos(), ang.sin()
                     want = vision_torch(qkv[:, 0], qkv[:, 1], cos, sin)
-                    ok[(kind, dtype)] = True
                     q2 = qkv.clone()
-                    got = vision(q2[:, 0], q2[:, 1], cos, sin)
+                    got = (q2[:, 0], q2[:, 1])
+                    for x in got:
+                        _launch(kernel, x.unsqueeze(0).transpose(1, 2), cos.unsqueeze(0), sin.unsqueeze(0),
+                                pairs=False)
                 same = same and all(torch.equal(a, b) for a, b in zip(got, want))
             ok[(kind, dtype)] = same
             res[kind] = same
